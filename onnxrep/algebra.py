@@ -1,0 +1,260 @@
+"""Kernel algebra for structural re-parameterization, in pure numpy.
+
+Every function here works on plain arrays and knows nothing of ONNX. A convolution is described by
+its kernel ``W`` of shape ``(Cout, Cin // groups, k_1, ..., k_n)`` and its bias ``b`` of shape
+``(Cout,)``; the geometry (stride, pads, dilation) lives with the caller. Arithmetic is done in
+float64; callers cast the result back to the model's dtype once, at the end.
+
+Notation: ``conv(X; W, b, g)`` is the ONNX Conv with ``group = g``; output channel ``o`` belongs to
+group ``q = o // (Cout / g)`` and reads input channels ``q * Cin/g ... (q + 1) * Cin/g - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+from math import gcd, prod
+from typing import Sequence
+
+import numpy as np
+
+F64 = np.float64
+
+
+def as_f64(a) -> np.ndarray:
+    """Return ``a`` as a float64 array (a copy only where the dtype differs)."""
+    return np.asarray(a, dtype=F64)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-channel affine maps
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Affine:
+    """The per-channel affine map ``y[c] = scale[c] * x[c] + shift[c]`` on ``channels`` channels."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @staticmethod
+    def identity(channels: int) -> "Affine":
+        return Affine(np.ones(channels, F64), np.zeros(channels, F64))
+
+    def then(self, other: "Affine") -> "Affine":
+        """Composition: first ``self``, then ``other``: ``s2 * (s1 x + t1) + t2``."""
+        return Affine(other.scale * self.scale, other.scale * self.shift + other.shift)
+
+
+def bn_affine(scale, bias, mean, var, epsilon: float) -> Affine:
+    """Inference-mode BatchNormalization as an affine map.
+
+    ``y = scale * (x - mean) / sqrt(var + eps) + bias``, so ``s = scale / sqrt(var + eps)`` and
+    ``t = bias - mean * s``.
+    """
+    s = as_f64(scale) / np.sqrt(as_f64(var) + F64(epsilon))
+    return Affine(s, as_f64(bias) - as_f64(mean) * s)
+
+
+def apply_affine(weight, bias, affine: Affine) -> tuple[np.ndarray, np.ndarray]:
+    """Fold an affine map applied after a convolution into its kernel and bias.
+
+    ``s * conv(X; W, b) + t == conv(X; s[:, None, ...] * W, s * b + t)``.
+    """
+    w = as_f64(weight)
+    s = affine.scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    return w * s, affine.scale * as_f64(bias) + affine.shift
+
+
+def fold_bn(weight, bias, scale, bn_bias, mean, var, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """Fold ``BN(conv(X; W, b))`` into one convolution (``torch.nn.utils.fusion`` formula).
+
+    ``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``.
+    """
+    return apply_affine(weight, bias, bn_affine(scale, bn_bias, mean, var, epsilon))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels for non-convolution branches
+# --------------------------------------------------------------------------------------------
+
+
+def identity_kernel(channels: int, groups: int, spatial_rank: int) -> np.ndarray:
+    """The 1x..x1 kernel of ``conv(X; W, 0, groups) == X`` for ``X`` with ``channels`` channels.
+
+    ``W[o, o % (C / groups), 0, ..., 0] = 1``; requires ``groups`` to divide ``channels``.
+    """
+    if channels % groups:
+        raise ValueError(f"groups {groups} does not divide channels {channels}")
+    per_group = channels // groups
+    w = np.zeros((channels, per_group) + (1,) * spatial_rank, F64)
+    idx = np.arange(channels)
+    w[(idx, idx % per_group) + (0,) * spatial_rank] = 1.0
+    return w
+
+
+def avgpool_kernel(channels: int, kernel_shape: Sequence[int]) -> np.ndarray:
+    """Depthwise kernel (``groups = channels``) of an AveragePool that counts padding.
+
+    ``AveragePool(X)`` with ``count_include_pad = 1`` (or zero pads) is ``conv(X; W, 0, C)`` with
+    ``W[c, 0, ...] = 1 / prod(kernel_shape)``.
+    """
+    k = tuple(int(v) for v in kernel_shape)
+    return np.full((channels, 1) + k, 1.0 / prod(k), F64)
+
+
+# --------------------------------------------------------------------------------------------
+# Re-grouping, dilation and placement
+# --------------------------------------------------------------------------------------------
+
+
+def regroup_kernel(weight, groups: int, new_groups: int) -> np.ndarray:
+    """Express a ``groups``-grouped kernel as an equivalent ``new_groups``-grouped one.
+
+    Exact when ``groups % new_groups == 0`` (every new group holds whole old groups). The result has
+    shape ``(Cout, Cin / new_groups, ...)``: output channel ``o`` of old group ``q`` keeps its taps
+    on input channels ``q * Cin/groups ...`` at their offset inside new group ``o // (Cout/new_groups)``
+    and zeros elsewhere.
+    """
+    w = as_f64(weight)
+    if groups == new_groups:
+        return w
+    if groups % new_groups:
+        raise ValueError(f"cannot regroup {groups} groups into {new_groups}")
+    cout, cin_g = w.shape[:2]
+    cin = cin_g * groups
+    if cout % groups:
+        raise ValueError(f"groups {groups} does not divide Cout {cout}")
+    out = np.zeros((cout, cin // new_groups) + w.shape[2:], F64)
+    cout_g, cout_ng, cin_ng = cout // groups, cout // new_groups, cin // new_groups
+    for q in range(groups):
+        o = slice(q * cout_g, (q + 1) * cout_g)
+        start = q * cin_g - ((q * cout_g) // cout_ng) * cin_ng
+        out[o, start : start + cin_g] = w[o]
+    return out
+
+
+def dilate_kernel(weight, dilation: Sequence[int]) -> np.ndarray:
+    """Spread a kernel's taps ``dilation`` apart with zeros between them.
+
+    ``conv(X; W, dilation=d) == conv(X; dilate_kernel(W, d), dilation=1)`` with the dense kernel of
+    size ``d * (k - 1) + 1`` on each axis.
+    """
+    w = as_f64(weight)
+    d = tuple(int(v) for v in dilation)
+    if all(v == 1 for v in d):
+        return w
+    shape = w.shape[:2] + tuple(dv * (k - 1) + 1 for dv, k in zip(d, w.shape[2:]))
+    out = np.zeros(shape, F64)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, dv) for dv in d)] = w
+    return out
+
+
+def place_kernel(weight, shape: Sequence[int], offset: Sequence[int], step: Sequence[int] | None = None) -> np.ndarray:
+    """Place a kernel inside a larger zero kernel of spatial ``shape``.
+
+    Tap ``j`` of axis ``i`` lands at ``offset[i] + step[i] * j``; ``step`` (default 1) is the ratio of
+    the kernel's dilation to the larger kernel's. With ``offset = (K - k) // 2`` this is the centred
+    zero padding of RepVGG (1x1 into 3x3) and RepLKNet (5x5 into 31x31); other offsets express the
+    asymmetric pads of ACNet's 1x3 and 3x1 branches.
+    """
+    w = as_f64(weight)
+    step = tuple(step) if step is not None else (1,) * (w.ndim - 2)
+    out = np.zeros(w.shape[:2] + tuple(int(s) for s in shape), F64)
+    index = [slice(None), slice(None)]
+    for size, off, st, k in zip(shape, offset, step, w.shape[2:]):
+        last = off + st * (k - 1)
+        if off < 0 or last >= size:
+            raise ValueError(f"kernel of size {k} at offset {off} step {st} does not fit in {size}")
+        index.append(slice(off, last + 1, st))
+    out[tuple(index)] = w
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry of a merged convolution
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AxisTaps:
+    """Where a convolution reads along one spatial axis, relative to ``stride * output_index``.
+
+    Tap ``j`` reads input position ``stride * o + first + step * j`` for ``j < count``; ``excess`` is
+    ``pad_begin + pad_end - dilation * (kernel - 1)``, which with the stride fixes the output size
+    ``floor((L + excess - 1) / stride) + 1`` for every input length ``L``.
+    """
+
+    first: int
+    step: int
+    count: int
+    excess: int
+
+    @staticmethod
+    def of_conv(kernel: int, pad_begin: int, pad_end: int, dilation: int) -> "AxisTaps":
+        return AxisTaps(-pad_begin, dilation, kernel, pad_begin + pad_end - dilation * (kernel - 1))
+
+    @property
+    def last(self) -> int:
+        return self.first + self.step * (self.count - 1)
+
+
+@dataclass(frozen=True)
+class AxisGrid:
+    """One axis of a merged convolution: kernel size, dilation and pads, chosen to hold all taps."""
+
+    kernel: int
+    dilation: int
+    pad_begin: int
+    pad_end: int
+
+    def slot(self, taps: AxisTaps) -> tuple[int, int]:
+        """(offset, step) at which the taps of one branch sit in the merged kernel."""
+        return (taps.first + self.pad_begin) // self.dilation, taps.step // self.dilation
+
+
+def merged_axis(branches: Sequence[AxisTaps]) -> AxisGrid:
+    """The smallest grid holding every branch's taps on one axis.
+
+    All branches must share ``excess`` (same output size for every input length). The merged kernel
+    starts at the leftmost tap (``pad_begin = -min first``), its dilation is the gcd of every tap's
+    distance from there, so that every tap lands on a grid point, and ``pad_end`` keeps ``excess``.
+    """
+    excess = {t.excess for t in branches}
+    if len(excess) != 1:
+        raise ValueError("branches disagree on output size")
+    lo = min(t.first for t in branches)
+    hi = max(t.last for t in branches)
+    step = 0
+    for t in branches:
+        step = gcd(step, t.first - lo)
+        if t.count > 1:
+            step = gcd(step, t.step)
+    step = step or 1
+    kernel = (hi - lo) // step + 1
+    pad_begin = -lo
+    pad_end = excess.pop() + step * (kernel - 1) - pad_begin
+    return AxisGrid(kernel, step, pad_begin, pad_end)
+
+
+def merge_groups(groups: Sequence[int]) -> int:
+    """The finest grouping that every branch's grouping refines: the gcd of their groups."""
+    return reduce(gcd, groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Sums and cost
+# --------------------------------------------------------------------------------------------
+
+
+def sum_kernels(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Branch sum: ``sum_i conv(X; W_i, b_i) == conv(X; sum_i W_i, sum_i b_i)`` on one grid."""
+    w = sum(as_f64(p[0]) for p in parts)
+    b = sum(as_f64(p[1]) for p in parts)
+    return w, b
+
+
+def conv_macs_per_position(weight_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one output position over all output channels: ``prod(W.shape)``."""
+    return int(prod(int(v) for v in weight_shape))

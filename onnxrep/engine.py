@@ -1,0 +1,164 @@
+"""The pipeline: run registered passes to a fixed point and report what each did.
+
+One round runs every selected pass once. For a pass, all candidates are matched and checked on the
+unchanged graph, plans are computed, and only then applied; two plans that would replace the same
+node are not applied in one round (the second is retried in the next). Rounds repeat until no pass
+rewrites anything, so optimizing an optimized model changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import passes as _passes
+from .cost import Cost, infer_shapes, model_cost
+from .errors import OnnxrepError
+from .graph import GraphView, export_model, finalize, import_model, op_histogram
+from .rewrite import Context, Options, Plan
+
+MAX_ROUNDS = 64
+
+
+@dataclass
+class PassReport:
+    name: str
+    rewritten: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)  # candidate key -> "condition: reason"
+    rewrites: list[dict] = field(default_factory=list)
+
+    @property
+    def matched(self) -> int:
+        return self.rewritten + len(self.skipped)
+
+    def skipped_by_condition(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for reason in self.skipped.values():
+            cond = reason.split(":", 1)[0]
+            counts[cond] = counts.get(cond, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "matched": self.matched,
+            "rewritten": self.rewritten,
+            "skipped": len(self.skipped),
+            "skipped_by_condition": self.skipped_by_condition(),
+            "rewrites": self.rewrites,
+            "skips": [{"candidate": k, "reason": v} for k, v in self.skipped.items()],
+        }
+
+
+@dataclass
+class Report:
+    passes: list[PassReport]
+    rounds: int
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    cost_before: Cost
+    cost_after: Cost
+    verification: dict | None = None
+
+    @property
+    def rewritten(self) -> int:
+        return sum(p.rewritten for p in self.passes)
+
+    def to_dict(self) -> dict:
+        return {
+            "rounds": self.rounds,
+            "rewritten": self.rewritten,
+            "passes": [p.to_dict() for p in self.passes],
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+            "cost_before": self.cost_before.to_dict(),
+            "cost_after": self.cost_after.to_dict(),
+            "verification": self.verification,
+        }
+
+
+def available_passes() -> dict[str, type]:
+    return dict(_passes.REGISTRY)
+
+
+def select_passes(only: Sequence[str] | None = None, skip: Iterable[str] = ()) -> list:
+    registry = available_passes()
+    names = list(only) if only else list(registry)
+    unknown = [n for n in list(names) + list(skip) if n not in registry]
+    if unknown:
+        raise OnnxrepError(f"unknown pass {unknown[0]!r}; available: {', '.join(registry)}")
+    skip = set(skip)
+    return [registry[n]() for n in names if n not in skip]
+
+
+def _all_names(graph: gs.Graph) -> set[str]:
+    names = set(graph.tensors().keys())
+    for node in graph.nodes:
+        names.add(node.name)
+        for attr in node.attrs.values():
+            for sub in attr if isinstance(attr, list) else [attr]:
+                if isinstance(sub, gs.Graph):
+                    names |= _all_names(sub)
+    return names
+
+
+def _apply(graph: gs.Graph, plan: Plan) -> None:
+    plan.target.inputs.clear()
+    for spec in plan.nodes:
+        graph.nodes.append(gs.Node(spec.op, spec.name, spec.attrs, list(spec.inputs), list(spec.outputs)))
+
+
+def run(
+    model: onnx.ModelProto,
+    only: Sequence[str] | None = None,
+    skip: Iterable[str] = (),
+    options: Options | None = None,
+    progress: Callable[[int, str], None] | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Optimize ``model`` (not modified) and return the new model and the report."""
+    options = options or Options()
+    selected = select_passes(only, skip)
+    shapes = infer_shapes(model)
+    cost_before = model_cost(model, shapes)
+    graph = import_model(model)
+    ctx = Context(options, shapes=shapes, taken_names=_all_names(graph))
+    reports = {p.name: PassReport(p.name) for p in selected}
+    rounds = 0
+    for rounds in range(1, MAX_ROUNDS + 1):
+        changed = False
+        for p in selected:
+            rep = reports[p.name]
+            rep.skipped = {}  # the last round, which changes nothing, holds every standing decline
+            view = GraphView(graph)
+            claimed: set[int] = set()
+            plans: list[tuple[str, Plan]] = []
+            for match in p.match(view):
+                decline = p.check(match, view, ctx)
+                if decline is not None:
+                    rep.skipped[match.key] = str(decline)
+                    continue
+                ids = {id(n) for n in match.nodes}
+                if ids & claimed:
+                    continue  # overlaps a rewrite of this round: matched again next round
+                claimed |= ids
+                plans.append((match.key, p.rewrite(match, view, ctx)))
+            for key, plan in plans:
+                _apply(graph, plan)
+                rep.rewritten += 1
+                rep.rewrites.append({"candidate": key, "round": rounds, "summary": plan.summary})
+            if plans:
+                finalize(graph)
+                changed = True
+            if progress is not None:
+                progress(rounds, p.name)
+        if not changed:
+            break
+    out = export_model(graph, model)
+    cost_after = model_cost(out)
+    report = Report(
+        list(reports.values()), rounds, op_histogram(model), op_histogram(out), cost_before, cost_after
+    )
+    return out, report

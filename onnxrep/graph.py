@@ -1,0 +1,213 @@
+"""A thin read-only view over an onnx-graphsurgeon graph, and the model import/export around it.
+
+Passes see the graph only through :class:`GraphView`: producers and users of a tensor with Identity
+nodes looked through, constants whether they come from initializers or Constant nodes, and the
+"used only here" checks that exactness needs. Only the engine mutates the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from . import ops
+
+logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+
+def import_model(model: onnx.ModelProto) -> gs.Graph:
+    """Import a model into a graphsurgeon graph (constant values are loaded lazily)."""
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` and restore what graphsurgeon does not carry from ``original``.
+
+    Graph input/output names, order, dtypes and shapes come from the graph (the engine never touches
+    them); opset imports, IR version, producer, model doc string, domain, version, metadata and
+    functions are copied from the original model.
+    """
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = original.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(original, field))
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    del model.functions[:]
+    model.functions.extend(original.functions)
+    model.graph.name = original.graph.name
+    model.graph.doc_string = original.graph.doc_string
+    # graphsurgeon re-creates graph inputs and outputs from its tensors: take the originals verbatim
+    # so that symbolic dims, names and order are exactly as they were.
+    del model.graph.input[:]
+    model.graph.input.extend(original.graph.input)
+    del model.graph.output[:]
+    model.graph.output.extend(original.graph.output)
+    return model
+
+
+def finalize(graph: gs.Graph) -> None:
+    """Remove dead nodes and tensors, and sort the nodes topologically."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def _tensor_proto_array(proto: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(proto)
+
+
+def constant_values(tensor: gs.Constant) -> np.ndarray:
+    """The values of a graphsurgeon Constant, decoded by onnx (so bfloat16/float16 stay exact)."""
+    lazy = tensor._values
+    if isinstance(lazy, gs.ir.tensor.LazyValues):
+        return _tensor_proto_array(lazy.tensor)
+    return np.asarray(tensor.values)
+
+
+class GraphView:
+    """Read-only queries over a graph, built once per matching round."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self._outputs = {id(t) for t in graph.outputs}
+        self._inputs = {id(t) for t in graph.inputs}
+        self._users: dict[int, list[gs.Node]] = defaultdict(list)
+        for node in graph.nodes:
+            for t in node.inputs:
+                if t is not None and t.name:
+                    self._users[id(t)].append(node)
+        # tensors read by subgraphs (If/Loop/Scan bodies) from the outer scope count as used there
+        self._outer_used: set[str] = set()
+        for node in graph.nodes:
+            for attr in node.attrs.values():
+                for sub in attr if isinstance(attr, list) else [attr]:
+                    if isinstance(sub, gs.Graph):
+                        self._outer_used |= _outer_names(sub)
+
+    # -- producers and users ----------------------------------------------------------------
+
+    def producer(self, tensor: gs.Tensor) -> gs.Node | None:
+        """The node that computes ``tensor``, looking through Identity nodes."""
+        node = self._raw_producer(tensor)
+        while node is not None and node.op == ops.IDENTITY and _default_domain(node):
+            node = self._raw_producer(node.inputs[0])
+        return node
+
+    def source(self, tensor: gs.Tensor) -> gs.Tensor:
+        """``tensor`` with any chain of Identity nodes in front of it looked through."""
+        node = self._raw_producer(tensor)
+        while node is not None and node.op == ops.IDENTITY and _default_domain(node):
+            tensor = node.inputs[0]
+            node = self._raw_producer(tensor)
+        return tensor
+
+    @staticmethod
+    def _raw_producer(tensor: gs.Tensor) -> gs.Node | None:
+        return tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+
+    def users(self, tensor: gs.Tensor) -> list[gs.Node]:
+        """Nodes that read ``tensor``, with Identity nodes replaced by their own users."""
+        out: list[gs.Node] = []
+        for node in self._users.get(id(tensor), []):
+            if node.op == ops.IDENTITY and _default_domain(node):
+                out.extend(self.users(node.outputs[0]))
+            else:
+                out.append(node)
+        return out
+
+    def escapes(self, tensor: gs.Tensor) -> bool:
+        """True when ``tensor`` (or an Identity copy of it) is a graph output or read by a subgraph."""
+        if id(tensor) in self._outputs or tensor.name in self._outer_used:
+            return True
+        return any(
+            self.escapes(node.outputs[0])
+            for node in self._users.get(id(tensor), [])
+            if node.op == ops.IDENTITY and _default_domain(node)
+        )
+
+    def used_only_by(self, tensor: gs.Tensor, node: gs.Node) -> bool:
+        """True when ``node`` is the only reader of ``tensor`` and the tensor does not escape."""
+        users = self.users(tensor)
+        return not self.escapes(tensor) and len(users) >= 1 and all(u is node for u in users)
+
+    # -- constants --------------------------------------------------------------------------
+
+    def constant(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        """Values of ``tensor`` if it is a constant (initializer, Constant node, through Identity).
+
+        An initializer that is also a graph input can be overridden at run time: not a constant.
+        """
+        if tensor is None:
+            return None
+        tensor = self.source(tensor)
+        if id(tensor) in self._inputs:
+            return None
+        if isinstance(tensor, gs.Constant):
+            return constant_values(tensor)
+        node = self._raw_producer(tensor)
+        if node is not None and node.op == ops.CONSTANT and _default_domain(node):
+            return _constant_node_value(node)
+        return None
+
+    def is_constant(self, tensor: gs.Tensor | None) -> bool:
+        return self.constant(tensor) is not None
+
+
+def _default_domain(node: gs.Node) -> bool:
+    return (node.domain or "") in ops.DEFAULT_DOMAINS
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        return constant_values(value) if isinstance(value, gs.Constant) else np.asarray(value)
+    if "value_float" in attrs:
+        return np.asarray(attrs["value_float"], dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.asarray(attrs["value_floats"], dtype=np.float32)
+    if "value_int" in attrs:
+        return np.asarray(attrs["value_int"], dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.asarray(attrs["value_ints"], dtype=np.int64)
+    return None
+
+
+def _outer_names(graph: gs.Graph) -> set[str]:
+    """Names a subgraph reads that it does not define itself (its outer-scope inputs)."""
+    defined = {t.name for t in graph.inputs}
+    for node in graph.nodes:
+        defined.update(t.name for t in node.outputs)
+    names: set[str] = set()
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t is not None and t.name and t.name not in defined and not isinstance(t, gs.Constant):
+                names.add(t.name)
+        for attr in node.attrs.values():
+            for sub in attr if isinstance(attr, list) else [attr]:
+                if isinstance(sub, gs.Graph):
+                    names |= _outer_names(sub) - defined
+    names.update(t.name for t in graph.outputs if t.name not in defined)
+    return names
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    """Count of each op type in the main graph (``domain::Op`` for non-default domains)."""
+    counts: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        counts[key] += 1
+    return dict(counts)
+
+
+def iter_nodes(graph: gs.Graph, op_types: Iterable[str]) -> list[gs.Node]:
+    wanted = set(op_types)
+    return [n for n in graph.nodes if n.op in wanted and _default_domain(n)]

@@ -1,0 +1,120 @@
+"""The three stages every pass goes through: match -> check -> rewrite.
+
+* ``match(view)`` finds candidates structurally and returns :class:`Match` objects; it never
+  changes the graph.
+* ``check(match, view, ctx)`` runs named exactness and cost conditions in order; the first that
+  fails declines the candidate with a :class:`Decline` (condition name + reason).
+* ``rewrite(match, view, ctx)`` computes folded weights and returns a :class:`Plan`: new nodes that
+  produce an existing tensor. Only the engine applies plans, after all matching is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import GraphView
+
+
+@dataclass
+class Options:
+    """User choices that passes consult."""
+
+    allow_cost_increase: bool = False
+
+
+@dataclass
+class Context:
+    """What a pass may read besides the graph: options, inferred shapes, a name allocator."""
+
+    options: Options
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    taken_names: set[str] = field(default_factory=set)
+
+    def shape(self, tensor: gs.Tensor) -> tuple | None:
+        """Static shape of ``tensor`` if known (ints, or strings for symbolic dims), else None."""
+        if tensor.shape is not None and len(tensor.shape) > 0:
+            return tuple(tensor.shape)
+        return self.shapes.get(tensor.name)
+
+    def fresh_name(self, base: str) -> str:
+        """A tensor or node name not used anywhere in the graph yet."""
+        name, i = base, 0
+        while name in self.taken_names:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken_names.add(name)
+        return name
+
+    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.fresh_name(base), np.ascontiguousarray(values))
+
+
+@dataclass
+class Match:
+    """A candidate found by a pass: ``key`` names it stably across rounds, ``nodes`` are the nodes
+    its rewrite replaces (used to keep two rewrites of one round apart), ``data`` is pass-specific."""
+
+    key: str
+    nodes: Sequence[gs.Node]
+    data: object
+
+
+@dataclass(frozen=True)
+class Decline:
+    condition: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.condition}: {self.reason}"
+
+
+@dataclass
+class NewNode:
+    """A node to create when the plan is applied (creating a graphsurgeon Node links it into its
+    tensors at once, so passes describe nodes and the engine creates them)."""
+
+    op: str
+    name: str
+    attrs: dict
+    inputs: list[gs.Tensor]
+    outputs: list[gs.Tensor]
+
+
+@dataclass
+class Plan:
+    """New nodes, the last of which produces ``target``: an existing tensor whose name is kept.
+
+    The nodes that used to compute ``target`` become dead once the plan is applied and are removed
+    by cleanup.
+    """
+
+    target: gs.Variable
+    nodes: list[NewNode]
+    summary: str = ""
+
+
+Condition = Callable[..., "str | None"]
+
+
+class Pass(Protocol):
+    name: str
+    summary: str
+
+    def match(self, view: GraphView) -> Iterable[Match]: ...
+
+    def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None: ...
+
+    def rewrite(self, match: Match, view: GraphView, ctx: Context) -> Plan: ...
+
+
+def run_checks(conditions: Sequence[tuple[str, Condition]], *args) -> Decline | None:
+    """Evaluate ``(name, fn)`` conditions in order; ``fn(*args)`` returns a reason to decline or None."""
+    for name, fn in conditions:
+        reason = fn(*args)
+        if reason:
+            return Decline(name, reason)
+    return None

@@ -1,0 +1,21 @@
+"""The pass registry: every module in this folder registers its pass class with :func:`register`.
+
+Installed as ``onnxrep.passes``. A pass has a ``name``, a one-line ``summary`` and the three
+stages ``match`` -> ``check`` -> ``rewrite`` described in :mod:`onnxrep.rewrite`.
+"""
+
+from __future__ import annotations
+
+REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: add a pass to the registry under ``cls.name`` (registration order is the
+    default run order)."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"pass {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+from . import parallel_merge  # noqa: E402,F401  (registers itself)

@@ -1,0 +1,146 @@
+"""Pieces that several passes share: conv geometry from node attributes, per-channel constants,
+and affine nodes (BatchNormalization, Mul/Div/Add/Sub by a constant) read as :class:`Affine` maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxrep import ops
+from onnxrep.algebra import Affine, AxisTaps, as_f64, bn_affine
+from onnxrep.graph import GraphView
+
+
+def is_op(node: gs.Node | None, *op_types: str) -> bool:
+    return node is not None and node.op in op_types and (node.domain or "") in ops.DEFAULT_DOMAINS
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Stride and taps of a sliding-window op along every spatial axis."""
+
+    strides: tuple[int, ...]
+    taps: tuple[AxisTaps, ...]
+
+
+def window_geometry(node: gs.Node, kernel: tuple[int, ...], input_shape: tuple | None) -> Geometry | str:
+    """Geometry of a Conv or AveragePool from its attributes; a reason string when it is not static.
+
+    ``auto_pad = SAME_UPPER / SAME_LOWER`` is resolved to explicit pads when the input's spatial
+    size is known: total ``max(0, (ceil(L / s) - 1) * s + d * (k - 1) + 1 - L)``, the odd one at the
+    end (UPPER) or the beginning (LOWER).
+    """
+    rank = len(kernel)
+    strides = tuple(int(v) for v in node.attrs.get("strides", [1] * rank))
+    dilations = tuple(int(v) for v in node.attrs.get("dilations", [1] * rank))
+    pads = [int(v) for v in node.attrs.get("pads", [0] * (2 * rank))]
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if len(strides) != rank or len(dilations) != rank or len(pads) != 2 * rank:
+        return f"{node.op} '{node.name}' has attributes of the wrong length"
+    if auto_pad == "VALID":
+        pads = [0] * (2 * rank)
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        spatial = None if input_shape is None else input_shape[2:]
+        if spatial is None or len(spatial) != rank or not all(isinstance(v, int) for v in spatial):
+            return f"{node.op} '{node.name}' uses auto_pad={auto_pad} and its input size is not static"
+        pads = [0] * (2 * rank)
+        for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)):
+            total = max(0, (ceil(size / s) - 1) * s + d * (k - 1) + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + rank] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    elif auto_pad != "NOTSET":
+        return f"{node.op} '{node.name}' has unknown auto_pad={auto_pad}"
+    taps = tuple(AxisTaps.of_conv(k, pads[i], pads[i + rank], dilations[i]) for i, k in enumerate(kernel))
+    return Geometry(strides, taps)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-channel constants and affine nodes
+# --------------------------------------------------------------------------------------------
+
+
+def per_channel(values: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """``values`` as a float64 vector of ``channels`` if it broadcasts against an ``(N, C, ...)``
+    tensor of ``rank`` dims along the channel axis only (scalar, ``[C]``-shaped at axis 1, ...)."""
+    v = np.asarray(values)
+    if v.dtype.kind != "f" and str(v.dtype) != "bfloat16":
+        return None
+    if v.ndim > rank:
+        return None
+    shape = (1,) * (rank - v.ndim) + tuple(v.shape)
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(as_f64(v).reshape(-1), (channels,)).copy()
+
+
+def affine_data_input(node: gs.Node, view: GraphView) -> gs.Tensor | None:
+    """The data operand of an affine-looking node, or None when it is not one.
+
+    BatchNormalization: its first input. Mul/Add: the operand that is not constant (exactly one
+    must be). Sub: either operand. Div: only ``data / constant``.
+    """
+    if is_op(node, ops.BATCH_NORM):
+        return node.inputs[0]
+    if not is_op(node, *ops.AFFINE_BINARY_OPS) or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    ca, cb = view.is_constant(a), view.is_constant(b)
+    if ca == cb:
+        return None
+    if node.op == ops.DIV and ca:
+        return None
+    return b if ca else a
+
+
+def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int) -> Affine | str:
+    """The affine map ``node`` applies to its data input, or the reason it is not per-channel."""
+    if is_op(node, ops.BATCH_NORM):
+        reason = bn_inference_reason(node, view)
+        if reason:
+            return reason
+        scale, bias, mean, var = (view.constant(t) for t in node.inputs[1:5])
+        vecs = [per_channel(v, channels, 2) for v in (scale, bias, mean, var)]
+        if any(v is None for v in vecs):
+            return f"BatchNormalization '{node.name}' parameters do not have {channels} channels"
+        return bn_affine(*vecs, float(node.attrs.get("epsilon", 1e-5)))
+    a, b = node.inputs
+    const_first = view.is_constant(a)
+    raw = view.constant(a if const_first else b)
+    vec = per_channel(raw, channels, rank)
+    if vec is None:
+        return f"{node.op} '{node.name}' constant of shape {list(np.shape(raw))} is not per-channel for {channels} channels"
+    ones, zeros = np.ones(channels), np.zeros(channels)
+    if node.op == ops.MUL:
+        return Affine(vec, zeros)
+    if node.op == ops.DIV:
+        if np.any(vec == 0):
+            return f"Div '{node.name}' divides by zero"
+        return Affine(1.0 / vec, zeros)
+    if node.op == ops.ADD:
+        return Affine(ones, vec)
+    return Affine(-ones, vec) if const_first else Affine(ones, -vec)  # Sub
+
+
+def bn_inference_reason(node: gs.Node, view: GraphView) -> str | None:
+    """Why a BatchNormalization cannot be folded (training mode, extra outputs, non-constant
+    statistics, ``spatial = 0``), or None."""
+    if int(node.attrs.get("training_mode", 0)) != 0:
+        return f"BatchNormalization '{node.name}' is in training mode"
+    if int(node.attrs.get("spatial", 1)) != 1:
+        return f"BatchNormalization '{node.name}' has spatial=0"
+    for extra in node.outputs[1:]:
+        if extra.name and (view.users(extra) or view.escapes(extra)):
+            return f"BatchNormalization '{node.name}' has its running statistics outputs in use"
+    if len(node.inputs) < 5 or not all(view.is_constant(t) for t in node.inputs[1:5]):
+        return f"BatchNormalization '{node.name}' parameters are not constant"
+    return None

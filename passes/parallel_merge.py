@@ -1,0 +1,487 @@
+"""Parallel merge: a sum of branches that read one tensor becomes one Conv.
+
+Pattern. A tree of Add (and Sub, whose second operand counts negated) whose inner results are used
+only inside the tree. Each summand ("leaf") is peeled of per-channel affine nodes
+(BatchNormalization, Mul/Div/Add/Sub by a constant) down to its base: ``Conv(X)``,
+``AveragePool(X)``, or ``X`` itself (identity). Leaves with the same ``X`` form a group; a group
+with at least two leaves, one of them a Conv, is a candidate. Covered: RepVGG (3x3 + 1x1 + identity
+BN, stride 2 without identity, grouped), ACNet (3x3 + 1x3 + 3x1), MobileOne (N kxk + 1x1 + BN),
+RepLKNet (31x31 + 5x5 depthwise), RepGhost (depthwise + BN), QARepVGG / RepViT (post-sum BN),
+dilated branches.
+
+Algebra. Every branch is a convolution of X: ``conv(X; W_i, b_i, g_i)`` (identity: the identity
+kernel with ``g = C``; AveragePool: the ``1/|k|`` kernel with ``g = C``); a per-channel affine
+``s * y + t`` after it folds as ``(s W, s b + t)``; a Sub flips the sign. On each spatial axis a
+branch with pads ``p``, dilation ``d`` and kernel ``k`` reads input ``stride * o - p + d * j``; the
+merged kernel spans the leftmost to the rightmost tap on the gcd grid of all taps
+(:func:`onnxrep.algebra.merged_axis`) and every branch is placed at its offset on that grid. All
+groupings are refined by ``G = gcd(g_i)``. Then ``sum_i conv(X; W_i, b_i) = conv(X; sum W_i,
+sum b_i)``. Per-channel constant summands join the bias; per-channel affine nodes after the sum
+(post-sum BN) fold into the merged conv when the group covers the whole sum.
+
+Exactness conditions (checked in this order; each fails with its name and a reason):
+  1. ``inference_bn``      every BatchNormalization is in inference mode with one output in use.
+  2. ``constant_weights``  every Conv weight and bias and every BN parameter is a constant.
+  3. ``static_geometry``   pads are explicit, VALID, or SAME with a static input size.
+  4. ``avgpool_exact``     AveragePool counts padding (count_include_pad=1 or zero pads), ceil_mode=0.
+  5. ``per_channel``       every constant in a branch is a scalar or per-channel.
+  6. ``same_stride``       all branches share the stride (an identity branch has stride 1).
+  7. ``same_channels``     all branches have the same Cout (identity and pool: Cin == Cout).
+  8. ``same_output_size``  all branches give the same output size for every input size
+                           (``pad_begin + pad_end - dilation * (k - 1)`` equal per axis).
+  9. ``single_use``        no intermediate tensor is read outside the pattern or is a graph output.
+ 10. ``cost``              the merged conv has no more MACs and no more weights than the branches
+                           (``--allow-cost-increase`` lifts this; HetConv-style groupwise + pointwise
+                           branches would densify).
+Same input tensor, and every tap landing on the merged grid, hold by construction (grouping by
+``X``; gcd grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxrep import algebra, ops
+from onnxrep.algebra import AxisTaps
+from onnxrep.graph import GraphView
+from onnxrep.rewrite import Context, Decline, Match, NewNode, Plan, run_checks
+
+from . import register
+from ._common import (
+    Geometry,
+    affine_data_input,
+    bn_inference_reason,
+    is_op,
+    node_affine,
+    per_channel,
+    window_geometry,
+)
+
+CONV, POOL, IDENTITY = "conv", "pool", "identity"
+
+
+@dataclass
+class Leaf:
+    """One summand: ``sign * affines(base(x))``; ``affines`` are ordered from the base outwards."""
+
+    tensor: gs.Tensor
+    sign: float
+    x: gs.Tensor
+    kind: str
+    base: gs.Node | None
+    affines: list[gs.Node]
+
+    def nodes(self) -> list[gs.Node]:
+        return ([self.base] if self.base is not None else []) + self.affines
+
+    def internal_tensors(self) -> list[gs.Tensor]:
+        """Tensors this leaf computes on the way from X to the sum."""
+        return [n.outputs[0] for n in self.nodes()]
+
+
+@dataclass
+class Candidate:
+    root: gs.Node
+    tree: list[gs.Node]
+    group: list[Leaf]
+    rest: list[tuple[gs.Tensor, float]]
+    constants: list[tuple[gs.Tensor, float]]
+    post: list[gs.Node]
+    pattern: set[int] = field(default_factory=set)
+
+
+@dataclass
+class BranchConv:
+    """A branch as a convolution of X: lazily built kernel and bias, plus its geometry."""
+
+    leaf: Leaf
+    weight_shape: tuple[int, ...]
+    groups: int
+    geometry: Geometry
+
+    @property
+    def cout(self) -> int:
+        return self.weight_shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# match
+# --------------------------------------------------------------------------------------------
+
+
+def _sum_tree(root: gs.Node, view: GraphView):
+    """Expand the Add/Sub tree under ``root``: (inner nodes, [(term tensor, sign)])."""
+    nodes, terms = [], []
+    stack = [(root, 1.0)]
+    while stack:
+        node, sign = stack.pop()
+        nodes.append(node)
+        for i, t in enumerate(node.inputs):
+            s = -sign if (node.op == ops.SUB and i == 1) else sign
+            src = view.source(t)
+            prod_node = view.producer(src)
+            if is_op(prod_node, *ops.SUM_OPS) and len(prod_node.inputs) == 2 and _only_read_by(src, node, view):
+                stack.append((prod_node, s))
+            else:
+                terms.append((src, s))
+    return nodes, terms
+
+
+def _only_read_by(tensor: gs.Tensor, node: gs.Node, view: GraphView) -> bool:
+    users = view.users(tensor)
+    return bool(users) and not view.escapes(tensor) and all(u is node for u in users)
+
+
+def _is_root(node: gs.Node, view: GraphView) -> bool:
+    out = node.outputs[0]
+    users = view.users(out)
+    return not (
+        len(users) == 1 and is_op(users[0], *ops.SUM_OPS) and len(users[0].inputs) == 2 and not view.escapes(out)
+    )
+
+
+def _leaf(tensor: gs.Tensor, sign: float, view: GraphView) -> Leaf:
+    affines: list[gs.Node] = []
+    cur = tensor
+    while True:
+        node = view.producer(cur)
+        data = affine_data_input(node, view) if node is not None else None
+        if data is None:
+            break
+        affines.append(node)
+        cur = view.source(data)
+    affines.reverse()
+    node = view.producer(cur)
+    if is_op(node, ops.CONV) and len(node.inputs) >= 2:
+        return Leaf(tensor, sign, view.source(node.inputs[0]), CONV, node, affines)
+    if is_op(node, ops.AVERAGE_POOL):
+        return Leaf(tensor, sign, view.source(node.inputs[0]), POOL, node, affines)
+    return Leaf(tensor, sign, cur, IDENTITY, None, affines)
+
+
+def _post_affines(root: gs.Node, view: GraphView) -> list[gs.Node]:
+    """Affine nodes that read the sum, one after the other, each the only reader of the last."""
+    post: list[gs.Node] = []
+    out = root.outputs[0]
+    while not view.escapes(out):
+        users = view.users(out)
+        if len(users) != 1:
+            break
+        node = users[0]
+        data = affine_data_input(node, view)
+        if data is None or view.source(data) is not out:
+            break
+        post.append(node)
+        out = node.outputs[0]
+    return post
+
+
+# --------------------------------------------------------------------------------------------
+# check
+# --------------------------------------------------------------------------------------------
+
+
+def _branch_conv(leaf: Leaf, view: GraphView, ctx: Context, cin: int, rank: int) -> BranchConv | str:
+    if leaf.kind == CONV:
+        w = view.constant(leaf.base.inputs[1])
+        kernel = tuple(w.shape[2:])
+        groups = int(leaf.base.attrs.get("group", 1))
+        ks = leaf.base.attrs.get("kernel_shape")
+        if ks is not None and tuple(int(v) for v in ks) != kernel:
+            return f"Conv '{leaf.base.name}' kernel_shape disagrees with its weight"
+        geo = window_geometry(leaf.base, kernel, ctx.shape(leaf.x))
+        shape = tuple(w.shape)
+    elif leaf.kind == POOL:
+        kernel = tuple(int(v) for v in leaf.base.attrs["kernel_shape"])
+        groups = cin
+        geo = window_geometry(leaf.base, kernel, ctx.shape(leaf.x))
+        shape = (cin, 1) + kernel
+    else:
+        groups = cin
+        geo = Geometry((1,) * rank, tuple(AxisTaps.of_conv(1, 0, 0, 1) for _ in range(rank)))
+        shape = (cin, 1) + (1,) * rank
+    if isinstance(geo, str):
+        return geo
+    return BranchConv(leaf, shape, groups, geo)
+
+
+def _conv_leaves(cand: Candidate) -> list[Leaf]:
+    return [leaf for leaf in cand.group if leaf.kind == CONV]
+
+
+def _check_bn(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
+    for leaf in cand.group:
+        for node in leaf.affines:
+            if is_op(node, ops.BATCH_NORM):
+                reason = bn_inference_reason(node, view)
+                if reason and "not constant" not in reason:
+                    return reason
+    return None
+
+
+def _check_constants(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
+    for leaf in _conv_leaves(cand):
+        conv = leaf.base
+        for t in conv.inputs[1:3]:
+            if t is not None and t.name and not view.is_constant(t):
+                return f"Conv '{conv.name}' input '{t.name}' is not a constant"
+        w = view.constant(conv.inputs[1])
+        if w.dtype.kind != "f" and str(w.dtype) != "bfloat16":
+            return f"Conv '{conv.name}' weight has dtype {w.dtype}"
+    for leaf in cand.group:
+        for node in leaf.affines:
+            if is_op(node, ops.BATCH_NORM) and not all(view.is_constant(t) for t in node.inputs[1:5]):
+                return f"BatchNormalization '{node.name}' parameters are not constant"
+    return None
+
+
+def _dims(cand: Candidate, view: GraphView) -> tuple[int, int]:
+    """(Cin, spatial rank) from the first Conv branch."""
+    conv = _conv_leaves(cand)[0].base
+    w = view.constant(conv.inputs[1])
+    return int(w.shape[1]) * int(conv.attrs.get("group", 1)), w.ndim - 2
+
+
+def _analysis(cand: Candidate, view: GraphView, ctx: Context) -> list[BranchConv] | str:
+    cin, rank = _dims(cand, view)
+    out = []
+    for leaf in cand.group:
+        bc = _branch_conv(leaf, view, ctx, cin, rank)
+        if isinstance(bc, str):
+            return bc
+        out.append(bc)
+    return out
+
+
+def _check_geometry(cand, view, ctx):
+    res = _analysis(cand, view, ctx)
+    return res if isinstance(res, str) else None
+
+
+def _check_pool(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
+    for leaf in cand.group:
+        if leaf.kind != POOL:
+            continue
+        pool = leaf.base
+        if int(pool.attrs.get("ceil_mode", 0)) != 0:
+            return f"AveragePool '{pool.name}' has ceil_mode=1"
+        if int(pool.attrs.get("count_include_pad", 0)) != 1:
+            geo = window_geometry(pool, tuple(pool.attrs["kernel_shape"]), ctx.shape(leaf.x))
+            if isinstance(geo, Geometry) and any(t.first != 0 or t.excess != -(t.count - 1) * t.step for t in geo.taps):
+                return f"AveragePool '{pool.name}' pads without count_include_pad=1"
+    return None
+
+
+def _channels_of(cand: Candidate, view: GraphView) -> int:
+    """Output channels of the sum (the first Conv branch's Cout)."""
+    return int(view.constant(_conv_leaves(cand)[0].base.inputs[1]).shape[0])
+
+
+def _check_per_channel(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
+    cout = _channels_of(cand, view)
+    _, rank = _dims(cand, view)
+    for leaf in cand.group:
+        for node in leaf.affines:
+            aff = node_affine(node, view, cout, rank + 2)
+            if isinstance(aff, str):
+                return aff
+    return None
+
+
+def _check_stride(cand, view, ctx):
+    branches = _analysis(cand, view, ctx)
+    strides = {b.geometry.strides for b in branches}
+    if len(strides) > 1:
+        has_identity = any(b.leaf.kind == IDENTITY for b in branches)
+        extra = " (an identity branch has stride 1)" if has_identity else ""
+        return f"branches have different strides {sorted(strides)}{extra}"
+    return None
+
+
+def _check_channels(cand, view, ctx):
+    branches = _analysis(cand, view, ctx)
+    couts = {b.cout for b in branches}
+    if len(couts) > 1:
+        kinds = {b.leaf.kind for b in branches}
+        extra = " (identity and pool branches need Cin == Cout)" if kinds & {IDENTITY, POOL} else ""
+        return f"branches have different output channels {sorted(couts)}{extra}"
+    return None
+
+
+def _check_output_size(cand, view, ctx):
+    branches = _analysis(cand, view, ctx)
+    for axis in range(len(branches[0].geometry.taps)):
+        excess = {b.geometry.taps[axis].excess for b in branches}
+        if len(excess) > 1:
+            return f"branches give different output sizes on spatial axis {axis} (pads and kernels do not line up)"
+    return None
+
+
+def _check_single_use(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
+    for leaf in cand.group:
+        for t in leaf.internal_tensors():
+            if view.escapes(t):
+                return f"tensor '{t.name}' is a graph output"
+            outside = [u for u in view.users(t) if id(u) not in cand.pattern]
+            if outside:
+                return f"tensor '{t.name}' is also read by '{outside[0].name}' ({outside[0].op})"
+    return None
+
+
+def _merged_layout(branches: list[BranchConv]):
+    groups = algebra.merge_groups([b.groups for b in branches])
+    grids = [algebra.merged_axis([b.geometry.taps[a] for b in branches]) for a in range(len(branches[0].geometry.taps))]
+    cout = branches[0].cout
+    cin = branches[0].weight_shape[1] * branches[0].groups
+    shape = (cout, cin // groups) + tuple(g.kernel for g in grids)
+    return groups, grids, shape
+
+
+def _check_cost(cand, view, ctx):
+    if ctx.options.allow_cost_increase:
+        return None
+    branches = _analysis(cand, view, ctx)
+    _, _, shape = _merged_layout(branches)
+    merged = prod(shape)
+    macs = sum(prod(b.weight_shape) for b in branches if b.leaf.kind in (CONV, POOL))
+    params = sum(prod(b.weight_shape) for b in branches if b.leaf.kind == CONV)
+    if merged > macs or merged > params:
+        return (
+            f"merged kernel {list(shape)} costs {merged} MACs/weights per position against "
+            f"{macs} MACs and {params} weights in the branches"
+        )
+    return None
+
+
+CONDITIONS = [
+    ("inference_bn", _check_bn),
+    ("constant_weights", _check_constants),
+    ("static_geometry", _check_geometry),
+    ("avgpool_exact", _check_pool),
+    ("per_channel", _check_per_channel),
+    ("same_stride", _check_stride),
+    ("same_channels", _check_channels),
+    ("same_output_size", _check_output_size),
+    ("single_use", _check_single_use),
+    ("cost", _check_cost),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# the pass
+# --------------------------------------------------------------------------------------------
+
+
+@register
+class ParallelMerge:
+    name = "parallel-merge"
+    summary = "sum of Conv / BN / identity / AveragePool branches of one tensor -> one Conv"
+
+    def match(self, view: GraphView):
+        for root in view.graph.nodes:
+            if not is_op(root, *ops.SUM_OPS) or len(root.inputs) != 2 or not _is_root(root, view):
+                continue
+            tree, terms = _sum_tree(root, view)
+            leaves, constants = [], []
+            for tensor, sign in terms:
+                if view.is_constant(tensor):
+                    constants.append((tensor, sign))
+                else:
+                    leaves.append(_leaf(tensor, sign, view))
+            by_x: dict[int, list[Leaf]] = {}
+            for leaf in leaves:
+                by_x.setdefault(id(leaf.x), []).append(leaf)
+            for group in by_x.values():
+                if len(group) < 2 or not any(leaf.kind == CONV for leaf in group):
+                    continue
+                rest = [(leaf.tensor, leaf.sign) for leaf in leaves if leaf not in group]
+                post = _post_affines(root, view) if not rest else []
+                cand = Candidate(root, tree, group, rest, constants, post)
+                nodes = tree + [n for leaf in group for n in leaf.nodes()] + post
+                cand.pattern = {id(n) for n in nodes}
+                key = f"{root.outputs[0].name}<-{group[0].x.name}"
+                yield Match(key, nodes, cand)
+
+    def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:
+        return run_checks(CONDITIONS, match.data, view, ctx)
+
+    def rewrite(self, match: Match, view: GraphView, ctx: Context) -> Plan:
+        cand: Candidate = match.data
+        branches = _analysis(cand, view, ctx)
+        groups, grids, shape = _merged_layout(branches)
+        cout, rank = shape[0], len(grids)
+        dtype = view.constant(_conv_leaves(cand)[0].base.inputs[1]).dtype
+        parts = []
+        for b in branches:
+            w, bias = self._branch_kernel(b, view, cout, rank)
+            w = algebra.regroup_kernel(w, b.groups, groups)
+            slots = [g.slot(t) for g, t in zip(grids, b.geometry.taps)]
+            w = algebra.place_kernel(w, [g.kernel for g in grids], [s[0] for s in slots], [s[1] for s in slots])
+            parts.append((b.leaf.sign * w, b.leaf.sign * bias))
+        weight, bias = algebra.sum_kernels(parts)
+
+        rest = list(cand.rest)
+        for tensor, sign in cand.constants:
+            vec = per_channel(view.constant(tensor), cout, rank + 2)
+            if vec is None:
+                rest.append((tensor, sign))
+            else:
+                bias = bias + sign * vec
+        target = cand.root.outputs[0]
+        absorbed = 0
+        if not rest:
+            for node in cand.post:
+                aff = node_affine(node, view, cout, rank + 2)
+                if isinstance(aff, str):
+                    break
+                weight, bias = algebra.apply_affine(weight, bias, aff)
+                target = node.outputs[0]
+                absorbed += 1
+
+        x = cand.group[0].x
+        base = cand.root.name or "sum"
+        w_const = ctx.constant(f"{base}.rep.weight", weight.astype(dtype))
+        b_const = ctx.constant(f"{base}.rep.bias", bias.astype(dtype))
+        attrs = {
+            "group": groups,
+            "kernel_shape": [g.kernel for g in grids],
+            "strides": list(branches[0].geometry.strides),
+            "dilations": [g.dilation for g in grids],
+            "pads": [g.pad_begin for g in grids] + [g.pad_end for g in grids],
+        }
+        conv_out = target if not rest else gs.Variable(ctx.fresh_name(f"{base}.rep.out"), dtype=target.dtype)
+        nodes = [NewNode(ops.CONV, ctx.fresh_name(f"{base}/rep_conv"), attrs, [x, w_const, b_const], [conv_out])]
+        acc = conv_out
+        for i, (tensor, sign) in enumerate(rest):
+            last = i == len(rest) - 1
+            out = target if last else gs.Variable(ctx.fresh_name(f"{base}.rep.sum"), dtype=target.dtype)
+            op = ops.ADD if sign > 0 else ops.SUB
+            nodes.append(NewNode(op, ctx.fresh_name(f"{base}/rep_{op.lower()}"), {}, [acc, tensor], [out]))
+            acc = out
+        kinds = "+".join(b.leaf.kind for b in branches)
+        summary = f"{len(branches)} branches ({kinds}) -> Conv {list(shape)} group={groups}"
+        if absorbed:
+            summary += f", {absorbed} post-sum affine node(s) folded"
+        return Plan(target, nodes, summary)
+
+    @staticmethod
+    def _branch_kernel(b: BranchConv, view: GraphView, cout: int, rank: int):
+        leaf = b.leaf
+        if leaf.kind == CONV:
+            w = algebra.as_f64(view.constant(leaf.base.inputs[1]))
+            bt = leaf.base.inputs[2] if len(leaf.base.inputs) > 2 else None
+            bias = algebra.as_f64(view.constant(bt)) if bt is not None and bt.name else np.zeros(w.shape[0])
+        elif leaf.kind == POOL:
+            w = algebra.avgpool_kernel(b.cout, b.weight_shape[2:])
+            bias = np.zeros(b.cout)
+        else:
+            w = algebra.identity_kernel(b.cout, b.cout, rank)
+            bias = np.zeros(b.cout)
+        for node in leaf.affines:
+            w, bias = algebra.apply_affine(w, bias, node_affine(node, view, cout, rank + 2))
+        return w, bias
+
