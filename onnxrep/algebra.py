@@ -210,8 +210,10 @@ class AxisGrid:
     pad_end: int
 
     def slot(self, taps: AxisTaps) -> tuple[int, int]:
-        """(offset, step) at which the taps of one branch sit in the merged kernel."""
-        return (taps.first + self.pad_begin) // self.dilation, taps.step // self.dilation
+        """(offset, step) at which the taps of one branch sit in the merged kernel (a single tap
+        has no step of its own: 1)."""
+        step = taps.step // self.dilation if taps.count > 1 else 1
+        return (taps.first + self.pad_begin) // self.dilation, step
 
 
 def merged_axis(branches: Sequence[AxisTaps]) -> AxisGrid:

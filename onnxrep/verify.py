@@ -9,6 +9,7 @@ a few ulps of the merged weights, accumulated over a deep network); integer and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -131,6 +132,7 @@ def compare(
     candidate: onnx.ModelProto,
     seeds: int = 3,
     dims: dict[str, int] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifyResult:
     """Run both models on ``seeds`` random input sets and compare every output."""
     try:
@@ -161,5 +163,7 @@ def compare(
             if prev is None or not check.ok or (prev.ok and check.max_abs_error > prev.max_abs_error):
                 if prev is None or prev.ok:
                     worst[name] = check
+        if progress is not None:
+            progress(seed + 1)
     outputs = [worst[n] for n in names]
     return VerifyResult(all(o.ok for o in outputs), seeds, outputs)

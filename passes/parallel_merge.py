@@ -276,17 +276,16 @@ def _check_pool(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
     return None
 
 
-def _channels_of(cand: Candidate, view: GraphView) -> int:
-    """Output channels of the sum (the first Conv branch's Cout)."""
-    return int(view.constant(_conv_leaves(cand)[0].base.inputs[1]).shape[0])
+def _leaf_channels(leaf: Leaf, view: GraphView, cin: int) -> int:
+    """Channels a leaf's affine nodes act on: its Conv's Cout, or Cin for identity and pool."""
+    return int(view.constant(leaf.base.inputs[1]).shape[0]) if leaf.kind == CONV else cin
 
 
 def _check_per_channel(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
-    cout = _channels_of(cand, view)
-    _, rank = _dims(cand, view)
+    cin, rank = _dims(cand, view)
     for leaf in cand.group:
         for node in leaf.affines:
-            aff = node_affine(node, view, cout, rank + 2)
+            aff = node_affine(node, view, _leaf_channels(leaf, view, cin), rank + 2)
             if isinstance(aff, str):
                 return aff
     return None

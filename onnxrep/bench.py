@@ -1,0 +1,65 @@
+"""Latency measurement in onnxruntime: models timed in interleaved rounds, medians and ratios.
+
+Running the models round by round (A B C A B C ...) rather than one after the other makes slow
+drift of the machine (frequency, other load) fall on all of them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import onnx
+import onnxruntime as ort
+
+from .verify import random_inputs
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def session(model: onnx.ModelProto, threads: int = 2, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+    """A session with onnxruntime's full graph optimizations, as a deployment would use."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
+
+
+def interleaved_latency(
+    models: dict[str, onnx.ModelProto],
+    rounds: int = 20,
+    warmup: int = 3,
+    threads: int = 2,
+    dims: dict[str, int] | None = None,
+    provider: str = "CPUExecutionProvider",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Timing]:
+    """Time one inference of each model ``rounds`` times, interleaved; the same input for all."""
+    first = next(iter(models.values()))
+    feeds = random_inputs(first, seed=0, dims=dims)
+    sessions = {name: session(m, threads, provider) for name, m in models.items()}
+    for _ in range(warmup):
+        for s in sessions.values():
+            s.run(None, feeds)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if progress is not None:
+            progress(r + 1)
+    return {n: Timing(statistics.median(t), min(t), max(t), len(t)) for n, t in times.items()}

@@ -1,0 +1,275 @@
+"""The ``onnxrep`` command line: optimize, inspect, verify, demo, passes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__, engine, io
+from .api import mismatch_error
+from .errors import OnnxrepError, first_line
+from .rewrite import Options
+from .verify import compare
+
+EXIT_ERROR = 1
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _guarded(fn):
+    """Turn any failure into one line on stderr and a non-zero exit (ONNXREP_DEBUG=1: traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxrepError as err:
+            _fail(str(err))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as err:  # an internal error still gets one line, not a traceback
+            if os.environ.get("ONNXREP_DEBUG"):
+                raise
+            _fail(f"internal error: {type(err).__name__}: {first_line(err)} (set ONNXREP_DEBUG=1 for a traceback)")
+
+    return wrapper
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _parse_dims(values: tuple[str, ...]) -> dict[str, int]:
+    dims = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) <= 0:
+            raise OnnxrepError(f"--dim expects NAME=POSITIVE_INT, got {item!r}")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def _macs(n: int, exact: bool) -> str:
+    text = f"{n / 1e9:.3f} G" if n >= 1e8 else f"{n / 1e6:.3f} M"
+    return text if exact else text + "*"
+
+
+def op_table(report: engine.Report, size_before: int | None = None, size_after: int | None = None) -> str:
+    """The op histogram before and after, with MACs, weights and size, as a text table."""
+    ops = sorted(set(report.ops_before) | set(report.ops_after), key=lambda o: (-report.ops_before.get(o, 0), o))
+    rows = [(op, str(report.ops_before.get(op, 0)), str(report.ops_after.get(op, 0))) for op in ops]
+    rows.append(("nodes", str(sum(report.ops_before.values())), str(sum(report.ops_after.values()))))
+    cb, ca = report.cost_before, report.cost_after
+    rows.append(("MACs", _macs(cb.macs, cb.exact), _macs(ca.macs, ca.exact)))
+    rows.append(("weights", f"{cb.params:,}", f"{ca.params:,}"))
+    if size_before is not None and size_after is not None:
+        rows.append(("size", _size(size_before), _size(size_after)))
+    header = ("op", "before", "after")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
+    body = [fmt(r) for r in rows[: len(ops)]]
+    tail = [fmt(r) for r in rows[len(ops) :]]
+    out = [line, fmt(header), line, *body, line, *tail, line]
+    if not (cb.exact and ca.exact):
+        out.append("* MACs with symbolic or unknown dims counted as 1")
+    return "\n".join(out)
+
+
+def pass_summary(report: engine.Report, details: bool) -> str:
+    lines = []
+    for p in report.passes:
+        skipped = ", ".join(f"{c} {n}" for c, n in sorted(p.skipped_by_condition().items()))
+        lines.append(
+            f"{p.name}: {p.matched} matched, {p.rewritten} rewritten, {len(p.skipped)} skipped"
+            + (f" ({skipped})" if skipped else "")
+        )
+        if details:
+            lines.extend(f"  rewrite {r['candidate']}: {r['summary']}" for r in p.rewrites)
+            lines.extend(f"  skip    {k}: {v}" for k, v in p.skipped.items())
+    return "\n".join(lines)
+
+
+def _write_json(path: str, data: dict) -> None:
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, target)
+
+
+_PASS_OPTIONS = [
+    click.option("--passes", "only", multiple=True, help="Comma-separated passes to run (default: all). See `onnxrep passes`."),
+    click.option("--skip", multiple=True, help="Comma-separated passes to leave out."),
+    click.option(
+        "--allow-cost-increase", is_flag=True, help="Also apply rewrites that raise MACs or weights (e.g. HetConv densifying)."
+    ),
+]
+
+
+def _pass_options(fn):
+    for opt in reversed(_PASS_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxrep")
+def main() -> None:
+    """Fold the training-time branches of re-parameterizable CNNs in ONNX models into single convs."""
+
+
+@main.command()
+@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(path_type=str), help="Where to write the optimized model.")
+@_pass_options
+@click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report here.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
+@click.option("--seeds", default=3, show_default=True, help="Random input sets for verification.")
+@click.option("--dim", "dims", multiple=True, help="Value of a symbolic dim for verification, NAME=INT (repeatable).")
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Save weights to OUT.data (default: as the input; always above 2 GB).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="List every rewrite and skip.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_guarded
+def optimize(input_path, output_path, only, skip, allow_cost_increase, report_path, no_verify, seeds, dims, external_data, verbose, quiet):
+    """Optimize IN and write the result to OUT (verified in onnxruntime first)."""
+    dims = _parse_dims(dims)
+    model, had_external = io.load(input_path)
+    size_before = io.tensor_bytes(model)
+    t0 = time.perf_counter()
+    out, report = engine.run(model, _split(only), _split(skip), Options(allow_cost_increase))
+    io.check(out)
+    elapsed = time.perf_counter() - t0
+    if not no_verify:
+        result = _verify_with_progress(model, out, seeds, dims, quiet)
+        report.verification = result.to_dict()
+        if not result.ok:
+            raise mismatch_error(result)
+    size_after = io.tensor_bytes(out)
+    io.save(out, output_path, external=had_external if external_data is None else external_data)
+    if report_path:
+        data = report.to_dict() | {"input": input_path, "output": output_path, "seconds": round(elapsed, 3)}
+        _write_json(report_path, data)
+    if not quiet:
+        click.echo(op_table(report, size_before, size_after))
+        click.echo(pass_summary(report, verbose))
+        verdict = "skipped" if no_verify else f"ok ({seeds} random input sets)"
+        click.echo(f"verification: {verdict}; written {output_path} in {elapsed:.2f} s")
+
+
+def _verify_with_progress(a, b, seeds, dims, quiet):
+    if quiet or not sys.stderr.isatty():
+        return compare(a, b, seeds=seeds, dims=dims)
+    with click.progressbar(length=seeds, label="verifying", file=sys.stderr) as bar:
+        return compare(a, b, seeds=seeds, dims=dims, progress=lambda _: bar.update(1))
+
+
+@main.command()
+@click.argument("input_path", metavar="IN", type=click.Path(path_type=str))
+@_pass_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guarded
+def inspect(input_path, only, skip, allow_cost_increase, as_json):
+    """Show what optimize would rewrite in IN, and why the rest is skipped. Writes nothing."""
+    model, _ = io.load(input_path)
+    _, report = engine.run(model, _split(only), _split(skip), Options(allow_cost_increase))
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    click.echo(op_table(report))
+    click.echo(pass_summary(report, details=True))
+
+
+@main.command()
+@click.argument("model_a", metavar="A", type=click.Path(path_type=str))
+@click.argument("model_b", metavar="B", type=click.Path(path_type=str))
+@click.option("--seeds", default=3, show_default=True, help="Random input sets.")
+@click.option("--dim", "dims", multiple=True, help="Value of a symbolic dim, NAME=INT (repeatable).")
+@_guarded
+def verify(model_a, model_b, seeds, dims):
+    """Check that B computes the same outputs as A in onnxruntime (exit 1 if not)."""
+    dims = _parse_dims(dims)
+    a, _ = io.load(model_a)
+    b, _ = io.load(model_b)
+    result = _verify_with_progress(a, b, seeds, dims, quiet=False)
+    for o in result.outputs:
+        click.echo(
+            f"{'ok  ' if o.ok else 'FAIL'} {o.name}: max abs error {o.max_abs_error:.3g} "
+            f"(tolerance {o.tolerance:.3g}, max magnitude {o.max_magnitude:.3g})"
+        )
+    if not result.ok:
+        raise mismatch_error(result)
+
+
+@main.command(name="passes")
+def list_passes():
+    """List the available passes."""
+    for name, cls in engine.available_passes().items():
+        click.echo(f"{name:18} {cls.summary}")
+
+
+@main.command()
+@click.option("--family", default="repvgg-a0", show_default=True, help="Which network from onnxrep.models.")
+@click.option("--resolution", default=224, show_default=True)
+@click.option("--width-scale", default=1.0, show_default=True)
+@click.option("--rounds", default=20, show_default=True, help="Timed rounds per model.")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--save-dir", type=click.Path(file_okay=False, path_type=str), help="Also save the three models here.")
+@_guarded
+def demo(family, resolution, width_scale, rounds, threads, save_dir):
+    """Build a training-time network, optimize and verify it, and compare latency on the CPU."""
+    from . import bench, models
+
+    if family not in models.BUILDERS:
+        raise OnnxrepError(f"unknown family {family!r}; available: {', '.join(models.BUILDERS)}")
+    build = models.BUILDERS[family]
+    click.echo(f"building {family} (training form and hand-built deploy form) at {resolution}x{resolution}")
+    train = build(deploy=False, resolution=resolution, width_scale=width_scale)
+    deploy = build(deploy=True, resolution=resolution, width_scale=width_scale)
+    t0 = time.perf_counter()
+    optimized, report = engine.run(train)
+    elapsed = time.perf_counter() - t0
+    result = _verify_with_progress(train, optimized, 3, {}, quiet=False)
+    report.verification = result.to_dict()
+    if not result.ok:
+        raise mismatch_error(result)
+    click.echo(op_table(report, io.tensor_bytes(train), io.tensor_bytes(optimized)))
+    click.echo(pass_summary(report, details=False))
+    click.echo(f"optimized in {elapsed:.2f} s; verified against the training graph: ok")
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+        for name, m in (("train", train), ("optimized", optimized), ("deploy", deploy)):
+            io.save(m, os.path.join(save_dir, f"{family}_{name}.onnx"))
+    click.echo(f"onnxruntime CPU latency, {threads} threads, {rounds} interleaved rounds:")
+    models_ = {"training": train, "onnxrep": optimized, "deploy": deploy}
+    with click.progressbar(length=rounds, label="timing", file=sys.stderr) as bar:
+        timings = bench.interleaved_latency(models_, rounds=rounds, threads=threads, progress=lambda _: bar.update(1))
+    ref = timings["deploy"].median_ms
+    for name, t in timings.items():
+        click.echo(f"  {name:9} median {t.median_ms:8.2f} ms   min {t.min_ms:8.2f} ms   vs deploy {t.median_ms / ref:5.2f}x")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
