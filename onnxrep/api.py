@@ -11,7 +11,7 @@ from . import engine, io
 from .engine import Report
 from .errors import VerificationError
 from .rewrite import Options
-from .verify import VerifyResult, compare
+from .equivalence import VerifyResult, compare
 
 
 def _as_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:

@@ -14,7 +14,7 @@ from typing import Callable
 import onnx
 import onnxruntime as ort
 
-from .verify import random_inputs
+from .equivalence import random_inputs
 
 
 @dataclass

@@ -16,7 +16,7 @@ from . import __version__, engine, io
 from .api import mismatch_error
 from .errors import OnnxrepError, first_line
 from .rewrite import Options
-from .verify import compare
+from .equivalence import compare
 
 EXIT_ERROR = 1
 

@@ -124,6 +124,7 @@ def run(
     shapes = infer_shapes(model)
     cost_before = model_cost(model, shapes)
     graph = import_model(model)
+    input_names = {i.name for i in model.graph.input}
     ctx = Context(options, shapes=shapes, taken_names=_all_names(graph))
     reports = {p.name: PassReport(p.name) for p in selected}
     rounds = 0
@@ -132,7 +133,7 @@ def run(
         for p in selected:
             rep = reports[p.name]
             rep.skipped = {}  # the last round, which changes nothing, holds every standing decline
-            view = GraphView(graph)
+            view = GraphView(graph, input_names)
             claimed: set[int] = set()
             plans: list[tuple[str, Plan]] = []
             for match in p.match(view):

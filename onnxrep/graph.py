@@ -75,10 +75,12 @@ def constant_values(tensor: gs.Constant) -> np.ndarray:
 class GraphView:
     """Read-only queries over a graph, built once per matching round."""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, input_names: set[str] | None = None):
+        """``input_names``: the model's graph input names. graphsurgeon drops an input that is also
+        an initializer, but such a value can be fed at run time and is no constant."""
         self.graph = graph
         self._outputs = {id(t) for t in graph.outputs}
-        self._inputs = {id(t) for t in graph.inputs}
+        self._input_names = {t.name for t in graph.inputs} | set(input_names or ())
         self._users: dict[int, list[gs.Node]] = defaultdict(list)
         for node in graph.nodes:
             for t in node.inputs:
@@ -148,7 +150,7 @@ class GraphView:
         if tensor is None:
             return None
         tensor = self.source(tensor)
-        if id(tensor) in self._inputs:
+        if tensor.name in self._input_names:
             return None
         if isinstance(tensor, gs.Constant):
             return constant_values(tensor)

@@ -131,8 +131,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool = False
         _write(model, tmp_model, external)
         for name in os.listdir(tmp):
             _fsync(os.path.join(tmp, name))
-        if external:
-            data = out.name + ".data"
+        data = out.name + ".data"
+        if external and os.path.exists(os.path.join(tmp, data)):  # no file when every tensor is small
             os.replace(os.path.join(tmp, data), parent / data)
         os.replace(tmp_model, out)
     except OSError as err:

@@ -1,0 +1,211 @@
+"""The command line: optimize / inspect / verify / passes / demo, bad input, atomic output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from graphs import Builder, histogram
+from onnxrep import cli, engine
+
+
+def _runner():
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 always keeps stderr apart
+        return CliRunner()
+
+
+def invoke(*args):
+    return _runner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    c = 16  # weights above onnx's 1 KB threshold for external data
+    b = Builder(c, input_shape=["N", c, 8, 8])
+    y = b.relu(b.sum([b.bn(b.conv("x", c, c, 3, bias=False), c), b.bn(b.conv("x", c, c, 1), c), b.bn("x", c)]))
+    path = tmp_path / "train.onnx"
+    onnx.save(b.model(y), path)
+    return path
+
+
+def snapshot(folder):
+    return {p: (folder / p).read_bytes() if (folder / p).is_file() else None for p in sorted(os.listdir(folder))}
+
+
+def test_optimize_writes_model_table_and_report(model_path, tmp_path):
+    before = model_path.read_bytes()
+    out, report = tmp_path / "opt.onnx", tmp_path / "r.json"
+    res = invoke("optimize", model_path, "-o", out, "--report", report)
+    assert res.exit_code == 0, res.stderr
+    assert "| Conv" in res.stdout and "parallel-merge: 1 matched, 1 rewritten, 0 skipped" in res.stdout
+    assert "verification: ok" in res.stdout
+    assert histogram(onnx.load(out)) == {"Conv": 1, "Relu": 1}
+    data = json.loads(report.read_text())
+    assert data["rewritten"] == 1 and data["verification"]["ok"] is True
+    assert data["ops_after"] == {"Conv": 1, "Relu": 1}
+    assert model_path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["opt.onnx", "r.json", "train.onnx"]
+
+
+def test_optimize_no_verify_and_pass_selection(model_path, tmp_path):
+    out = tmp_path / "opt.onnx"
+    res = invoke("optimize", model_path, "-o", out, "--no-verify", "--skip", "parallel-merge", "-q")
+    assert res.exit_code == 0 and res.stdout == ""
+    assert histogram(onnx.load(out)) == histogram(onnx.load(model_path))
+    res = invoke("optimize", model_path, "-o", out, "--passes", "nope")
+    assert res.exit_code == 1 and res.stderr.startswith("error: unknown pass 'nope'")
+
+
+def test_inspect_writes_nothing_and_explains_skips(tmp_path):
+    c = 8
+    b = Builder(c)
+    path = tmp_path / "het.onnx"
+    onnx.save(b.model(b.add(b.conv("x", c, c, 3, groups=4), b.conv("x", c, c, 1))), path)
+    before = snapshot(tmp_path)
+    res = invoke("inspect", path)
+    assert res.exit_code == 0
+    assert "skip" in res.stdout and "cost: merged kernel" in res.stdout
+    assert snapshot(tmp_path) == before
+    res = invoke("inspect", path, "--allow-cost-increase", "--json")
+    assert json.loads(res.stdout)["rewritten"] == 1
+
+
+def test_verify_command(model_path, tmp_path):
+    out = tmp_path / "opt.onnx"
+    invoke("optimize", model_path, "-o", out, "-q")
+    res = invoke("verify", model_path, out, "--dim", "N=2")
+    assert res.exit_code == 0 and res.stdout.startswith("ok")
+    bad = onnx.load(out)
+    init = next(i for i in bad.graph.initializer if len(i.dims) == 4)
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[0] += 0.1
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(bad, tmp_path / "bad.onnx")
+    res = invoke("verify", model_path, tmp_path / "bad.onnx")
+    assert res.exit_code == 1
+    assert "FAIL" in res.stdout and "differs" in res.stderr
+
+
+def test_mismatch_writes_nothing(model_path, tmp_path, monkeypatch):
+    real = engine.run
+
+    def broken(*a, **kw):
+        out, report = real(*a, **kw)
+        init = next(i for i in out.graph.initializer if len(i.dims) == 4)
+        arr = numpy_helper.to_array(init).copy() * 1.01
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        return out, report
+
+    monkeypatch.setattr(engine, "run", broken)
+    out = tmp_path / "opt.onnx"
+    res = invoke("optimize", model_path, "-o", out)
+    assert res.exit_code == 1
+    assert res.stderr.count("\n") == 1 and "output 'relu" in res.stderr and "differs" in res.stderr
+    assert not out.exists()
+
+
+def test_passes_lists_the_registry():
+    res = invoke("passes")
+    assert res.exit_code == 0 and res.stdout.startswith("parallel-merge")
+
+
+def test_external_data_is_kept(model_path, tmp_path):
+    src = tmp_path / "ext" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(model_path), src, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    out = tmp_path / "ext" / "o.onnx"
+    res = invoke("optimize", src, "-o", out)
+    assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "ext" / "o.onnx.data").is_file()
+    assert histogram(onnx.load(out)) == {"Conv": 1, "Relu": 1}
+    res = invoke("optimize", src, "-o", tmp_path / "inline.onnx", "--no-external-data", "-q")
+    assert res.exit_code == 0 and not (tmp_path / "inline.onnx.data").exists()
+
+
+def test_failed_write_leaves_no_partial_file(model_path, tmp_path, monkeypatch):
+    def fail(*a, **kw):
+        with open(a[1], "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", fail)
+    res = invoke("optimize", model_path, "-o", tmp_path / "opt.onnx")
+    assert res.exit_code == 1 and "disk full" in res.stderr
+    assert sorted(os.listdir(tmp_path)) == ["train.onnx"]
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line on stderr, non-zero exit, nothing written, input untouched
+# --------------------------------------------------------------------------------------------
+
+
+def _bad_inputs(tmp_path, model_path):
+    (tmp_path / "text.onnx").write_text("this is not a model\n")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    data = model_path.read_bytes()
+    (tmp_path / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    (tmp_path / "adir.onnx").mkdir()
+    ext = tmp_path / "noext.onnx"
+    onnx.save(onnx.load(model_path), ext, save_as_external_data=True, location="noext.data", size_threshold=0)
+    (tmp_path / "noext.data").unlink()
+    return {
+        "missing.onnx": "no such file",
+        "text.onnx": "not a valid ONNX model",
+        "empty.onnx": "empty file",
+        "truncated.onnx": "not a valid ONNX model",
+        "adir.onnx": "is a directory",
+        "noext.onnx": "external data file 'noext.data' is missing",
+    }
+
+
+@pytest.mark.parametrize("command", ["optimize", "inspect", "verify"])
+def test_bad_input_gives_one_line_and_writes_nothing(model_path, tmp_path, command):
+    cases = _bad_inputs(tmp_path, model_path)
+    for name, message in cases.items():
+        before = snapshot(tmp_path) if (tmp_path / name).is_file() else None
+        args = {"optimize": ["optimize", tmp_path / name, "-o", tmp_path / "out.onnx"],
+                "inspect": ["inspect", tmp_path / name],
+                "verify": ["verify", model_path, tmp_path / name]}[command]
+        res = invoke(*args)
+        assert res.exit_code == 1, name
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and message in res.stderr, res.stderr
+        assert not (tmp_path / "out.onnx").exists()
+        if before is not None:
+            assert snapshot(tmp_path) == before
+
+
+def test_missing_output_folder(model_path, tmp_path):
+    res = invoke("optimize", model_path, "-o", tmp_path / "nope" / "o.onnx")
+    assert res.exit_code == 1 and "does not exist" in res.stderr
+
+
+def test_bad_dim_option(model_path, tmp_path):
+    res = invoke("verify", model_path, model_path, "--dim", "N=x")
+    assert res.exit_code == 1 and "--dim expects NAME=POSITIVE_INT" in res.stderr
+
+
+def test_real_entry_point_prints_no_traceback(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxrep.cli", "optimize", str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "o.onnx")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_demo_runs_small(tmp_path):
+    res = invoke("demo", "--resolution", 32, "--width-scale", 0.125, "--rounds", 2, "--save-dir", tmp_path)
+    assert res.exit_code == 0, res.stderr
+    assert "verified against the training graph: ok" in res.stdout
+    assert "deploy" in res.stdout and "onnxrep" in res.stdout
+    opt, dep = onnx.load(tmp_path / "repvgg-a0_optimized.onnx"), onnx.load(tmp_path / "repvgg-a0_deploy.onnx")
+    assert histogram(opt).get("Conv") == histogram(dep).get("Conv")

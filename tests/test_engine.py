@@ -1,0 +1,180 @@
+"""The pipeline, the registry, the report, the graph layer and the verifier."""
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxrep
+from graphs import Builder, histogram
+from onnxrep import engine, equivalence
+from onnxrep.graph import GraphView, import_model
+
+
+def repvgg_block(c=4, **kw):
+    b = Builder(c, **kw)
+    y = b.relu(b.sum([b.bn(b.conv("x", c, c, 3, bias=False), c), b.bn(b.conv("x", c, c, 1, bias=False), c), b.bn("x", c)]))
+    return b, b.model(y)
+
+
+def test_passes_folder_is_the_onnxrep_passes_package():
+    import onnxrep.passes as p
+
+    assert p.__name__ == "onnxrep.passes"
+    assert "parallel-merge" in p.REGISTRY
+    assert "passes" not in sys.modules
+
+
+def test_unknown_pass_is_an_error():
+    _, model = repvgg_block()
+    with pytest.raises(onnxrep.OnnxrepError, match="unknown pass 'nope'"):
+        onnxrep.optimize(model, passes=["nope"])
+
+
+def test_skip_leaves_the_model_alone():
+    _, model = repvgg_block()
+    out, report = onnxrep.optimize(model, skip=["parallel-merge"])
+    assert report.rewritten == 0 and histogram(out) == histogram(model)
+
+
+def test_report_counts_ops_and_cost():
+    _, model = repvgg_block()
+    _, report = onnxrep.optimize(model, verify=True)
+    d = report.to_dict()
+    assert d["rewritten"] == 1 and d["passes"][0]["matched"] == 1
+    assert d["ops_before"] == {"Conv": 2, "BatchNormalization": 3, "Add": 2, "Relu": 1}
+    assert d["ops_after"] == {"Conv": 1, "Relu": 1}
+    assert d["cost_after"]["macs"] < d["cost_before"]["macs"]
+    assert d["cost_before"]["macs"] == 64 * (4 * 4 * 9 + 4 * 4)  # 8x8 positions, 3x3 + 1x1 convs
+    assert d["verification"]["ok"] is True
+
+
+def test_skips_are_reported_with_condition_and_reason():
+    c = 8
+    b = Builder(c)
+    model = b.model(b.add(b.conv("x", c, c, 3, groups=4), b.conv("x", c, c, 1)))
+    _, report = onnxrep.optimize(model)
+    d = report.to_dict()["passes"][0]
+    assert d["skipped_by_condition"] == {"cost": 1}
+    assert d["skips"][0]["reason"].startswith("cost: merged kernel [8, 8, 3, 3]")
+
+
+def test_model_level_fields_are_kept():
+    _, model = repvgg_block(input_shape=["batch", 4, 8, 8])
+    model.doc_string = "doc"
+    model.producer_name, model.producer_version, model.model_version = "prod", "1.2", 7
+    helper.set_model_props(model, {"author": "me"})
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    out, _ = onnxrep.optimize(model)
+    assert out.doc_string == "doc" and out.producer_name == "prod" and out.model_version == 7
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "me"}
+    assert list(out.opset_import) == list(model.opset_import)
+    assert out.ir_version == model.ir_version
+    assert out.graph.input == model.graph.input and out.graph.output == model.graph.output
+
+
+def test_graph_view_constants_through_identity_and_constant_nodes():
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(w)),
+        helper.make_node("Identity", ["c"], ["c_id"]),
+        helper.make_node("Identity", ["init"], ["init_id"]),
+        helper.make_node("Add", ["c_id", "init_id"], ["s"]),
+        helper.make_node("Add", ["s", "shadowed"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("shadowed", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(w + 1, "init"), numpy_helper.from_array(w, "shadowed")],
+    )
+    model = helper.make_model(graph)
+    g = import_model(model)
+    view = GraphView(g, {i.name for i in model.graph.input})
+    t = g.tensors()
+    np.testing.assert_array_equal(view.constant(t["c_id"]), w)
+    np.testing.assert_array_equal(view.constant(t["init_id"]), w + 1)
+    assert view.constant(t["shadowed"]) is None  # an initializer that is also an input can be fed
+    assert view.constant(t["s"]) is None
+    assert view.producer(t["s"]).op == "Add"
+    assert view.source(t["c_id"]) is t["c"]
+
+
+def test_tensor_read_by_a_subgraph_counts_as_escaping():
+    c = 4
+    b = Builder(c, spatial=(4, 4))
+    one = b.conv("x", c, c, 1)
+    y = b.add(b.conv("x", c, c, 3), one)
+    then_out = helper.make_tensor_value_info("t_out", onnx.TensorProto.FLOAT, None)
+    then_g = helper.make_graph([helper.make_node("Identity", [one], ["t_out"])], "then", [], [then_out])
+    else_g = helper.make_graph([helper.make_node("Identity", [y], ["e_out"])], "else", [], [helper.make_tensor_value_info("e_out", onnx.TensorProto.FLOAT, None)])
+    b.inits.append(numpy_helper.from_array(np.array(True), "cond"))
+    z = b.node("If", ["cond"], then_branch=then_g, else_branch=else_g)
+    model = b.model(y, z, output_shapes=[[1, c, 4, 4], [1, c, 4, 4]])
+    out, report = onnxrep.optimize(model, verify=True)
+    assert report.rewritten == 0
+    assert report.passes[0].skipped_by_condition() == {"single_use": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# verification
+# --------------------------------------------------------------------------------------------
+
+
+def _perturbed(model, scale):
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    init = next(i for i in bad.graph.initializer if len(i.dims) == 4)
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[0] += scale * max(1.0, float(np.abs(arr).max()))
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    return bad
+
+
+def test_verifier_accepts_the_same_model_and_rejects_a_small_change():
+    _, model = repvgg_block()
+    assert equivalence.compare(model, model).ok
+    result = equivalence.compare(model, _perturbed(model, 1e-3))
+    assert not result.ok
+    assert result.worst().name == model.graph.output[0].name
+
+
+def test_optimize_raises_on_mismatch(monkeypatch):
+    _, model = repvgg_block()
+    real = engine.run
+
+    def broken(*a, **kw):
+        out, report = real(*a, **kw)
+        return _perturbed(out, 1e-3), report
+
+    monkeypatch.setattr(engine, "run", broken)
+    with pytest.raises(onnxrep.VerificationError, match="output '.*' differs"):
+        onnxrep.optimize(model, verify=True)
+
+
+@pytest.mark.parametrize(
+    "ref,got,ok",
+    [
+        (np.array([1.0, 2.0], np.float32), np.array([1.0, 2.0 + 1e-6], np.float32), True),
+        (np.array([1.0, 2.0], np.float32), np.array([1.0, 2.0 + 1e-4], np.float32), False),
+        (np.array([np.nan, 1.0], np.float32), np.array([np.nan, 1.0], np.float32), True),
+        (np.array([np.nan, 1.0], np.float32), np.array([0.0, 1.0], np.float32), False),
+        (np.array([np.inf, 1.0], np.float32), np.array([-np.inf, 1.0], np.float32), False),
+        (np.array([3, 4], np.int64), np.array([3, 4], np.int64), True),
+        (np.array([3, 4], np.int64), np.array([3, 5], np.int64), False),
+        (np.array([1.0, 2.0], np.float16), np.array([1.0, 2.0 + 1e-2], np.float16), True),
+        (np.zeros(3, np.float32), np.full(3, 1e-30, np.float32), False),
+        (np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32), False),
+    ],
+)
+def test_output_comparison_tolerances(ref, got, ok):
+    assert equivalence.compare_outputs("y", ref, got).ok is ok
+
+
+def test_random_inputs_fill_symbolic_dims():
+    _, model = repvgg_block(input_shape=["N", 4, "H", "W"])
+    feeds = equivalence.random_inputs(model, 0, {"H": 5})
+    assert feeds["x"].shape == (1, 4, 5, equivalence.DEFAULT_DIM)
