@@ -1,1 +1,36 @@
-"""Model builders."""
+"""Model builders: synthetic re-parameterizable CNNs in their training and deploy forms.
+
+Pure numpy + ``onnx.helper``; the deploy forms come from this package's own fusion code
+(:mod:`.builder`), never from onnxrep. Every builder takes ``deploy``, ``resolution``, ``batch``
+(an int, or a string for a symbolic batch dim), ``seed`` and ``width_scale`` and returns a checked
+opset-17 ``onnx.ModelProto`` with input ``"input"`` ``[batch, 3, resolution, resolution]`` and
+output ``"logits"`` ``[batch, 1000]``. Training and deploy forms built with the same seed hold the
+same parameters and compute the same function.
+"""
+
+from __future__ import annotations
+
+from .builder import BNParams, GraphBuilder, conv_bn, fuse_bn, identity_kernel, multi_branch, pad_center
+from .mobileone import mobileone_s0
+from .replknet import replknet_style
+from .repvgg import repvgg_a0
+
+BUILDERS = {
+    "repvgg-a0": repvgg_a0,
+    "mobileone-s0": mobileone_s0,
+    "replknet": replknet_style,
+}
+
+__all__ = [
+    "BUILDERS",
+    "BNParams",
+    "GraphBuilder",
+    "conv_bn",
+    "fuse_bn",
+    "identity_kernel",
+    "multi_branch",
+    "pad_center",
+    "mobileone_s0",
+    "replknet_style",
+    "repvgg_a0",
+]

@@ -1,7 +1,10 @@
 """Latency measurement in onnxruntime: models timed in interleaved rounds, medians and ratios.
 
-Running the models round by round (A B C A B C ...) rather than one after the other makes slow
-drift of the machine (frequency, other load) fall on all of them alike.
+Running the models round by round (A B C, B C A, C A B, ...) rather than one after the other makes
+slow drift of the machine (frequency, other load) fall on all of them alike; rotating the order
+each round keeps any one model from always running right after another (cache and thread wake-up
+effects). Worker threads block instead of spinning, so that an idle session does not take the
+cores from the one being timed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ class Timing:
     median_ms: float
     min_ms: float
     max_ms: float
+    mean_ms: float
+    stdev_ms: float
     runs: int
+
+    @staticmethod
+    def of(samples_ms: list[float]) -> "Timing":
+        s = samples_ms
+        stdev = statistics.stdev(s) if len(s) > 1 else 0.0
+        return Timing(statistics.median(s), min(s), max(s), statistics.fmean(s), stdev, len(s))
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -34,6 +45,8 @@ def session(model: onnx.ModelProto, threads: int = 2, provider: str = "CPUExecut
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
 
@@ -51,15 +64,17 @@ def interleaved_latency(
     first = next(iter(models.values()))
     feeds = random_inputs(first, seed=0, dims=dims)
     sessions = {name: session(m, threads, provider) for name, m in models.items()}
+    names = list(sessions)
     for _ in range(warmup):
         for s in sessions.values():
             s.run(None, feeds)
     times: dict[str, list[float]] = {name: [] for name in models}
     for r in range(rounds):
-        for name, s in sessions.items():
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
             t0 = time.perf_counter()
-            s.run(None, feeds)
+            sessions[name].run(None, feeds)
             times[name].append((time.perf_counter() - t0) * 1e3)
         if progress is not None:
             progress(r + 1)
-    return {n: Timing(statistics.median(t), min(t), max(t), len(t)) for n, t in times.items()}
+    return {n: Timing.of(t) for n, t in times.items()}

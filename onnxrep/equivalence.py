@@ -67,6 +67,11 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
         return ort.InferenceSession(path, opts, providers=providers)
 
 
+def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """All outputs of ``model`` on ``feeds`` (CPU, graph optimizations disabled)."""
+    return _session(model).run(None, feeds)
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are not initializers (old IR versions list weights as inputs too)."""
     inits = {i.name for i in model.graph.initializer}
