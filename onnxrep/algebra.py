@@ -57,14 +57,19 @@ def bn_affine(scale, bias, mean, var, epsilon: float) -> Affine:
     return Affine(s, as_f64(bias) - as_f64(mean) * s)
 
 
-def apply_affine(weight, bias, affine: Affine) -> tuple[np.ndarray, np.ndarray]:
+def apply_affine(weight, bias, affine: Affine, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Fold an affine map applied after a convolution into its kernel and bias.
 
-    ``s * conv(X; W, b) + t == conv(X; s[:, None, ...] * W, s * b + t)``.
+    ``s * conv(X; W, b) + t == conv(X; s[:, None, ...] * W, s * b + t)``. With ``inplace`` a
+    float64 ``weight`` is scaled where it is (no copy of a large kernel).
     """
     w = as_f64(weight)
     s = affine.scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    return w * s, affine.scale * as_f64(bias) + affine.shift
+    if inplace:
+        w *= s
+    else:
+        w = w * s
+    return w, affine.scale * as_f64(bias) + affine.shift
 
 
 def fold_bn(weight, bias, scale, bn_bias, mean, var, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +156,24 @@ def dilate_kernel(weight, dilation: Sequence[int]) -> np.ndarray:
     return out
 
 
+def _placement(kernel: Sequence[int], shape: Sequence[int], offset: Sequence[int], step: Sequence[int]) -> tuple:
+    index = [slice(None), slice(None)]
+    for size, off, st, k in zip(shape, offset, step, kernel):
+        last = off + st * (k - 1)
+        if off < 0 or last >= size:
+            raise ValueError(f"kernel of size {k} at offset {off} step {st} does not fit in {size}")
+        index.append(slice(off, last + 1, st))
+    return tuple(index)
+
+
+def add_placed(out: np.ndarray, weight, offset: Sequence[int], step: Sequence[int] | None = None) -> None:
+    """``out += place_kernel(weight, out.shape[2:], offset, step)``, in place and without the
+    intermediate zero kernel: how branch sums are accumulated."""
+    w = np.asarray(weight)
+    step = tuple(step) if step is not None else (1,) * (w.ndim - 2)
+    out[_placement(w.shape[2:], out.shape[2:], offset, step)] += w
+
+
 def place_kernel(weight, shape: Sequence[int], offset: Sequence[int], step: Sequence[int] | None = None) -> np.ndarray:
     """Place a kernel inside a larger zero kernel of spatial ``shape``.
 
@@ -160,15 +183,8 @@ def place_kernel(weight, shape: Sequence[int], offset: Sequence[int], step: Sequ
     asymmetric pads of ACNet's 1x3 and 3x1 branches.
     """
     w = as_f64(weight)
-    step = tuple(step) if step is not None else (1,) * (w.ndim - 2)
     out = np.zeros(w.shape[:2] + tuple(int(s) for s in shape), F64)
-    index = [slice(None), slice(None)]
-    for size, off, st, k in zip(shape, offset, step, w.shape[2:]):
-        last = off + st * (k - 1)
-        if off < 0 or last >= size:
-            raise ValueError(f"kernel of size {k} at offset {off} step {st} does not fit in {size}")
-        index.append(slice(off, last + 1, st))
-    out[tuple(index)] = w
+    add_placed(out, w, offset, step)
     return out
 
 

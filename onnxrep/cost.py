@@ -6,39 +6,17 @@ from dataclasses import dataclass
 from math import prod
 
 import onnx
-from onnx import helper, shape_inference
+from onnx import shape_inference
 
 from . import ops
-
-#: Initializers up to this many elements stay in the copy used for shape inference (they may be
-#: shapes that Reshape or Expand read); larger ones become typed graph inputs instead.
-_SMALL = 64
-
-
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without large weights: enough for shape inference, cheap to make."""
-    graph = model.graph
-    inputs = list(graph.input)
-    names = {i.name for i in inputs}
-    small = []
-    for init in graph.initializer:
-        n = prod(init.dims)
-        if n <= _SMALL and init.data_location != onnx.TensorProto.EXTERNAL:
-            small.append(init)
-        elif init.name not in names:
-            inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    light = helper.make_graph(list(graph.node), graph.name, inputs, list(graph.output), small, value_info=list(graph.value_info))
-    out = helper.make_model(light, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    out.functions.extend(model.functions)
-    return out
-
+from .io import skeleton
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     """Shapes of every tensor that onnx can infer: ints, strings for symbolic dims, None unknown."""
     try:
-        inferred = shape_inference.infer_shapes(_light_copy(model), strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
     except Exception:  # shape inference is advisory: an op it does not know leaves shapes unknown
-        inferred = _light_copy(model)
+        inferred = skeleton(model)
     shapes: dict[str, tuple] = {}
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):

@@ -14,7 +14,8 @@ from typing import Iterable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from . import ops
 
@@ -28,31 +29,51 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` and restore what graphsurgeon does not carry from ``original``.
+    """Write ``graph`` back into a model shaped like ``original``.
 
-    Graph input/output names, order, dtypes and shapes come from the graph (the engine never touches
-    them); opset imports, IR version, producer, model doc string, domain, version, metadata and
-    functions are copied from the original model.
+    Model fields (IR version, opsets, producer, doc strings, metadata, functions), the graph's inputs,
+    outputs and name come verbatim from ``original``: the engine never changes them, and symbolic
+    dims stay as they were. Nodes come from the graph; initializers that were not rewritten are the
+    original TensorProtos (no decoding), new ones are written straight from their arrays; value_info
+    is kept for the tensors that still exist.
     """
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = original.ir_version
-    del model.opset_import[:]
+    model = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, name, getattr(original, name))
     model.opset_import.extend(original.opset_import)
-    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(model, field, getattr(original, field))
-    del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
-    del model.functions[:]
     model.functions.extend(original.functions)
-    model.graph.name = original.graph.name
-    model.graph.doc_string = original.graph.doc_string
-    # graphsurgeon re-creates graph inputs and outputs from its tensors: take the originals verbatim
-    # so that symbolic dims, names and order are exactly as they were.
-    del model.graph.input[:]
-    model.graph.input.extend(original.graph.input)
-    del model.graph.output[:]
-    model.graph.output.extend(original.graph.output)
+    g, og = model.graph, original.graph
+    g.name, g.doc_string = og.name, og.doc_string
+    g.input.extend(og.input)
+    g.output.extend(og.output)
+    g.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+    tensors = graph.tensors()
+    for tensor in tensors.values():
+        if not isinstance(tensor, gs.Constant):
+            continue
+        values = tensor._values
+        if isinstance(values, gs.ir.tensor.SparseValues):
+            g.sparse_initializer.append(values.tensor)
+        elif isinstance(values, gs.ir.tensor.LazyValues):
+            g.initializer.append(values.tensor)
+            g.initializer[-1].name = tensor.name
+        else:
+            _write_array(g.initializer.add(), tensor.name, np.asarray(values))
+    g.value_info.extend(vi for vi in og.value_info if isinstance(tensors.get(vi.name), gs.Variable))
     return model
+
+
+def _write_array(proto: onnx.TensorProto, name: str, array: np.ndarray) -> None:
+    """Fill ``proto`` from ``array`` with a single copy of the data (little-endian raw bytes)."""
+    plain = array.dtype.kind in "fiub" and array.dtype.isnative and np.little_endian
+    if plain:
+        proto.name = name
+        proto.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        proto.dims.extend(array.shape)
+        proto.raw_data = np.ascontiguousarray(array).tobytes()
+    else:  # bfloat16, float8 and friends: let onnx encode them
+        proto.CopyFrom(numpy_helper.from_array(array, name))
 
 
 def finalize(graph: gs.Graph) -> None:
@@ -60,7 +81,20 @@ def finalize(graph: gs.Graph) -> None:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
 
+_RAW_DTYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+}
+
+
 def _tensor_proto_array(proto: onnx.TensorProto) -> np.ndarray:
+    """Decode a TensorProto; the common raw little-endian case is a read-only view of its bytes."""
+    dtype = _RAW_DTYPES.get(proto.data_type)
+    if dtype is not None and proto.HasField("raw_data") and np.little_endian:
+        return np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(proto.dims))
     return numpy_helper.to_array(proto)
 
 
@@ -81,6 +115,7 @@ class GraphView:
         self.graph = graph
         self._outputs = {id(t) for t in graph.outputs}
         self._input_names = {t.name for t in graph.inputs} | set(input_names or ())
+        self._constants: dict[int, np.ndarray | None] = {}
         self._users: dict[int, list[gs.Node]] = defaultdict(list)
         for node in graph.nodes:
             for t in node.inputs:
@@ -149,6 +184,12 @@ class GraphView:
         """
         if tensor is None:
             return None
+        key = id(tensor)
+        if key not in self._constants:
+            self._constants[key] = self._lookup_constant(tensor)
+        return self._constants[key]
+
+    def _lookup_constant(self, tensor: gs.Tensor) -> np.ndarray | None:
         tensor = self.source(tensor)
         if tensor.name in self._input_names:
             return None

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, helper
 
 from .errors import InputError, OnnxrepError, first_line
 
@@ -67,6 +67,30 @@ def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     return model, external
 
 
+#: Initializers up to this many elements stay in the copy used for shape inference (they may be
+#: shapes that Reshape or Expand read); larger ones become typed graph inputs instead.
+_SMALL = 64
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large initializers are typed graph inputs instead: enough for the
+    checker and shape inference, and cheap to make and serialize."""
+    graph = model.graph
+    inputs = list(graph.input)
+    names = {i.name for i in inputs}
+    small = []
+    for init in graph.initializer:
+        n = prod(init.dims)
+        if n <= _SMALL and init.data_location != onnx.TensorProto.EXTERNAL:
+            small.append(init)
+        elif init.name not in names:
+            inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    light = helper.make_graph(list(graph.node), graph.name, inputs, list(graph.output), small, value_info=list(graph.value_info))
+    out = helper.make_model(light, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    out.functions.extend(model.functions)
+    return out
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data the model holds (initializers, Constant nodes, subgraphs)."""
     total = 0
@@ -75,13 +99,30 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+_PACKED_4BIT = {
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1")
+    if hasattr(onnx.TensorProto, name)
+}
+
+
 def check(model: onnx.ModelProto) -> None:
-    """``onnx.checker.check_model``, through a temporary file for models of 2 GiB and more."""
-    if tensor_bytes(model) < EXTERNAL_THRESHOLD:
-        onnx.checker.check_model(model)
-        return
-    with temporary_path(model) as path:
-        onnx.checker.check_model(path)
+    """``onnx.checker.check_model`` on the model's :func:`skeleton` (no weight bytes serialized,
+    whatever the model's size), and a check that every initializer holds as many bytes as its
+    shape and type need. Raises ``onnx.checker.ValidationError``."""
+    onnx.checker.check_model(skeleton(model))
+    for init in model.graph.initializer:
+        if not init.HasField("raw_data") or init.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            continue
+        n = prod(init.dims)
+        if init.data_type in _PACKED_4BIT:
+            expected = (n + 1) // 2
+        else:
+            expected = n * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        if len(init.raw_data) != expected:
+            raise onnx.checker.ValidationError(
+                f"initializer '{init.name}' holds {len(init.raw_data)} bytes, its shape {list(init.dims)} needs {expected}"
+            )
 
 
 @contextmanager

@@ -414,14 +414,18 @@ class ParallelMerge:
         groups, grids, shape = _merged_layout(branches)
         cout, rank = shape[0], len(grids)
         dtype = view.constant(_conv_leaves(cand)[0].base.inputs[1]).dtype
-        parts = []
+        weight, bias = None, np.zeros(cout, np.float64)
         for b in branches:
-            w, bias = self._branch_kernel(b, view, cout, rank)
+            w, b_bias = self._branch_kernel(b, view, cout, rank)
             w = algebra.regroup_kernel(w, b.groups, groups)
             slots = [g.slot(t) for g, t in zip(grids, b.geometry.taps)]
-            w = algebra.place_kernel(w, [g.kernel for g in grids], [s[0] for s in slots], [s[1] for s in slots])
-            parts.append((b.leaf.sign * w, b.leaf.sign * bias))
-        weight, bias = algebra.sum_kernels(parts)
+            if weight is None and w.shape == tuple(shape):  # a full-size branch is the accumulator
+                weight = w
+            else:
+                if weight is None:
+                    weight = np.zeros(shape, np.float64)
+                algebra.add_placed(weight, w, [s[0] for s in slots], [s[1] for s in slots])
+            bias += b_bias
 
         rest = list(cand.rest)
         for tensor, sign in cand.constants:
@@ -469,9 +473,10 @@ class ParallelMerge:
 
     @staticmethod
     def _branch_kernel(b: BranchConv, view: GraphView, cout: int, rank: int):
+        """The branch as a float64 kernel and bias, its affine nodes and sign folded in."""
         leaf = b.leaf
         if leaf.kind == CONV:
-            w = algebra.as_f64(view.constant(leaf.base.inputs[1]))
+            w = np.array(view.constant(leaf.base.inputs[1]), dtype=np.float64)  # a copy we own
             bt = leaf.base.inputs[2] if len(leaf.base.inputs) > 2 else None
             bias = algebra.as_f64(view.constant(bt)) if bt is not None and bt.name else np.zeros(w.shape[0])
         elif leaf.kind == POOL:
@@ -480,7 +485,7 @@ class ParallelMerge:
         else:
             w = algebra.identity_kernel(b.cout, b.cout, rank)
             bias = np.zeros(b.cout)
-        for node in leaf.affines:
-            w, bias = algebra.apply_affine(w, bias, node_affine(node, view, cout, rank + 2))
-        return w, bias
-
+        affine = algebra.Affine(np.full(cout, leaf.sign), np.zeros(cout))
+        for node in reversed(leaf.affines):  # outermost first: sign(a_n(...a_1(conv)))
+            affine = node_affine(node, view, cout, rank + 2).then(affine)
+        return algebra.apply_affine(w, bias, affine, inplace=True)
