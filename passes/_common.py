@@ -108,6 +108,8 @@ def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int) -> Aff
         reason = bn_inference_reason(node, view)
         if reason:
             return reason
+        if len(node.inputs) < 5 or not all(view.is_constant(t) for t in node.inputs[1:5]):
+            return f"BatchNormalization '{node.name}' parameters are not constant"
         scale, bias, mean, var = (view.constant(t) for t in node.inputs[1:5])
         vecs = [per_channel(v, channels, 2) for v in (scale, bias, mean, var)]
         if any(v is None for v in vecs):
@@ -132,8 +134,8 @@ def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int) -> Aff
 
 
 def bn_inference_reason(node: gs.Node, view: GraphView) -> str | None:
-    """Why a BatchNormalization cannot be folded (training mode, extra outputs, non-constant
-    statistics, ``spatial = 0``), or None."""
+    """Why a BatchNormalization does not compute an inference-mode affine map (training mode,
+    running statistics outputs in use, ``spatial = 0``), or None."""
     if int(node.attrs.get("training_mode", 0)) != 0:
         return f"BatchNormalization '{node.name}' is in training mode"
     if int(node.attrs.get("spatial", 1)) != 1:
@@ -141,6 +143,4 @@ def bn_inference_reason(node: gs.Node, view: GraphView) -> str | None:
     for extra in node.outputs[1:]:
         if extra.name and (view.users(extra) or view.escapes(extra)):
             return f"BatchNormalization '{node.name}' has its running statistics outputs in use"
-    if len(node.inputs) < 5 or not all(view.is_constant(t) for t in node.inputs[1:5]):
-        return f"BatchNormalization '{node.name}' parameters are not constant"
     return None

@@ -218,7 +218,7 @@ def _check_bn(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
         for node in leaf.affines:
             if is_op(node, ops.BATCH_NORM):
                 reason = bn_inference_reason(node, view)
-                if reason and "not constant" not in reason:
+                if reason:
                     return reason
     return None
 
@@ -234,7 +234,7 @@ def _check_constants(cand: Candidate, view: GraphView, ctx: Context) -> str | No
             return f"Conv '{conv.name}' weight has dtype {w.dtype}"
     for leaf in cand.group:
         for node in leaf.affines:
-            if is_op(node, ops.BATCH_NORM) and not all(view.is_constant(t) for t in node.inputs[1:5]):
+            if is_op(node, ops.BATCH_NORM) and (len(node.inputs) < 5 or not all(view.is_constant(t) for t in node.inputs[1:5])):
                 return f"BatchNormalization '{node.name}' parameters are not constant"
     return None
 

@@ -292,6 +292,17 @@ def test_non_constant_weight_is_declined():
     declined(b.model(y), feeds, "constant_weights")
 
 
+def test_non_constant_bn_statistics_are_declined():
+    c = 4
+    b = Builder(c)
+    b.inputs.append(helper.make_tensor_value_info("var", onnx.TensorProto.FLOAT, [c]))
+    params = [b.const(p, "bn") for p in b.bn_params(c)]
+    bn = b.node("BatchNormalization", ["x", params[0], params[1], params[2], "var"], epsilon=1e-5)
+    y = b.add(b.conv("x", c, c, 3), bn)
+    feeds = b.feeds() | {"var": np.ones(c, np.float32)}
+    declined(b.model(y), feeds, "constant_weights")
+
+
 def test_auto_pad_same_with_dynamic_size_is_declined():
     c = 4
     b = Builder(c, input_shape=[1, c, "H", "W"])
