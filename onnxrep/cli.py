@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -179,11 +180,19 @@ def optimize(input_path, output_path, only, skip, allow_cost_increase, report_pa
         click.echo(f"verification: {verdict}; written {output_path} in {elapsed:.2f} s")
 
 
-def _verify_with_progress(a, b, seeds, dims, quiet):
+@contextmanager
+def _progress(length: int, label: str, quiet: bool = False):
+    """A progress bar on stderr when it is a terminal; yields a step callback (a no-op otherwise)."""
     if quiet or not sys.stderr.isatty():
-        return compare(a, b, seeds=seeds, dims=dims)
-    with click.progressbar(length=seeds, label="verifying", file=sys.stderr) as bar:
-        return compare(a, b, seeds=seeds, dims=dims, progress=lambda _: bar.update(1))
+        yield lambda _: None
+        return
+    with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+        yield lambda _: bar.update(1)
+
+
+def _verify_with_progress(a, b, seeds, dims, quiet):
+    with _progress(seeds, "verifying", quiet) as step:
+        return compare(a, b, seeds=seeds, dims=dims, progress=step)
 
 
 @main.command()
@@ -264,8 +273,8 @@ def demo(family, resolution, width_scale, rounds, threads, save_dir):
             io.save(m, os.path.join(save_dir, f"{family}_{name}.onnx"))
     click.echo(f"onnxruntime CPU latency, {threads} threads, {rounds} interleaved rounds:")
     models_ = {"training": train, "onnxrep": optimized, "deploy": deploy}
-    with click.progressbar(length=rounds, label="timing", file=sys.stderr) as bar:
-        timings = bench.interleaved_latency(models_, rounds=rounds, threads=threads, progress=lambda _: bar.update(1))
+    with _progress(rounds, "timing") as step:
+        timings = bench.interleaved_latency(models_, rounds=rounds, threads=threads, progress=step)
     ref = timings["deploy"].median_ms
     for name, t in timings.items():
         click.echo(f"  {name:9} median {t.median_ms:8.2f} ms   min {t.min_ms:8.2f} ms   vs deploy {t.median_ms / ref:5.2f}x")
