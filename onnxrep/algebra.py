@@ -72,6 +72,23 @@ def apply_affine(weight, bias, affine: Affine, inplace: bool = False) -> tuple[n
     return w, affine.scale * as_f64(bias) + affine.shift
 
 
+def fold_input_affine(weight, bias, affine: Affine, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Fold an affine map applied to a convolution's input into its kernel and bias.
+
+    ``conv(s * X + t; W, b) == conv(X; W', b')`` with ``W'[o, l] = W[o, l] * s[i]`` and
+    ``b'[o] = b[o] + sum_{l, taps} W[o, l] * t[i]``, where ``i = q * Cin/g + l`` is the input channel
+    that tap column ``l`` of output ``o`` (group ``q``) reads. The shift part holds only where the
+    convolution reads no zero padding (there the input would have been ``t``, not 0).
+    """
+    w = as_f64(weight)
+    cout, cin_g = w.shape[:2]
+    q = np.arange(cout) // (cout // groups)
+    channel = q[:, None] * cin_g + np.arange(cin_g)[None, :]
+    spatial = (1,) * (w.ndim - 2)
+    b = as_f64(bias) + np.einsum("oik,oi->o", w.reshape(cout, cin_g, -1), affine.shift[channel])
+    return w * affine.scale[channel].reshape(channel.shape + spatial), b
+
+
 def fold_bn(weight, bias, scale, bn_bias, mean, var, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
     """Fold ``BN(conv(X; W, b))`` into one convolution (``torch.nn.utils.fusion`` formula).
 

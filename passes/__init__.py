@@ -18,4 +18,4 @@ def register(cls: type) -> type:
     return cls
 
 
-from . import parallel_merge  # noqa: E402,F401  (registers itself)
+from . import affine_fold, parallel_merge  # noqa: E402,F401  (each registers itself)

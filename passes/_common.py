@@ -144,3 +144,75 @@ def bn_inference_reason(node: gs.Node, view: GraphView) -> str | None:
         if extra.name and (view.users(extra) or view.escapes(extra)):
             return f"BatchNormalization '{node.name}' has its running statistics outputs in use"
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Conv nodes
+# --------------------------------------------------------------------------------------------
+
+
+def conv_constants_reason(conv: gs.Node, view: GraphView) -> str | None:
+    """Why a Conv's weight or bias is not a usable constant, or None."""
+    for t in conv.inputs[1:3]:
+        if t is not None and t.name and not view.is_constant(t):
+            return f"Conv '{conv.name}' input '{t.name}' is not a constant"
+    w = view.constant(conv.inputs[1])
+    if w.dtype.kind != "f" and str(w.dtype) != "bfloat16":
+        return f"Conv '{conv.name}' weight has dtype {w.dtype}"
+    return None
+
+
+def conv_params(conv: gs.Node, view: GraphView) -> tuple[np.ndarray, np.ndarray]:
+    """A Conv's weight (a float64 copy the caller owns) and bias (zeros when it has none)."""
+    w = np.array(view.constant(conv.inputs[1]), dtype=np.float64)
+    bt = conv.inputs[2] if len(conv.inputs) > 2 else None
+    bias = as_f64(view.constant(bt)) if bt is not None and bt.name else np.zeros(w.shape[0])
+    return w, bias
+
+
+def conv_weight(conv: gs.Node, view: GraphView) -> np.ndarray:
+    return view.constant(conv.inputs[1])
+
+
+def conv_groups(conv: gs.Node) -> int:
+    return int(conv.attrs.get("group", 1))
+
+
+def conv_geometry(conv: gs.Node, view: GraphView, input_shape: tuple | None) -> Geometry | str:
+    kernel = tuple(conv_weight(conv, view).shape[2:])
+    ks = conv.attrs.get("kernel_shape")
+    if ks is not None and tuple(int(v) for v in ks) != kernel:
+        return f"Conv '{conv.name}' kernel_shape disagrees with its weight"
+    return window_geometry(conv, kernel, input_shape)
+
+
+def has_padding(geo: Geometry) -> bool:
+    """True when some axis reads outside the input (pads on either side)."""
+    return any(t.first != 0 or t.excess != -(t.count - 1) * t.step for t in geo.taps)
+
+
+def conv_spec(ctx, name: str, x: gs.Tensor, weight: np.ndarray, bias: np.ndarray, dtype, out: gs.Tensor,
+              groups: int, strides, taps_or_grid) -> "NewNode":
+    """A Conv NewNode with constants for ``weight`` / ``bias`` cast to ``dtype``.
+
+    ``taps_or_grid``: per-axis :class:`AxisTaps` (pads and dilation taken from them) or
+    :class:`AxisGrid` objects."""
+    from onnxrep.algebra import AxisGrid
+    from onnxrep.rewrite import NewNode
+
+    if taps_or_grid and isinstance(taps_or_grid[0], AxisGrid):
+        pads = [g.pad_begin for g in taps_or_grid] + [g.pad_end for g in taps_or_grid]
+        dil = [g.dilation for g in taps_or_grid]
+    else:
+        pads = [-t.first for t in taps_or_grid] + [t.excess + t.step * (t.count - 1) + t.first for t in taps_or_grid]
+        dil = [t.step if t.count > 1 else 1 for t in taps_or_grid]
+    w = ctx.constant(f"{name}.weight", weight.astype(dtype))
+    b = ctx.constant(f"{name}.bias", bias.astype(dtype))
+    attrs = {
+        "group": int(groups),
+        "kernel_shape": list(weight.shape[2:]),
+        "strides": [int(s) for s in strides],
+        "dilations": dil,
+        "pads": pads,
+    }
+    return NewNode(ops.CONV, ctx.fresh_name(f"{name}/conv"), attrs, [x, w, b], [out])

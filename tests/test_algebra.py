@@ -179,3 +179,14 @@ def test_sum_of_placed_kernels_equals_sum_of_convs(branches, seed):
     )
     assert got.shape == expect.shape
     close(got, expect)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_fold_input_affine_matches_conv_of_affine_input(rng, groups):
+    cin, cout = 6, 12
+    x = rng.standard_normal((2, cin, 5, 6))
+    w, b = rng.standard_normal((cout, cin // groups, 3, 3)), rng.standard_normal(cout)
+    aff = Affine(rng.standard_normal(cin), rng.standard_normal(cin))
+    xs = x * aff.scale[None, :, None, None] + aff.shift[None, :, None, None]
+    wf, bf = algebra.fold_input_affine(w, b, aff, groups)
+    close(conv_ref(x, wf, bf, groups=groups), conv_ref(xs, w, b, groups=groups))
