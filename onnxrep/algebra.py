@@ -279,6 +279,45 @@ def merge_groups(groups: Sequence[int]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Sequential composition
+# --------------------------------------------------------------------------------------------
+
+
+def compose_pointwise_first(w1, b1, w2, b2, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``conv(conv(X; W1, b1); W2, b2)`` as one conv, ``W1`` a 1x1 conv with stride 1 and no pads.
+
+    Both kernels in ``groups`` groups (see :func:`regroup_kernel`); per group ``q``:
+    ``W[o, i, k] = sum_m W2[o, m, k] W1[m, i]`` and ``b[o] = b2[o] + sum_{m, k} W2[o, m, k] b1[m]``,
+    with the second conv's geometry. The bias term counts every tap: exact when the second conv reads
+    no zero padding, or when its padding ring holds ``b1`` (the first conv's response to zeros).
+    """
+    w1, w2 = as_f64(w1), as_f64(w2)
+    m, cin_g = w1.shape[:2]
+    cout, m_g = w2.shape[:2]
+    w1g = w1.reshape(groups, m // groups, cin_g)
+    w2g = w2.reshape(groups, cout // groups, m_g, -1)
+    w = np.einsum("gomk,gmi->goik", w2g, w1g).reshape((cout, cin_g) + w2.shape[2:])
+    b = as_f64(b2) + np.einsum("gomk,gm->go", w2g, as_f64(b1).reshape(groups, m_g)).reshape(cout)
+    return w, b
+
+
+def compose_pointwise_last(w1, b1, w2, b2, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``conv(conv(X; W1, b1); W2, b2)`` as one conv, ``W2`` a 1x1 conv with stride 1 and no pads.
+
+    Both in ``groups`` groups; per group: ``W[o, i, k] = sum_m W2[o, m] W1[m, i, k]``,
+    ``b = b2 + W2 b1``, with the first conv's geometry. Always exact.
+    """
+    w1, w2 = as_f64(w1), as_f64(w2)
+    m, cin_g = w1.shape[:2]
+    cout, m_g = w2.shape[:2]
+    w1g = w1.reshape(groups, m // groups, cin_g, -1)
+    w2g = w2.reshape(groups, cout // groups, m_g)
+    w = np.einsum("gom,gmik->goik", w2g, w1g).reshape((cout, cin_g) + w1.shape[2:])
+    b = as_f64(b2) + np.einsum("gom,gm->go", w2g, as_f64(b1).reshape(groups, m_g)).reshape(cout)
+    return w, b
+
+
+# --------------------------------------------------------------------------------------------
 # Sums and cost
 # --------------------------------------------------------------------------------------------
 

@@ -125,7 +125,7 @@ def run(
     cost_before = model_cost(model, shapes)
     graph = import_model(model)
     input_names = {i.name for i in model.graph.input}
-    ctx = Context(options, shapes=shapes, taken_names=_all_names(graph))
+    ctx = Context(options, shapes=shapes, taken_names=_all_names(graph), opsets=list(model.opset_import))
     reports = {p.name: PassReport(p.name) for p in selected}
     rounds = 0
     for rounds in range(1, MAX_ROUNDS + 1):

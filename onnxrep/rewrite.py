@@ -33,6 +33,7 @@ class Context:
     options: Options
     shapes: dict[str, tuple] = field(default_factory=dict)
     taken_names: set[str] = field(default_factory=set)
+    opsets: list = field(default_factory=list)  # the model's opset imports
 
     def shape(self, tensor: gs.Tensor) -> tuple | None:
         """Static shape of ``tensor`` if known (ints, or strings for symbolic dims), else None."""

@@ -113,7 +113,7 @@ class BranchConv:
 # --------------------------------------------------------------------------------------------
 
 
-def _sum_tree(root: gs.Node, view: GraphView):
+def sum_tree(root: gs.Node, view: GraphView):
     """Expand the Add/Sub tree under ``root``: (inner nodes, [(term tensor, sign)])."""
     nodes, terms = [], []
     stack = [(root, 1.0)]
@@ -136,7 +136,7 @@ def _only_read_by(tensor: gs.Tensor, node: gs.Node, view: GraphView) -> bool:
     return bool(users) and not view.escapes(tensor) and all(u is node for u in users)
 
 
-def _is_root(node: gs.Node, view: GraphView) -> bool:
+def is_root(node: gs.Node, view: GraphView) -> bool:
     out = node.outputs[0]
     users = view.users(out)
     return not (
@@ -144,7 +144,7 @@ def _is_root(node: gs.Node, view: GraphView) -> bool:
     )
 
 
-def _leaf(tensor: gs.Tensor, sign: float, view: GraphView) -> Leaf:
+def decompose_leaf(tensor: gs.Tensor, sign: float, view: GraphView) -> Leaf:
     affines: list[gs.Node] = []
     cur = tensor
     while True:
@@ -382,15 +382,15 @@ class ParallelMerge:
 
     def match(self, view: GraphView):
         for root in view.graph.nodes:
-            if not is_op(root, *ops.SUM_OPS) or len(root.inputs) != 2 or not _is_root(root, view):
+            if not is_op(root, *ops.SUM_OPS) or len(root.inputs) != 2 or not is_root(root, view):
                 continue
-            tree, terms = _sum_tree(root, view)
+            tree, terms = sum_tree(root, view)
             leaves, constants = [], []
             for tensor, sign in terms:
                 if view.is_constant(tensor):
                     constants.append((tensor, sign))
                 else:
-                    leaves.append(_leaf(tensor, sign, view))
+                    leaves.append(decompose_leaf(tensor, sign, view))
             by_x: dict[int, list[Leaf]] = {}
             for leaf in leaves:
                 by_x.setdefault(id(leaf.x), []).append(leaf)

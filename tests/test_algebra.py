@@ -190,3 +190,40 @@ def test_fold_input_affine_matches_conv_of_affine_input(rng, groups):
     xs = x * aff.scale[None, :, None, None] + aff.shift[None, :, None, None]
     wf, bf = algebra.fold_input_affine(w, b, aff, groups)
     close(conv_ref(x, wf, bf, groups=groups), conv_ref(xs, w, b, groups=groups))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("kernel,stride,pads", [((3, 3), 1, (0,) * 4), ((3, 1), 2, (0,) * 4), ((1, 1), 1, (0,) * 4)])
+def test_compose_pointwise_first(rng, groups, kernel, stride, pads):
+    cin, mid, cout = 8, 12, 4
+    x = rng.standard_normal((1, cin, 7, 6))
+    w1, b1 = rng.standard_normal((mid, cin // groups, 1, 1)), rng.standard_normal(mid)
+    w2, b2 = rng.standard_normal((cout, mid // groups) + kernel), rng.standard_normal(cout)
+    expect = conv_ref(conv_ref(x, w1, b1, groups=groups), w2, b2, strides=(stride,) * 2, pads=pads, groups=groups)
+    w, b = algebra.compose_pointwise_first(w1, b1, w2, b2, groups)
+    close(conv_ref(x, w, b, strides=(stride,) * 2, pads=pads, groups=groups), expect)
+
+
+def test_compose_pointwise_first_with_bias_ring_equals_padded_second_conv(rng):
+    """The DBB identity: a padded second conv whose ring holds b1 is the merged conv with pads."""
+    x = rng.standard_normal((1, 3, 5, 5))
+    w1, b1 = rng.standard_normal((4, 3, 1, 1)), rng.standard_normal(4)
+    w2, b2 = rng.standard_normal((2, 4, 3, 3)), rng.standard_normal(2)
+    y1 = conv_ref(x, w1, b1)
+    ring = np.broadcast_to(b1[None, :, None, None], (1, 4, 7, 7)).copy()
+    ring[:, :, 1:-1, 1:-1] = y1
+    w, b = algebra.compose_pointwise_first(w1, b1, w2, b2)
+    close(conv_ref(x, w, b, pads=(1,) * 4), conv_ref(ring, w2, b2))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("kernel,stride,pads,dilation", [((3, 3), 1, (1,) * 4, 1), ((5, 3), 2, (2, 1, 1, 0), 1), ((3, 3), 1, (2,) * 4, 2)])
+def test_compose_pointwise_last(rng, groups, kernel, stride, pads, dilation):
+    cin, mid, cout = 8, 12, 4
+    x = rng.standard_normal((1, cin, 9, 8))
+    w1, b1 = rng.standard_normal((mid, cin // groups) + kernel), rng.standard_normal(mid)
+    w2, b2 = rng.standard_normal((cout, mid // groups, 1, 1)), rng.standard_normal(cout)
+    geo = dict(strides=(stride,) * 2, pads=pads, dilations=(dilation,) * 2)
+    expect = conv_ref(conv_ref(x, w1, b1, groups=groups, **geo), w2, b2, groups=groups)
+    w, b = algebra.compose_pointwise_last(w1, b1, w2, b2, groups)
+    close(conv_ref(x, w, b, groups=groups, **geo), expect)

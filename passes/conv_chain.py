@@ -1,0 +1,341 @@
+"""Conv chain: two convolutions in a row, nothing nonlinear between them, become one Conv.
+
+Pattern. ``Conv1 -> Conv2`` (Conv2 may be an AveragePool, a depthwise conv with a ``1/|k|`` kernel)
+where Conv1's output is read by nothing else; or ``Conv1 -> ring -> Conv2`` where ``ring`` pads
+Conv1's output and fills the border with one value per channel (DBB's BNAndPadLayer; see
+:mod:`onnxrep.passes._ring`). Covers DBB's 1x1->kxk and 1x1->avg branches, ResRep's compactor
+after a conv, pointwise pairs (1x1 C->4C -> 1x1 4C->C of a depth-pruned ConvNeXt block), and their
+grouped forms.
+
+Algebra (:func:`onnxrep.algebra.compose_pointwise_first` / ``compose_pointwise_last``). Both
+kernels are brought to the grouping ``G = gcd(g1, g2)``. With Conv1 a 1x1 (stride 1, no pads) the
+merged conv has Conv2's geometry and ``W = W2 . W1``, ``b = b2 + sum W2 b1``; with Conv2 a 1x1
+(stride 1, no pads) it has Conv1's geometry and ``W = W2 . W1``, ``b = b2 + W2 b1``. A ring of pads
+``p`` moves to the front: the merged conv pads its input by ``p`` (plus Conv2's own pads).
+
+Exactness conditions (checked in this order):
+  1. ``constant_weights``  both weights and biases are constants.
+  2. ``static_geometry``   both convs' pads are known (SAME needs a static input size).
+  3. ``avgpool_exact``     an AveragePool counts its padding and has ceil_mode=0.
+  4. ``pointwise``         Conv1 or Conv2 is a 1x1 with stride 1 and no pads (with a ring: Conv1).
+  5. ``ring``              the nodes between the convs form a padding ring whose value per channel
+                           equals Conv1's bias (its response to a zero input) within 4 ulps.
+  6. ``border``            when Conv1 comes first, Conv2 pads with zeros, and Conv1's bias is not
+                           zero, the merge would put ``b1`` where Conv2 read zeros: skipped.
+  7. ``single_use``        Conv1's output (and every tensor of a ring) is read by nothing else.
+  8. ``cost``              the merged conv has no more MACs per output and no more weights than
+                           the two (a depthwise kxk -> dense 1x1 would densify). Not charged: a
+                           chain whose result is a branch of a sum that also holds a Conv of the
+                           same input with at least the merged kernel, which parallel-merge absorbs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxrep import algebra, ops
+from onnxrep.algebra import AxisTaps
+from onnxrep.graph import GraphView
+from onnxrep.rewrite import Context, Decline, Match, Plan, run_checks
+
+from . import _ring, register
+from ._common import (
+    Geometry,
+    affine_data_input,
+    conv_constants_reason,
+    conv_geometry,
+    conv_groups,
+    conv_params,
+    conv_spec,
+    conv_weight,
+    has_padding,
+    is_op,
+    window_geometry,
+)
+from .parallel_merge import CONV as LEAF_CONV
+from .parallel_merge import decompose_leaf, is_root, sum_tree
+
+FIRST, LAST = "pointwise-first", "pointwise-last"
+
+
+@dataclass
+class Candidate:
+    conv1: gs.Node
+    node2: gs.Node  # Conv or AveragePool
+    between: gs.Tensor  # conv1's output
+    ring_nodes: list[gs.Node] = field(default_factory=list)  # empty: a plain chain
+    ring_region: list[gs.Node] | None = None
+
+    @property
+    def has_ring(self) -> bool:
+        return self.ring_region is not None
+
+
+def _is_pool(node: gs.Node) -> bool:
+    return is_op(node, ops.AVERAGE_POOL)
+
+
+def _x(c: Candidate, view: GraphView) -> gs.Tensor:
+    return view.source(c.conv1.inputs[0])
+
+
+def _channels(c: Candidate, view: GraphView) -> int:
+    return int(conv_weight(c.conv1, view).shape[0])
+
+
+def _geometry2(c: Candidate, view: GraphView, ctx: Context) -> Geometry | str:
+    inp = view.source(c.node2.inputs[0])
+    if _is_pool(c.node2):
+        return window_geometry(c.node2, tuple(int(v) for v in c.node2.attrs["kernel_shape"]), ctx.shape(inp))
+    return conv_geometry(c.node2, view, ctx.shape(inp))
+
+
+def _geometry1(c: Candidate, view: GraphView, ctx: Context) -> Geometry | str:
+    return conv_geometry(c.conv1, view, ctx.shape(_x(c, view)))
+
+
+def _second(c: Candidate, view: GraphView) -> tuple[np.ndarray, np.ndarray, int]:
+    """Conv2 (or the pool as a depthwise conv) as (float64 weight, bias, groups)."""
+    if _is_pool(c.node2):
+        ch = _channels(c, view)
+        return algebra.avgpool_kernel(ch, [int(v) for v in c.node2.attrs["kernel_shape"]]), np.zeros(ch), ch
+    w, b = conv_params(c.node2, view)
+    return w, b, conv_groups(c.node2)
+
+
+def _is_pointwise(geo: Geometry) -> bool:
+    return all(t.count == 1 for t in geo.taps) and all(s == 1 for s in geo.strides) and not has_padding(geo)
+
+
+def _mode(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if _is_pointwise(_geometry1(c, view, ctx)):
+        return FIRST
+    if not c.has_ring and _is_pointwise(_geometry2(c, view, ctx)):
+        return LAST
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_constants(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    for node in (c.conv1, c.node2):
+        if is_op(node, ops.CONV):
+            reason = conv_constants_reason(node, view)
+            if reason:
+                return reason
+    return None
+
+
+def _check_geometry(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    for geo in (_geometry1(c, view, ctx), _geometry2(c, view, ctx)):
+        if isinstance(geo, str):
+            return geo
+    return None
+
+
+def _check_pool(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if not _is_pool(c.node2):
+        return None
+    if int(c.node2.attrs.get("ceil_mode", 0)) != 0:
+        return f"AveragePool '{c.node2.name}' has ceil_mode=1"
+    if int(c.node2.attrs.get("count_include_pad", 0)) != 1 and has_padding(_geometry2(c, view, ctx)):
+        return f"AveragePool '{c.node2.name}' pads without count_include_pad=1"
+    return None
+
+
+def _check_pointwise(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if _mode(c, view, ctx) is None:
+        if c.has_ring:
+            return f"Conv '{c.conv1.name}' before the padding ring is not a 1x1 with stride 1 and no pads"
+        return "neither conv is a 1x1 with stride 1 and no pads"
+    return None
+
+
+def _candidate_ring(c: Candidate, view: GraphView, ctx: Context):
+    y = view.source(c.node2.inputs[0])
+    return _ring.analyze(view, c.between, y, ctx.shape(c.between), ctx.opsets)
+
+
+def _check_ring(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if not c.has_ring:
+        return None
+    if isinstance(c.ring_region, str):
+        return c.ring_region
+    ring = _candidate_ring(c, view, ctx)
+    if isinstance(ring, str):
+        return ring
+    _, b1 = conv_params(c.conv1, view)
+    dtype = conv_weight(c.conv1, view).dtype
+    tol = 4 * np.spacing(np.maximum(np.abs(ring.values), np.abs(b1)).astype(dtype)).astype(np.float64)
+    if np.any(np.abs(ring.values - b1) > tol):
+        worst = int(np.argmax(np.abs(ring.values - b1) - tol))
+        return (
+            f"the padding ring holds {ring.values[worst]:.7g} on channel {worst}, not the bias "
+            f"{b1[worst]:.7g} of Conv '{c.conv1.name}'"
+        )
+    return None
+
+
+def _check_border(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if _mode(c, view, ctx) != FIRST or not has_padding(_geometry2(c, view, ctx)):
+        return None
+    _, b1 = conv_params(c.conv1, view)
+    if np.any(b1 != 0):
+        return (
+            f"'{c.node2.name}' pads with zeros where the merged conv would see the bias of "
+            f"'{c.conv1.name}' (no padding ring)"
+        )
+    return None
+
+
+def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    inside = {id(n) for n in c.ring_nodes} | {id(c.node2)}
+    tensors = [c.between] + [o for n in c.ring_nodes for o in n.outputs]
+    for t in tensors:
+        if view.escapes(t):
+            return f"tensor '{t.name}' is a graph output"
+        outside = [u for u in view.users(t) if id(u) not in inside]
+        if outside:
+            return f"tensor '{t.name}' is also read by '{outside[0].name}' ({outside[0].op})"
+    return None
+
+
+def _layout(c: Candidate, view: GraphView, ctx: Context):
+    """(groups, merged weight shape) without computing the weights."""
+    w1 = conv_weight(c.conv1, view)
+    g1 = conv_groups(c.conv1)
+    if _is_pool(c.node2):
+        ch = _channels(c, view)
+        shape2, g2 = (ch, 1) + tuple(int(v) for v in c.node2.attrs["kernel_shape"]), ch
+    else:
+        shape2, g2 = conv_weight(c.node2, view).shape, conv_groups(c.node2)
+    groups = algebra.merge_groups([g1, g2])
+    cin = w1.shape[1] * g1
+    kernel = shape2[2:] if _mode(c, view, ctx) == FIRST else w1.shape[2:]
+    return groups, (shape2[0], cin // groups) + tuple(kernel), w1.shape, shape2, g2
+
+
+def _absorbed_by_sum(c: Candidate, view: GraphView, shape: tuple, groups: int) -> bool:
+    """Whether the chain's result is a branch of a sum that holds a Conv of the same input whose
+    kernel already covers the merged one (parallel-merge then takes it in at no extra cost)."""
+    out = c.node2.outputs[0]
+    while True:
+        users = view.users(out)
+        if len(users) != 1 or view.escapes(out):
+            return False
+        node = users[0]
+        if is_op(node, *ops.SUM_OPS):
+            break
+        if affine_data_input(node, view) is None:
+            return False
+        out = node.outputs[0]
+    while not is_root(node, view):
+        node = view.users(node.outputs[0])[0]
+    _, terms = sum_tree(node, view)
+    x = _x(c, view)
+    for tensor, sign in terms:
+        leaf = decompose_leaf(tensor, sign, view)
+        if leaf.kind != LEAF_CONV or leaf.x is not x or leaf.base is c.node2 or not view.is_constant(leaf.base.inputs[1]):
+            continue
+        w = conv_weight(leaf.base, view)
+        if (
+            w.shape[0] == shape[0]
+            and groups % conv_groups(leaf.base) == 0
+            and all(k >= m for k, m in zip(w.shape[2:], shape[2:]))
+        ):
+            return True
+    return False
+
+
+def _check_cost(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if ctx.options.allow_cost_increase:
+        return None
+    groups, shape, shape1, shape2, _ = _layout(c, view, ctx)
+    geo2 = _geometry2(c, view, ctx)
+    first_rate = prod(geo2.strides) if _mode(c, view, ctx) == FIRST else 1  # conv1 positions per output
+    macs = prod(shape1) * first_rate + prod(shape2)
+    params = prod(shape1) + (0 if _is_pool(c.node2) else prod(shape2))
+    merged = prod(shape)
+    if merged <= macs and merged <= params:
+        return None
+    if _absorbed_by_sum(c, view, shape, groups):
+        return None
+    return (
+        f"merged kernel {list(shape)} costs {merged} MACs/weights per output position against "
+        f"{macs} MACs and {params} weights in the two"
+    )
+
+
+CONDITIONS = [
+    ("constant_weights", _check_constants),
+    ("static_geometry", _check_geometry),
+    ("avgpool_exact", _check_pool),
+    ("pointwise", _check_pointwise),
+    ("ring", _check_ring),
+    ("border", _check_border),
+    ("single_use", _check_single_use),
+    ("cost", _check_cost),
+]
+
+
+@register
+class ConvChain:
+    name = "conv-chain"
+    summary = "Conv -> Conv (or AveragePool), one of them 1x1, optionally across a padding ring -> one Conv"
+
+    def match(self, view: GraphView):
+        for node2 in view.graph.nodes:
+            if not (is_op(node2, ops.CONV) and len(node2.inputs) >= 2) and not _is_pool(node2):
+                continue
+            y = view.source(node2.inputs[0])
+            prev = view.producer(y)
+            if is_op(prev, ops.CONV) and len(prev.inputs) >= 2:
+                yield Match(f"{prev.name}->{node2.name}", [prev, node2], Candidate(prev, node2, y))
+                continue
+            a = _ring.select_chain_source(view, y)
+            conv1 = view.producer(a) if a is not None else None
+            if not (is_op(conv1, ops.CONV) and len(conv1.inputs) >= 2):
+                continue
+            region = _ring.region(view, a, y)
+            ring_nodes = region if isinstance(region, list) else []
+            cand = Candidate(conv1, node2, a, ring_nodes, region)
+            yield Match(f"{conv1.name}->ring->{node2.name}", [conv1, node2, *ring_nodes], cand)
+
+    def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:
+        return run_checks(CONDITIONS, match.data, view, ctx)
+
+    def rewrite(self, match: Match, view: GraphView, ctx: Context) -> Plan:
+        c: Candidate = match.data
+        mode = _mode(c, view, ctx)
+        groups, _, _, _, g2 = _layout(c, view, ctx)
+        w1, b1 = conv_params(c.conv1, view)
+        w2, b2, _ = _second(c, view)
+        w1 = algebra.regroup_kernel(w1, conv_groups(c.conv1), groups)
+        w2 = algebra.regroup_kernel(w2, g2, groups)
+        if mode == FIRST:
+            w, b = algebra.compose_pointwise_first(w1, b1, w2, b2, groups)
+            geo = _geometry2(c, view, ctx)
+            taps = list(geo.taps)
+            if c.has_ring:
+                pads = _candidate_ring(c, view, ctx).pads
+                rank = len(taps)
+                taps = [
+                    AxisTaps(t.first - pads[i], t.step, t.count, t.excess + pads[i] + pads[i + rank])
+                    for i, t in enumerate(taps)
+                ]
+        else:
+            w, b = algebra.compose_pointwise_last(w1, b1, w2, b2, groups)
+            geo = _geometry1(c, view, ctx)
+            taps = list(geo.taps)
+        dtype = conv_weight(c.conv1, view).dtype
+        target = c.node2.outputs[0]
+        node = conv_spec(ctx, c.node2.name or "chain", c.conv1.inputs[0], w, b, dtype, target, groups, geo.strides, taps)
+        ring = " across a padding ring" if c.has_ring else ""
+        return Plan(target, [node], f"{c.conv1.name} -> {c.node2.name}{ring} -> Conv {list(w.shape)} group={groups}")
