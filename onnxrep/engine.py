@@ -107,6 +107,8 @@ def _all_names(graph: gs.Graph) -> set[str]:
 
 def _apply(graph: gs.Graph, plan: Plan) -> None:
     plan.target.inputs.clear()
+    if plan.constant is not None:
+        plan.target.to_constant(plan.constant)
     for spec in plan.nodes:
         graph.nodes.append(gs.Node(spec.op, spec.name, spec.attrs, list(spec.inputs), list(spec.outputs)))
 
@@ -136,7 +138,7 @@ def run(
             view = GraphView(graph, input_names)
             claimed: set[int] = set()
             plans: list[tuple[str, Plan]] = []
-            for match in p.match(view):
+            for match in p.match(view, ctx):
                 decline = p.check(match, view, ctx)
                 if decline is not None:
                     rep.skipped[match.key] = str(decline)

@@ -1,6 +1,6 @@
 """The three stages every pass goes through: match -> check -> rewrite.
 
-* ``match(view)`` finds candidates structurally and returns :class:`Match` objects; it never
+* ``match(view, ctx)`` finds candidates structurally and returns :class:`Match` objects; it never
   changes the graph.
 * ``check(match, view, ctx)`` runs named exactness and cost conditions in order; the first that
   fails declines the candidate with a :class:`Decline` (condition name + reason).
@@ -96,6 +96,7 @@ class Plan:
     target: gs.Variable
     nodes: list[NewNode]
     summary: str = ""
+    constant: np.ndarray | None = None  # instead of nodes: ``target`` becomes this initializer
 
 
 Condition = Callable[..., "str | None"]
@@ -105,7 +106,7 @@ class Pass(Protocol):
     name: str
     summary: str
 
-    def match(self, view: GraphView) -> Iterable[Match]: ...
+    def match(self, view: GraphView, ctx: Context) -> Iterable[Match]: ...
 
     def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None: ...
 

@@ -18,9 +18,9 @@ def register(cls: type) -> type:
     return cls
 
 
-from . import affine_fold, conv_chain, parallel_merge  # noqa: E402,F401  (each registers itself)
+from . import affine_fold, constant_fold, conv_chain, parallel_merge  # noqa: E402,F401  (each registers itself)
 
 #: Default run order: weights computed from constants first, then single-conv folds, then chains,
 #: then sums (every pass runs to the fixed point, so the order only saves rounds).
-ORDER = ["affine-fold", "conv-chain", "parallel-merge"]
+ORDER = ["constant-fold", "affine-fold", "conv-chain", "parallel-merge"]
 REGISTRY = {name: REGISTRY[name] for name in ORDER + [n for n in REGISTRY if n not in ORDER]}

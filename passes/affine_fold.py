@@ -139,7 +139,7 @@ class AffineFold:
     name = "affine-fold"
     summary = "per-channel BN / Mul / Div / Add / Sub by constants before or after a Conv -> into the Conv"
 
-    def match(self, view: GraphView):
+    def match(self, view: GraphView, ctx: Context):
         for conv in view.graph.nodes:
             if not is_op(conv, ops.CONV) or len(conv.inputs) < 2:
                 continue

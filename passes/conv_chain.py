@@ -290,7 +290,7 @@ class ConvChain:
     name = "conv-chain"
     summary = "Conv -> Conv (or AveragePool), one of them 1x1, optionally across a padding ring -> one Conv"
 
-    def match(self, view: GraphView):
+    def match(self, view: GraphView, ctx: Context):
         for node2 in view.graph.nodes:
             if not (is_op(node2, ops.CONV) and len(node2.inputs) >= 2) and not _is_pool(node2):
                 continue

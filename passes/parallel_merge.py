@@ -380,7 +380,7 @@ class ParallelMerge:
     name = "parallel-merge"
     summary = "sum of Conv / BN / identity / AveragePool branches of one tensor -> one Conv"
 
-    def match(self, view: GraphView):
+    def match(self, view: GraphView, ctx: Context):
         for root in view.graph.nodes:
             if not is_op(root, *ops.SUM_OPS) or len(root.inputs) != 2 or not is_root(root, view):
                 continue
