@@ -11,14 +11,20 @@ same parameters and compute the same function.
 from __future__ import annotations
 
 from .builder import BNParams, GraphBuilder, conv_bn, fuse_bn, identity_kernel, multi_branch, pad_center
+from .dbb import dbb_resnet18
+from .fastvit import fastvit_style
 from .mobileone import mobileone_s0
 from .replknet import replknet_style
 from .repvgg import repvgg_a0
+from .resrep import resrep_style
 
 BUILDERS = {
     "repvgg-a0": repvgg_a0,
     "mobileone-s0": mobileone_s0,
     "replknet": replknet_style,
+    "fastvit": fastvit_style,
+    "dbb-resnet18": dbb_resnet18,
+    "resrep": resrep_style,
 }
 
 __all__ = [
@@ -30,7 +36,10 @@ __all__ = [
     "identity_kernel",
     "multi_branch",
     "pad_center",
+    "dbb_resnet18",
+    "fastvit_style",
     "mobileone_s0",
     "replknet_style",
     "repvgg_a0",
+    "resrep_style",
 ]

@@ -175,6 +175,25 @@ class GraphBuilder:
             acc = self.add(acc, t, f"{name}{i}" if len(terms) > 2 else name)
         return acc
 
+    def node(self, op: str, inputs: Sequence[str], name: str | None = None, **attrs) -> str:
+        """Any single-output node (``name`` defaults to the op type)."""
+        return self._node(op, name or op.lower(), inputs, **attrs)
+
+    def sub(self, a: str, b: str, name: str = "sub") -> str:
+        return self._node("Sub", name, [a, b])
+
+    def mul(self, a: str, b: str, name: str = "mul") -> str:
+        return self._node("Mul", name, [a, b])
+
+    def max_pool(self, x: str, k: int, stride: int, pad: int, name: str = "maxpool") -> str:
+        return self._node("MaxPool", name, [x], kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4)
+
+    def average_pool(self, x: str, k: int, stride: int, pad: int = 0, name: str = "avgpool") -> str:
+        return self._node(
+            "AveragePool", name, [x], kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4,
+            count_include_pad=1, ceil_mode=0,
+        )
+
     def global_average_pool(self, x: str, name: str = "gap") -> str:
         return self._node("GlobalAveragePool", name, [x])
 
@@ -285,3 +304,9 @@ def conv_bn(b: GraphBuilder, x: str, cin: int, cout: int, k: int, stride: int = 
 
 def scaled(width: int, width_scale: float, minimum: int = 8) -> int:
     return max(minimum, int(round(width * width_scale)))
+
+
+def conv_out(size: int, k: int, stride: int = 1, pad: int | None = None) -> int:
+    """Spatial output size of a conv or pool (``ceil_mode=0``); ``pad`` defaults to ``k // 2``."""
+    p = k // 2 if pad is None else pad
+    return (size + 2 * p - k) // stride + 1
