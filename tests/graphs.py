@@ -69,6 +69,7 @@ class Builder:
         shape = input_shape if input_shape is not None else [batch, channels, *spatial]
         self.inputs = [helper.make_tensor_value_info("x", self.elem, shape)]
         self.channels = channels
+        self.spatial = tuple(spatial)
         self._n = 0
 
     def name(self, base: str) -> str:
@@ -78,6 +79,11 @@ class Builder:
     def const(self, values, base="c") -> str:
         name = self.name(base)
         self.inits.append(numpy_helper.from_array(np.asarray(values).astype(self.dtype), name))
+        return name
+
+    def const_int(self, values, base="i") -> str:
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
         return name
 
     def node(self, op, inputs, n_out=1, **attrs) -> str:
