@@ -294,10 +294,11 @@ def compose_pointwise_first(w1, b1, w2, b2, groups: int = 1) -> tuple[np.ndarray
     w1, w2 = as_f64(w1), as_f64(w2)
     m, cin_g = w1.shape[:2]
     cout, m_g = w2.shape[:2]
-    w1g = w1.reshape(groups, m // groups, cin_g)
+    w1g = w1.reshape(groups, 1, m // groups, cin_g)
     w2g = w2.reshape(groups, cout // groups, m_g, -1)
-    w = np.einsum("gomk,gmi->goik", w2g, w1g).reshape((cout, cin_g) + w2.shape[2:])
-    b = as_f64(b2) + np.einsum("gomk,gm->go", w2g, as_f64(b1).reshape(groups, m_g)).reshape(cout)
+    w = (w2g.transpose(0, 1, 3, 2) @ w1g).transpose(0, 1, 3, 2)  # (g, o, i, k) as matrix products
+    w = np.ascontiguousarray(w).reshape((cout, cin_g) + w2.shape[2:])
+    b = as_f64(b2) + (w2g.sum(axis=3) @ as_f64(b1).reshape(groups, m_g, 1)).reshape(cout)
     return w, b
 
 
@@ -310,10 +311,10 @@ def compose_pointwise_last(w1, b1, w2, b2, groups: int = 1) -> tuple[np.ndarray,
     w1, w2 = as_f64(w1), as_f64(w2)
     m, cin_g = w1.shape[:2]
     cout, m_g = w2.shape[:2]
-    w1g = w1.reshape(groups, m // groups, cin_g, -1)
+    w1g = w1.reshape(groups, m // groups, -1)
     w2g = w2.reshape(groups, cout // groups, m_g)
-    w = np.einsum("gom,gmik->goik", w2g, w1g).reshape((cout, cin_g) + w1.shape[2:])
-    b = as_f64(b2) + np.einsum("gom,gm->go", w2g, as_f64(b1).reshape(groups, m_g)).reshape(cout)
+    w = (w2g @ w1g).reshape((cout, cin_g) + w1.shape[2:])
+    b = as_f64(b2) + (w2g @ as_f64(b1).reshape(groups, m_g, 1)).reshape(cout)
     return w, b
 
 

@@ -20,7 +20,8 @@ def register(cls: type) -> type:
 
 from . import affine_fold, constant_fold, conv_chain, parallel_merge  # noqa: E402,F401  (each registers itself)
 
-#: Default run order: weights computed from constants first, then single-conv folds, then chains,
-#: then sums (every pass runs to the fixed point, so the order only saves rounds).
-ORDER = ["constant-fold", "affine-fold", "conv-chain", "parallel-merge"]
+#: Default run order: weights computed from constants first; then sums, which take the BN of each
+#: branch along (one fold per weight); then single-conv folds and chains. Every pass runs to the
+#: fixed point, so the order only saves work.
+ORDER = ["constant-fold", "parallel-merge", "affine-fold", "conv-chain"]
 REGISTRY = {name: REGISTRY[name] for name in ORDER + [n for n in REGISTRY if n not in ORDER]}

@@ -99,7 +99,16 @@ def _affine(c: Candidate, view: GraphView):
 
 def _check_per_channel(c: Candidate, view: GraphView, ctx: Context) -> str | None:
     aff = _affine(c, view)
-    return aff if isinstance(aff, str) else None
+    if isinstance(aff, str):
+        return aff
+    if c.side == BEFORE and not is_op(c.affine, ops.BATCH_NORM):
+        # a per-channel constant could broadcast a single-channel input up to the conv's channels
+        data = view.source(affine_data_input(c.affine, view))
+        shape = ctx.shape(data)
+        channels, _ = c.channels(view)
+        if shape is None or len(shape) < 2 or shape[1] != channels:
+            return f"'{data.name}' is not known to have the {channels} channels that '{c.conv.name}' reads"
+    return None
 
 
 def _check_padding(c: Candidate, view: GraphView, ctx: Context) -> str | None:

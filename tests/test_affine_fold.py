@@ -131,6 +131,13 @@ def test_spatial_constant_is_declined():
     declined(b.model(y), b.feeds(), "per_channel")
 
 
+def test_channel_broadcast_before_conv_is_declined():
+    c = 4
+    b = Builder(1, spatial=(5, 5))
+    wide = b.mul_const(b.relu("x"), np.arange(1, c + 1, dtype=np.float32).reshape(1, c, 1, 1))  # 1 -> 4 channels
+    declined(b.model(b.conv(wide, c, c, 1, pads=[0] * 4)), b.feeds(), "per_channel")
+
+
 @pytest.mark.parametrize("kind", ["add", "bn", "sub"])
 def test_shift_before_padded_conv_is_declined(kind):
     c = 4
