@@ -50,6 +50,14 @@ class Context:
         self.taken_names.add(name)
         return name
 
+    def like(self, base: str, tensor: gs.Tensor) -> gs.Variable:
+        """A new tensor with the dtype and shape of ``tensor`` (for a shape-preserving step)."""
+        shape = self.shape(tensor)
+        var = gs.Variable(self.fresh_name(base), dtype=tensor.dtype, shape=list(shape) if shape is not None else None)
+        if shape is not None:
+            self.shapes[var.name] = tuple(shape)
+        return var
+
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.fresh_name(base), np.ascontiguousarray(values))
 

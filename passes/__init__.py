@@ -18,10 +18,28 @@ def register(cls: type) -> type:
     return cls
 
 
-from . import affine_fold, constant_fold, conv_chain, parallel_merge  # noqa: E402,F401  (each registers itself)
+from . import (  # noqa: E402,F401  (each registers itself)
+    affine_fold,
+    constant_fold,
+    conv_chain,
+    linear_affine,
+    linear_chain,
+    linear_merge,
+    parallel_merge,
+    token_bn,
+)
 
 #: Default run order: weights computed from constants first; then sums, which take the BN of each
 #: branch along (one fold per weight); then single-conv folds and chains. Every pass runs to the
 #: fixed point, so the order only saves work.
-ORDER = ["constant-fold", "parallel-merge", "affine-fold", "conv-chain"]
+ORDER = [
+    "constant-fold",
+    "parallel-merge",
+    "affine-fold",
+    "conv-chain",
+    "token-bn",
+    "linear-merge",
+    "linear-affine",
+    "linear-chain",
+]
 REGISTRY = {name: REGISTRY[name] for name in ORDER + [n for n in REGISTRY if n not in ORDER]}

@@ -69,16 +69,18 @@ def window_geometry(node: gs.Node, kernel: tuple[int, ...], input_shape: tuple |
 # --------------------------------------------------------------------------------------------
 
 
-def per_channel(values: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
-    """``values`` as a float64 vector of ``channels`` if it broadcasts against an ``(N, C, ...)``
-    tensor of ``rank`` dims along the channel axis only (scalar, ``[C]``-shaped at axis 1, ...)."""
+def per_channel(values: np.ndarray, channels: int, rank: int, axis: int = 1) -> np.ndarray | None:
+    """``values`` as a float64 vector of ``channels`` if it broadcasts against a tensor of ``rank``
+    dims along ``axis`` only (scalar, or ``C`` at ``axis`` and 1 elsewhere): axis 1 for the
+    ``(N, C, ...)`` tensors of convolutions, the last axis for the features of linear layers."""
     v = np.asarray(values)
     if v.dtype.kind != "f" and str(v.dtype) != "bfloat16":
         return None
     if v.ndim > rank:
         return None
     shape = (1,) * (rank - v.ndim) + tuple(v.shape)
-    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+    axis = axis % rank
+    if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] not in (1, channels):
         return None
     return np.broadcast_to(as_f64(v).reshape(-1), (channels,)).copy()
 
@@ -102,9 +104,12 @@ def affine_data_input(node: gs.Node, view: GraphView) -> gs.Tensor | None:
     return b if ca else a
 
 
-def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int) -> Affine | str:
-    """The affine map ``node`` applies to its data input, or the reason it is not per-channel."""
+def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int, axis: int = 1) -> Affine | str:
+    """The affine map ``node`` applies along ``axis`` of its data input (of ``rank`` dims), or the
+    reason it is not one. BatchNormalization acts on axis 1."""
     if is_op(node, ops.BATCH_NORM):
+        if axis % rank != 1:
+            return f"BatchNormalization '{node.name}' normalizes axis 1, not the feature axis"
         reason = bn_inference_reason(node, view)
         if reason:
             return reason
@@ -118,7 +123,7 @@ def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int) -> Aff
     a, b = node.inputs
     const_first = view.is_constant(a)
     raw = view.constant(a if const_first else b)
-    vec = per_channel(raw, channels, rank)
+    vec = per_channel(raw, channels, rank, axis)
     if vec is None:
         return f"{node.op} '{node.name}' constant of shape {list(np.shape(raw))} is not per-channel for {channels} channels"
     ones, zeros = np.ones(channels), np.zeros(channels)

@@ -456,12 +456,12 @@ class ParallelMerge:
             "dilations": [g.dilation for g in grids],
             "pads": [g.pad_begin for g in grids] + [g.pad_end for g in grids],
         }
-        conv_out = target if not rest else gs.Variable(ctx.fresh_name(f"{base}.rep.out"), dtype=target.dtype)
+        conv_out = target if not rest else ctx.like(f"{base}.rep.out", target)
         nodes = [NewNode(ops.CONV, ctx.fresh_name(f"{base}/rep_conv"), attrs, [x, w_const, b_const], [conv_out])]
         acc = conv_out
         for i, (tensor, sign) in enumerate(rest):
             last = i == len(rest) - 1
-            out = target if last else gs.Variable(ctx.fresh_name(f"{base}.rep.sum"), dtype=target.dtype)
+            out = target if last else ctx.like(f"{base}.rep.sum", target)
             op = ops.ADD if sign > 0 else ops.SUB
             nodes.append(NewNode(op, ctx.fresh_name(f"{base}/rep_{op.lower()}"), {}, [acc, tensor], [out]))
             acc = out
