@@ -242,6 +242,11 @@ class AxisGrid:
     pad_begin: int
     pad_end: int
 
+    def taps(self) -> AxisTaps:
+        """The merged kernel's own taps on this axis."""
+        excess = self.pad_begin + self.pad_end - self.dilation * (self.kernel - 1)
+        return AxisTaps(-self.pad_begin, self.dilation, self.kernel, excess)
+
     def slot(self, taps: AxisTaps) -> tuple[int, int]:
         """(offset, step) at which the taps of one branch sit in the merged kernel (a single tap
         has no step of its own: 1)."""

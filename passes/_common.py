@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from onnxrep import ops
 from onnxrep.algebra import Affine, AxisTaps, as_f64, bn_affine
 from onnxrep.graph import GraphView
+from onnxrep.rewrite import NewNode
 
 
 def is_op(node: gs.Node | None, *op_types: str) -> bool:
@@ -197,27 +198,17 @@ def has_padding(geo: Geometry) -> bool:
 
 
 def conv_spec(ctx, name: str, x: gs.Tensor, weight: np.ndarray, bias: np.ndarray, dtype, out: gs.Tensor,
-              groups: int, strides, taps_or_grid) -> "NewNode":
-    """A Conv NewNode with constants for ``weight`` / ``bias`` cast to ``dtype``.
-
-    ``taps_or_grid``: per-axis :class:`AxisTaps` (pads and dilation taken from them) or
-    :class:`AxisGrid` objects."""
-    from onnxrep.algebra import AxisGrid
-    from onnxrep.rewrite import NewNode
-
-    if taps_or_grid and isinstance(taps_or_grid[0], AxisGrid):
-        pads = [g.pad_begin for g in taps_or_grid] + [g.pad_end for g in taps_or_grid]
-        dil = [g.dilation for g in taps_or_grid]
-    else:
-        pads = [-t.first for t in taps_or_grid] + [t.excess + t.step * (t.count - 1) + t.first for t in taps_or_grid]
-        dil = [t.step if t.count > 1 else 1 for t in taps_or_grid]
-    w = ctx.constant(f"{name}.weight", weight.astype(dtype))
-    b = ctx.constant(f"{name}.bias", bias.astype(dtype))
+              groups: int, strides, taps) -> NewNode:
+    """A Conv NewNode reading ``x`` with ``weight`` / ``bias`` (cast to ``dtype``) as constants;
+    pads and dilations from the per-axis :class:`AxisTaps` of the merged kernel."""
+    pads = [-t.first for t in taps] + [t.excess + t.step * (t.count - 1) + t.first for t in taps]
     attrs = {
         "group": int(groups),
         "kernel_shape": list(weight.shape[2:]),
         "strides": [int(s) for s in strides],
-        "dilations": dil,
+        "dilations": [t.step if t.count > 1 else 1 for t in taps],
         "pads": pads,
     }
+    w = ctx.constant(f"{name}.weight", weight.astype(dtype))
+    b = ctx.constant(f"{name}.bias", bias.astype(dtype))
     return NewNode(ops.CONV, ctx.fresh_name(f"{name}/conv"), attrs, [x, w, b], [out])

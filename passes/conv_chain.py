@@ -57,7 +57,8 @@ from ._common import (
     window_geometry,
 )
 from .parallel_merge import CONV as LEAF_CONV
-from .parallel_merge import decompose_leaf, is_root, sum_tree
+from ._sums import root_of, sum_tree
+from .parallel_merge import decompose_leaf
 
 FIRST, LAST = "pointwise-first", "pointwise-last"
 
@@ -236,9 +237,7 @@ def _absorbed_by_sum(c: Candidate, view: GraphView, shape: tuple, groups: int) -
         if affine_data_input(node, view) is None:
             return False
         out = node.outputs[0]
-    while not is_root(node, view):
-        node = view.users(node.outputs[0])[0]
-    _, terms = sum_tree(node, view)
+    _, terms = sum_tree(root_of(node, view), view)
     x = _x(c, view)
     for tensor, sign in terms:
         leaf = decompose_leaf(tensor, sign, view)

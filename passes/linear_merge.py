@@ -22,18 +22,18 @@ The merged layer never costs more than the summands: it has the weight of one of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep import ops
 from onnxrep.graph import GraphView
-from onnxrep.rewrite import Context, Decline, Match, NewNode, Plan, run_checks
+from onnxrep.rewrite import Context, Decline, Match, Plan, run_checks
 
-from . import _linear, register
+from . import _linear, _sums, register
 from ._common import affine_data_input, bn_inference_reason, is_op, node_affine, per_channel
-from .parallel_merge import is_root, sum_tree
+from ._sums import SumCandidate
 
 
 @dataclass
@@ -49,17 +49,6 @@ class Leaf:
 
     def internal_tensors(self) -> list[gs.Tensor]:
         return [n.outputs[0] for n in self.nodes()]
-
-
-@dataclass
-class Candidate:
-    root: gs.Node
-    tree: list[gs.Node]
-    group: list[Leaf]
-    rest: list[tuple[gs.Tensor, float]]
-    constants: list[tuple[gs.Tensor, float]]
-    post: list[gs.Node]
-    pattern: set[int] = field(default_factory=set)
 
 
 def _decompose(tensor: gs.Tensor, sign: float, view: GraphView) -> Leaf:
@@ -79,27 +68,13 @@ def _decompose(tensor: gs.Tensor, sign: float, view: GraphView) -> Leaf:
         cur = view.source(data)
 
 
-def _post_affines(root: gs.Node, view: GraphView) -> list[gs.Node]:
-    post, out = [], root.outputs[0]
-    while not view.escapes(out):
-        users = view.users(out)
-        if len(users) != 1:
-            break
-        data = affine_data_input(users[0], view)
-        if data is None or view.source(data) is not out:
-            break
-        post.append(users[0])
-        out = users[0].outputs[0]
-    return post
-
-
-def _rank(c: Candidate, ctx: Context) -> int | None:
+def _rank(c: SumCandidate, ctx: Context) -> int | None:
     if any(leaf.lin is not None and leaf.lin.is_gemm for leaf in c.group):
         return 2
     return _linear.rank_of(c.group[0].x, ctx)
 
 
-def _features(c: Candidate, view: GraphView) -> tuple[int, int]:
+def _features(c: SumCandidate, view: GraphView) -> tuple[int, int]:
     return _linear.dims(next(leaf.lin for leaf in c.group if leaf.lin is not None), view)
 
 
@@ -122,7 +97,7 @@ def _check_layout(c, view, ctx):
     return None
 
 
-def _leaf_affine(leaf: Leaf, node: gs.Node, c: Candidate, view: GraphView, ctx: Context):
+def _leaf_affine(leaf: Leaf, node: gs.Node, c: SumCandidate, view: GraphView, ctx: Context):
     rank = _rank(c, ctx)
     if rank is None:
         return f"the rank of '{leaf.x.name}' is not known"
@@ -149,14 +124,7 @@ def _check_features(c, view, ctx):
 
 
 def _check_single_use(c, view, ctx):
-    for leaf in c.group:
-        for t in leaf.internal_tensors():
-            if view.escapes(t):
-                return f"tensor '{t.name}' is a graph output"
-            outside = [u for u in view.users(t) if id(u) not in c.pattern]
-            if outside:
-                return f"tensor '{t.name}' is also read by '{outside[0].name}' ({outside[0].op})"
-    return None
+    return _sums.single_use_reason(c, view)
 
 
 CONDITIONS = [
@@ -174,34 +142,13 @@ class LinearMerge:
     summary = "sum of Gemm / MatMul / identity summands of one tensor -> one Gemm or MatMul"
 
     def match(self, view: GraphView, ctx: Context):
-        for root in view.graph.nodes:
-            if not is_op(root, *ops.SUM_OPS) or len(root.inputs) != 2 or not is_root(root, view):
-                continue
-            tree, terms = sum_tree(root, view)
-            leaves, constants = [], []
-            for tensor, sign in terms:
-                if view.is_constant(tensor):
-                    constants.append((tensor, sign))
-                else:
-                    leaves.append(_decompose(tensor, sign, view))
-            by_x: dict[int, list[Leaf]] = {}
-            for leaf in leaves:
-                by_x.setdefault(id(leaf.x), []).append(leaf)
-            for group in by_x.values():
-                if len(group) < 2 or not any(leaf.lin is not None for leaf in group):
-                    continue
-                rest = [(leaf.tensor, leaf.sign) for leaf in leaves if leaf not in group]
-                post = _post_affines(root, view) if not rest else []
-                cand = Candidate(root, tree, group, rest, constants, post)
-                nodes = tree + [n for leaf in group for n in leaf.nodes()] + post
-                cand.pattern = {id(n) for n in nodes}
-                yield Match(f"{root.outputs[0].name}<-{group[0].x.name}", nodes, cand)
+        return _sums.candidates(view, _decompose, lambda group: any(leaf.lin is not None for leaf in group))
 
     def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:
         return run_checks(CONDITIONS, match.data, view, ctx)
 
     def rewrite(self, match: Match, view: GraphView, ctx: Context) -> Plan:
-        c: Candidate = match.data
+        c: SumCandidate = match.data
         k, n = _features(c, view)
         rank = _rank(c, ctx)
         weight, bias = np.zeros((k, n)), np.zeros(n)
@@ -212,30 +159,18 @@ class LinearMerge:
                 w, b = w * aff.scale[None, :], aff.scale * b + aff.shift
             weight += leaf.sign * w
             bias += leaf.sign * b
-        rest = list(c.rest)
-        for tensor, sign in c.constants:
-            vec = per_channel(view.constant(tensor), n, rank or 1, -1)
-            if vec is None or np.ndim(view.constant(tensor)) > (rank or 1):
-                rest.append((tensor, sign))
-            else:
-                bias = bias + sign * vec
-        target = c.root.outputs[0]
-        if not rest:
-            for node in c.post:
-                aff = node_affine(node, view, n, rank or 1, axis=-1) if rank else "rank unknown"
-                if isinstance(aff, str):
-                    break
-                weight, bias = weight * aff.scale[None, :], aff.scale * bias + aff.shift
-                target = node.outputs[0]
+        extra, affines, rest, target = _sums.fold_outside(
+            c,
+            view,
+            lambda v: per_channel(v, n, rank or 1, -1) if np.ndim(v) <= (rank or 1) else None,
+            lambda node: node_affine(node, view, n, rank, axis=-1) if rank else "the rank is not known",
+        )
+        bias = bias + extra
+        for aff in affines:
+            weight, bias = weight * aff.scale[None, :], aff.scale * bias + aff.shift
         dtype = view.constant(next(leaf.lin for leaf in c.group if leaf.lin).head.inputs[1]).dtype
         base = c.root.name or "sum"
-        out = target if not rest else ctx.like(f"{base}.rep.out", target)
-        nodes = _linear.emit(ctx, base, c.group[0].x, weight, bias, dtype, out, rank)
-        acc = out
-        for i, (tensor, sign) in enumerate(rest):
-            nxt = target if i == len(rest) - 1 else ctx.like(f"{base}.rep.sum", target)
-            op = ops.ADD if sign > 0 else ops.SUB
-            nodes.append(NewNode(op, ctx.fresh_name(f"{base}/rep_{op.lower()}"), {}, [acc, tensor], [nxt]))
-            acc = nxt
+        out, tail = _sums.add_back(ctx, base, rest, target)
+        nodes = _linear.emit(ctx, base, c.x, weight, bias, dtype, out, rank) + tail
         kinds = "+".join("linear" if leaf.lin else "identity" for leaf in c.group)
         return Plan(target, nodes, f"{len(c.group)} summands ({kinds}) -> {k}x{n}")

@@ -39,7 +39,7 @@ Same input tensor, and every tap landing on the merged grid, hold by constructio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 
 import numpy as np
@@ -48,13 +48,16 @@ import onnx_graphsurgeon as gs
 from onnxrep import algebra, ops
 from onnxrep.algebra import AxisTaps
 from onnxrep.graph import GraphView
-from onnxrep.rewrite import Context, Decline, Match, NewNode, Plan, run_checks
+from onnxrep.rewrite import Context, Decline, Match, Plan, run_checks
 
-from . import register
+from . import _sums, register
+from ._sums import SumCandidate
 from ._common import (
     Geometry,
     affine_data_input,
     bn_inference_reason,
+    conv_constants_reason,
+    conv_spec,
     is_op,
     node_affine,
     per_channel,
@@ -84,17 +87,6 @@ class Leaf:
 
 
 @dataclass
-class Candidate:
-    root: gs.Node
-    tree: list[gs.Node]
-    group: list[Leaf]
-    rest: list[tuple[gs.Tensor, float]]
-    constants: list[tuple[gs.Tensor, float]]
-    post: list[gs.Node]
-    pattern: set[int] = field(default_factory=set)
-
-
-@dataclass
 class BranchConv:
     """A branch as a convolution of X: lazily built kernel and bias, plus its geometry."""
 
@@ -111,37 +103,6 @@ class BranchConv:
 # --------------------------------------------------------------------------------------------
 # match
 # --------------------------------------------------------------------------------------------
-
-
-def sum_tree(root: gs.Node, view: GraphView):
-    """Expand the Add/Sub tree under ``root``: (inner nodes, [(term tensor, sign)])."""
-    nodes, terms = [], []
-    stack = [(root, 1.0)]
-    while stack:
-        node, sign = stack.pop()
-        nodes.append(node)
-        for i, t in enumerate(node.inputs):
-            s = -sign if (node.op == ops.SUB and i == 1) else sign
-            src = view.source(t)
-            prod_node = view.producer(src)
-            if is_op(prod_node, *ops.SUM_OPS) and len(prod_node.inputs) == 2 and _only_read_by(src, node, view):
-                stack.append((prod_node, s))
-            else:
-                terms.append((src, s))
-    return nodes, terms
-
-
-def _only_read_by(tensor: gs.Tensor, node: gs.Node, view: GraphView) -> bool:
-    users = view.users(tensor)
-    return bool(users) and not view.escapes(tensor) and all(u is node for u in users)
-
-
-def is_root(node: gs.Node, view: GraphView) -> bool:
-    out = node.outputs[0]
-    users = view.users(out)
-    return not (
-        len(users) == 1 and is_op(users[0], *ops.SUM_OPS) and len(users[0].inputs) == 2 and not view.escapes(out)
-    )
 
 
 def decompose_leaf(tensor: gs.Tensor, sign: float, view: GraphView) -> Leaf:
@@ -161,23 +122,6 @@ def decompose_leaf(tensor: gs.Tensor, sign: float, view: GraphView) -> Leaf:
     if is_op(node, ops.AVERAGE_POOL):
         return Leaf(tensor, sign, view.source(node.inputs[0]), POOL, node, affines)
     return Leaf(tensor, sign, cur, IDENTITY, None, affines)
-
-
-def _post_affines(root: gs.Node, view: GraphView) -> list[gs.Node]:
-    """Affine nodes that read the sum, one after the other, each the only reader of the last."""
-    post: list[gs.Node] = []
-    out = root.outputs[0]
-    while not view.escapes(out):
-        users = view.users(out)
-        if len(users) != 1:
-            break
-        node = users[0]
-        data = affine_data_input(node, view)
-        if data is None or view.source(data) is not out:
-            break
-        post.append(node)
-        out = node.outputs[0]
-    return post
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,11 +153,11 @@ def _branch_conv(leaf: Leaf, view: GraphView, ctx: Context, cin: int, rank: int)
     return BranchConv(leaf, shape, groups, geo)
 
 
-def _conv_leaves(cand: Candidate) -> list[Leaf]:
+def _conv_leaves(cand: SumCandidate) -> list[Leaf]:
     return [leaf for leaf in cand.group if leaf.kind == CONV]
 
 
-def _check_bn(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
+def _check_bn(cand: SumCandidate, view: GraphView, ctx: Context) -> str | None:
     for leaf in cand.group:
         for node in leaf.affines:
             if is_op(node, ops.BATCH_NORM):
@@ -223,15 +167,11 @@ def _check_bn(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
     return None
 
 
-def _check_constants(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
+def _check_constants(cand: SumCandidate, view: GraphView, ctx: Context) -> str | None:
     for leaf in _conv_leaves(cand):
-        conv = leaf.base
-        for t in conv.inputs[1:3]:
-            if t is not None and t.name and not view.is_constant(t):
-                return f"Conv '{conv.name}' input '{t.name}' is not a constant"
-        w = view.constant(conv.inputs[1])
-        if w.dtype.kind != "f" and str(w.dtype) != "bfloat16":
-            return f"Conv '{conv.name}' weight has dtype {w.dtype}"
+        reason = conv_constants_reason(leaf.base, view)
+        if reason:
+            return reason
     for leaf in cand.group:
         for node in leaf.affines:
             if is_op(node, ops.BATCH_NORM) and (len(node.inputs) < 5 or not all(view.is_constant(t) for t in node.inputs[1:5])):
@@ -239,14 +179,14 @@ def _check_constants(cand: Candidate, view: GraphView, ctx: Context) -> str | No
     return None
 
 
-def _dims(cand: Candidate, view: GraphView) -> tuple[int, int]:
+def _dims(cand: SumCandidate, view: GraphView) -> tuple[int, int]:
     """(Cin, spatial rank) from the first Conv branch."""
     conv = _conv_leaves(cand)[0].base
     w = view.constant(conv.inputs[1])
     return int(w.shape[1]) * int(conv.attrs.get("group", 1)), w.ndim - 2
 
 
-def _analysis(cand: Candidate, view: GraphView, ctx: Context) -> list[BranchConv] | str:
+def _analysis(cand: SumCandidate, view: GraphView, ctx: Context) -> list[BranchConv] | str:
     cin, rank = _dims(cand, view)
     out = []
     for leaf in cand.group:
@@ -262,7 +202,7 @@ def _check_geometry(cand, view, ctx):
     return res if isinstance(res, str) else None
 
 
-def _check_pool(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
+def _check_pool(cand: SumCandidate, view: GraphView, ctx: Context) -> str | None:
     for leaf in cand.group:
         if leaf.kind != POOL:
             continue
@@ -281,7 +221,7 @@ def _leaf_channels(leaf: Leaf, view: GraphView, cin: int) -> int:
     return int(view.constant(leaf.base.inputs[1]).shape[0]) if leaf.kind == CONV else cin
 
 
-def _check_per_channel(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
+def _check_per_channel(cand: SumCandidate, view: GraphView, ctx: Context) -> str | None:
     cin, rank = _dims(cand, view)
     for leaf in cand.group:
         for node in leaf.affines:
@@ -320,15 +260,8 @@ def _check_output_size(cand, view, ctx):
     return None
 
 
-def _check_single_use(cand: Candidate, view: GraphView, ctx: Context) -> str | None:
-    for leaf in cand.group:
-        for t in leaf.internal_tensors():
-            if view.escapes(t):
-                return f"tensor '{t.name}' is a graph output"
-            outside = [u for u in view.users(t) if id(u) not in cand.pattern]
-            if outside:
-                return f"tensor '{t.name}' is also read by '{outside[0].name}' ({outside[0].op})"
-    return None
+def _check_single_use(cand: SumCandidate, view: GraphView, ctx: Context) -> str | None:
+    return _sums.single_use_reason(cand, view)
 
 
 def _merged_layout(branches: list[BranchConv]):
@@ -381,35 +314,13 @@ class ParallelMerge:
     summary = "sum of Conv / BN / identity / AveragePool branches of one tensor -> one Conv"
 
     def match(self, view: GraphView, ctx: Context):
-        for root in view.graph.nodes:
-            if not is_op(root, *ops.SUM_OPS) or len(root.inputs) != 2 or not is_root(root, view):
-                continue
-            tree, terms = sum_tree(root, view)
-            leaves, constants = [], []
-            for tensor, sign in terms:
-                if view.is_constant(tensor):
-                    constants.append((tensor, sign))
-                else:
-                    leaves.append(decompose_leaf(tensor, sign, view))
-            by_x: dict[int, list[Leaf]] = {}
-            for leaf in leaves:
-                by_x.setdefault(id(leaf.x), []).append(leaf)
-            for group in by_x.values():
-                if len(group) < 2 or not any(leaf.kind == CONV for leaf in group):
-                    continue
-                rest = [(leaf.tensor, leaf.sign) for leaf in leaves if leaf not in group]
-                post = _post_affines(root, view) if not rest else []
-                cand = Candidate(root, tree, group, rest, constants, post)
-                nodes = tree + [n for leaf in group for n in leaf.nodes()] + post
-                cand.pattern = {id(n) for n in nodes}
-                key = f"{root.outputs[0].name}<-{group[0].x.name}"
-                yield Match(key, nodes, cand)
+        return _sums.candidates(view, decompose_leaf, lambda group: any(leaf.kind == CONV for leaf in group))
 
     def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:
         return run_checks(CONDITIONS, match.data, view, ctx)
 
     def rewrite(self, match: Match, view: GraphView, ctx: Context) -> Plan:
-        cand: Candidate = match.data
+        cand: SumCandidate = match.data
         branches = _analysis(cand, view, ctx)
         groups, grids, shape = _merged_layout(branches)
         cout, rank = shape[0], len(grids)
@@ -427,44 +338,22 @@ class ParallelMerge:
                 algebra.add_placed(weight, w, [s[0] for s in slots], [s[1] for s in slots])
             bias += b_bias
 
-        rest = list(cand.rest)
-        for tensor, sign in cand.constants:
-            vec = per_channel(view.constant(tensor), cout, rank + 2)
-            if vec is None:
-                rest.append((tensor, sign))
-            else:
-                bias = bias + sign * vec
-        target = cand.root.outputs[0]
-        absorbed = 0
-        if not rest:
-            for node in cand.post:
-                aff = node_affine(node, view, cout, rank + 2)
-                if isinstance(aff, str):
-                    break
-                weight, bias = algebra.apply_affine(weight, bias, aff)
-                target = node.outputs[0]
-                absorbed += 1
+        extra, affines, rest, target = _sums.fold_outside(
+            cand,
+            view,
+            lambda v: per_channel(v, cout, rank + 2),
+            lambda node: node_affine(node, view, cout, rank + 2),
+        )
+        bias = bias + extra
+        for aff in affines:
+            weight, bias = algebra.apply_affine(weight, bias, aff)
+        absorbed = len(affines)
 
-        x = cand.group[0].x
         base = cand.root.name or "sum"
-        w_const = ctx.constant(f"{base}.rep.weight", weight.astype(dtype))
-        b_const = ctx.constant(f"{base}.rep.bias", bias.astype(dtype))
-        attrs = {
-            "group": groups,
-            "kernel_shape": [g.kernel for g in grids],
-            "strides": list(branches[0].geometry.strides),
-            "dilations": [g.dilation for g in grids],
-            "pads": [g.pad_begin for g in grids] + [g.pad_end for g in grids],
-        }
-        conv_out = target if not rest else ctx.like(f"{base}.rep.out", target)
-        nodes = [NewNode(ops.CONV, ctx.fresh_name(f"{base}/rep_conv"), attrs, [x, w_const, b_const], [conv_out])]
-        acc = conv_out
-        for i, (tensor, sign) in enumerate(rest):
-            last = i == len(rest) - 1
-            out = target if last else ctx.like(f"{base}.rep.sum", target)
-            op = ops.ADD if sign > 0 else ops.SUB
-            nodes.append(NewNode(op, ctx.fresh_name(f"{base}/rep_{op.lower()}"), {}, [acc, tensor], [out]))
-            acc = out
+        conv_out, tail = _sums.add_back(ctx, base, rest, target)
+        taps = [g.taps() for g in grids]
+        nodes = [conv_spec(ctx, f"{base}.rep", cand.x, weight, bias, dtype, conv_out, groups, branches[0].geometry.strides, taps)]
+        nodes += tail
         kinds = "+".join(b.leaf.kind for b in branches)
         summary = f"{len(branches)} branches ({kinds}) -> Conv {list(shape)} group={groups}"
         if absorbed:
