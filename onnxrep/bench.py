@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from .equivalence import random_inputs
+from .errors import OnnxrepError
 
 
 @dataclass
@@ -39,6 +40,20 @@ class Timing:
         return self.__dict__.copy()
 
 
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def provider_for(ep: str) -> str:
+    """The onnxruntime provider for ``cpu`` / ``cuda``; an error when this build lacks it."""
+    provider = PROVIDERS[ep]
+    if provider not in ort.get_available_providers():
+        raise OnnxrepError(
+            f"onnxruntime {ort.__version__} has no {provider} here (available: "
+            f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu for --ep cuda"
+        )
+    return provider
+
+
 def session(model: onnx.ModelProto, threads: int = 2, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
     """A session with onnxruntime's full graph optimizations, as a deployment would use."""
     opts = ort.SessionOptions()
@@ -48,7 +63,8 @@ def session(model: onnx.ModelProto, threads: int = 2, provider: str = "CPUExecut
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
 
 
 def interleaved_latency(
@@ -59,10 +75,12 @@ def interleaved_latency(
     dims: dict[str, int] | None = None,
     provider: str = "CPUExecutionProvider",
     progress: Callable[[int], None] | None = None,
+    batch: int = 1,
 ) -> dict[str, Timing]:
-    """Time one inference of each model ``rounds`` times, interleaved; the same input for all."""
+    """Time one inference of each model ``rounds`` times, interleaved; the same input for all
+    (symbolic batch dims set to ``batch``)."""
     first = next(iter(models.values()))
-    feeds = random_inputs(first, seed=0, dims=dims)
+    feeds = random_inputs(first, seed=0, dims=dims, batch=batch)
     sessions = {name: session(m, threads, provider) for name, m in models.items()}
     names = list(sessions)
     for _ in range(warmup):

@@ -232,6 +232,48 @@ def verify(model_a, model_b, seeds, dims):
         raise mismatch_error(result)
 
 
+@main.command()
+@click.argument("paths", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Execution provider.")
+@click.option("--batch", default=1, show_default=True, help="Value of symbolic batch dims.")
+@click.option("--threads", default=2, show_default=True, help="Intra-op threads (CPU).")
+@click.option("--rounds", default=50, show_default=True, help="Timed interleaved rounds.")
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs of each model first.")
+@click.option("--dim", "dims", multiple=True, help="Value of a symbolic dim, NAME=INT (repeatable).")
+@click.option("--json", "json_path", type=click.Path(path_type=str), help="Write the timings as JSON here.")
+@_guarded
+def bench(paths, ep, batch, threads, rounds, warmup, dims, json_path):
+    """Time models in onnxruntime, interleaved round by round; ratios to the first model."""
+    from . import bench as bench_mod
+
+    dims = _parse_dims(dims)
+    provider = bench_mod.provider_for(ep)
+    models = {}
+    for path in paths:
+        models[path if path not in models else f"{path} ({len(models)})"] = io.load(path)[0]
+    names = list(models)
+    try:
+        with _progress(rounds, "timing") as step:
+            timings = bench_mod.interleaved_latency(
+                models, rounds=rounds, warmup=warmup, threads=threads, dims=dims, provider=provider,
+                progress=step, batch=batch,
+            )
+    except Exception as err:
+        raise OnnxrepError(f"the models do not run in onnxruntime: {first_line(err)}") from None
+    ref = timings[names[0]].median_ms
+    width = max(len(n) for n in names)
+    click.echo(f"onnxruntime {provider}, batch {batch}, {threads} threads, {warmup} warm-up + {rounds} interleaved rounds")
+    click.echo(f"{'model':{width}}  {'median ms':>10}  {'min ms':>8}  {'max ms':>8}  {'ratio':>6}")
+    for name in names:
+        t = timings[name]
+        click.echo(f"{name:{width}}  {t.median_ms:10.3f}  {t.min_ms:8.3f}  {t.max_ms:8.3f}  {t.median_ms / ref:6.3f}")
+    if json_path:
+        _write_json(json_path, {
+            "provider": provider, "batch": batch, "threads": threads, "rounds": rounds, "warmup": warmup,
+            "models": {n: timings[n].to_dict() | {"ratio": timings[n].median_ms / ref} for n in names},
+        })
+
+
 @main.command(name="passes")
 def list_passes():
     """List the available passes."""

@@ -78,8 +78,13 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def random_inputs(model: onnx.ModelProto, seed: int, dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Seeded random feeds: standard normal floats, small non-negative ints, random bools."""
+def random_inputs(
+    model: onnx.ModelProto, seed: int, dims: dict[str, int] | None = None, batch: int = 1
+) -> dict[str, np.ndarray]:
+    """Seeded random feeds: standard normal floats, small non-negative ints, random bools.
+
+    A symbolic or unknown dim takes its value from ``dims`` by name, else ``batch`` on axis 0 and
+    :data:`DEFAULT_DIM` elsewhere."""
     dims = dims or {}
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -90,7 +95,7 @@ def random_inputs(model: onnx.ModelProto, seed: int, dims: dict[str, int] | None
             if d.HasField("dim_value") and d.dim_value > 0:
                 shape.append(d.dim_value)
             else:
-                shape.append(dims.get(d.dim_param, 1 if axis == 0 else DEFAULT_DIM))
+                shape.append(dims.get(d.dim_param, batch if axis == 0 else DEFAULT_DIM))
         np_dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
         if np_dtype.kind == "f" or str(np_dtype) == "bfloat16":
             value = rng.standard_normal(shape).astype(np_dtype)

@@ -211,3 +211,24 @@ def test_demo_runs_small(tmp_path):
     assert "deploy" in res.stdout and "onnxrep" in res.stdout
     opt, dep = onnx.load(tmp_path / "repvgg-a0_optimized.onnx"), onnx.load(tmp_path / "repvgg-a0_deploy.onnx")
     assert histogram(opt).get("Conv") == histogram(dep).get("Conv")
+
+
+def test_bench_interleaves_and_reports_ratios(model_path, tmp_path):
+    out = tmp_path / "opt.onnx"
+    invoke("optimize", model_path, "-o", out, "-q")
+    res = invoke("bench", model_path, out, "--rounds", 3, "--warmup", 1, "--batch", 2, "--json", tmp_path / "b.json")
+    assert res.exit_code == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "batch 2" in lines[0] and lines[2].endswith("1.000")
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["batch"] == 2 and list(data["models"]) == [str(model_path), str(out)]
+    assert all(m["runs"] == 3 for m in data["models"].values())
+
+
+def test_bench_without_cuda_provider_says_so(model_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    res = invoke("bench", model_path, "--ep", "cuda")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "no CUDAExecutionProvider" in res.stderr
