@@ -5,153 +5,37 @@ For every (family, exporter) the training-time module and its deploy form (built
 model's own ``switch_to_deploy``, see ``tests/torch_models.py``) are exported; the optimized
 training-time export must have as many Conv nodes as the deploy export, must have rewritten
 something, must compute what the torch module computes (onnxruntime with graph optimizations off),
-must keep the graph input/output names, and must be a fixed point of onnxrep.
+must keep the graph input/output names, and must be a fixed point of onnxrep (the checks are
+``torch_export.check_*``, shared with the other ``test_torch_exports_*.py`` files).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import pathlib
-import warnings
-
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
 
-import onnxrep  # noqa: E402
+import torch_export as te  # noqa: E402  (tests/ is on pytest's pythonpath)
+import torch_models as tm  # noqa: E402
 
-
-import torch_models as tm  # noqa: E402  (tests/ is on pytest's pythonpath)
-
-REL_TOL = 1e-5
-TORCHSCRIPT, TORCHSCRIPT_DYNAMIC, DYNAMO = "torchscript", "torchscript-dynamic", "dynamo"
+CONV_OPS = ("Conv",)
 
 FAMILIES = list(tm.FAMILIES)
-CASES = [(family, exporter) for family in FAMILIES for exporter in (TORCHSCRIPT, DYNAMO)]
-CASES.append(("repvgg", TORCHSCRIPT_DYNAMIC))  # dynamic batch dim (dynamic_axes)
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the exporters' warnings, log records and progress prints."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.filterwarnings("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def export(module, x, path: pathlib.Path, exporter: str) -> onnx.ModelProto:
-    """Export ``module`` on example input ``x`` to ``path`` and return the loaded model."""
-    with _quiet():
-        if exporter == DYNAMO:
-            torch.onnx.export(module, (x,), str(path), dynamo=True, input_names=["x"], output_names=["y"], verbose=False)
-        else:
-            dynamic = {"dynamic_axes": {"x": {0: "N"}, "y": {0: "N"}}} if exporter == TORCHSCRIPT_DYNAMIC else {}
-            torch.onnx.export(
-                module,
-                (x,),
-                str(path),
-                dynamo=False,
-                do_constant_folding=True,
-                input_names=["x"],
-                output_names=["y"],
-                opset_version=17,
-                verbose=False,
-                **dynamic,
-            )
-    return onnx.load(str(path))
-
-
-def conv_count(model: onnx.ModelProto) -> int:
-    return sum(1 for n in model.graph.node if n.op_type == "Conv")
-
-
-def io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    return [v.name for v in model.graph.input], [v.name for v in model.graph.output]
-
-
-def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    (name,) = [i.name for i in sess.get_inputs()]
-    return sess.run(None, {name: x})[0]
-
-
-def assert_close(actual, reference, rel: float = REL_TOL) -> None:
-    """max |actual - reference| <= rel * max |reference|."""
-    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
-    assert actual.shape == reference.shape, f"shape {actual.shape} != {reference.shape}"
-    err = float(np.max(np.abs(actual - reference)))
-    scale = float(np.max(np.abs(reference)))
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} * max |reference| {scale:.3g}"
-
-
-def random_input(shape, seed: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-# --------------------------------------------------------------------------------------------
-# tests
-# --------------------------------------------------------------------------------------------
+CASES = [(family, exporter) for family in FAMILIES for exporter in te.EXPORTERS]
+CASES.append(("repvgg", te.TORCHSCRIPT_DYNAMIC))  # dynamic batch dim (dynamic_axes)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deploy_form_matches_training_form_in_torch(family):
     """The reference deploy forms are right: same function as the training-time module."""
-    model, shape = tm.build(family)
-    deployed = tm.deploy(model)
-    x = random_input(shape, 1)
-    with torch.no_grad():
-        assert_close(deployed(x).numpy(), model(x).numpy())
+    deployed = te.check_deploy_form(tm, family)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
 
 
 @pytest.mark.parametrize("family,exporter", CASES)
 def test_optimize_torch_export(family, exporter, tmp_path):
-    model, shape = tm.build(family)
-    deployed = tm.deploy(model)
-    x_export = random_input(shape, 0)
-
-    train_onnx = export(model, x_export, tmp_path / "train.onnx", exporter)
-    deploy_onnx = export(deployed, x_export, tmp_path / "deploy.onnx", exporter)
-    assert len(train_onnx.graph.node) > len(deploy_onnx.graph.node)  # there are branches to merge
-
-    optimized, report = onnxrep.optimize(tmp_path / "train.onnx")
-
-    # (a) as many Conv nodes as the deploy form, and nothing of the branches left
-    assert conv_count(optimized) == conv_count(deploy_onnx), report.to_dict()
-    assert report.ops_after.get("Conv", 0) == conv_count(optimized)
-    assert "BatchNormalization" not in report.ops_after, report.to_dict()
-    # (b)
-    assert report.rewritten > 0
-
-    # (c) the optimized model computes what the torch training-time module computes
-    test_shape = (shape[0] + 1,) + tuple(shape[1:]) if exporter == TORCHSCRIPT_DYNAMIC else shape
-    x = random_input(test_shape, 1)
-    with torch.no_grad():
-        reference = model(x).numpy()
-    assert_close(run_ort(optimized, x.numpy()), reference)
-
-    # (d) graph input and output names unchanged
-    assert io_names(optimized) == io_names(train_onnx) == (["x"], ["y"])
-
-    # (e) a fixed point
-    again, report2 = onnxrep.optimize(optimized)
-    assert report2.rewritten == 0, report2.to_dict()
-    assert conv_count(again) == conv_count(optimized)
+    """(a) as many Conv nodes as the deploy form and no BN, (b) rewritten, (c) computes what the
+    torch module computes, (d) graph input/output names kept, (e) a fixed point."""
+    te.check_optimize_export(tm, family, exporter, tmp_path, CONV_OPS)

@@ -10,92 +10,29 @@ dilated grid), write the identity branch as a kernel, and sum.
 Families: RepVGG (plain, stride 2 without identity, grouped as in RepVGG-B1g4), ACNet, MobileOne
 (depthwise and pointwise halves), RepLKNet, RepGhost, dilated branches.
 
-All BN layers get non-trivial running statistics, weights and biases from :func:`randomize_bn`
-(fixed seed), and :func:`build` returns every model in ``eval()`` mode.
+``ConvBN``, the BN fusion (float64, cast back to float32 in the deploy conv) and the build
+plumbing come from ``tests/torch_blocks.py``: :func:`build` returns every model in ``eval()`` mode
+with seeded, non-trivial BN statistics.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import pytest
 
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
+torch = pytest.importorskip("torch")  # imported by tests/test_torch_exports.py after its own importorskip
 
-
-class ConvBN(nn.Sequential):
-    """``Conv2d(bias=False)`` followed by ``BatchNorm2d``: one training-time branch."""
-
-    def __init__(self, cin, cout, kernel, stride=1, padding=0, dilation=1, groups=1):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-
-    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kernel, bias) of the conv with the BN folded in."""
-        return fuse_bn(self.conv.weight, None, self.bn)
-
-
-def fuse_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
-    """``BN(conv(x; W, b))`` as one conv: ``W * s``, ``(b - mean) * s + beta``, ``s = gamma / std``."""
-    std = (bn.running_var + bn.eps).sqrt()
-    s = bn.weight / std
-    b = torch.zeros_like(bn.running_mean) if bias is None else bias
-    return weight * s.reshape(-1, 1, 1, 1), (b - bn.running_mean) * s + bn.bias
-
-
-def identity_kernel(channels: int, groups: int, kernel: int = 1, device=None) -> torch.Tensor:
-    """The ``kernel x kernel`` conv kernel (grouped as ``groups``) that copies its input."""
-    per_group = channels // groups
-    w = torch.zeros(channels, per_group, kernel, kernel, device=device)
-    for c in range(channels):
-        w[c, c % per_group, kernel // 2, kernel // 2] = 1.0
-    return w
-
-
-def pad_to(weight: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Zero-pad a centred ``k x k`` kernel to ``kernel x kernel``."""
-    kh, kw = weight.shape[2:]
-    ph, pw = (kernel - kh) // 2, (kernel - kw) // 2
-    return F.pad(weight, [pw, pw, ph, ph])
-
-
-def deploy_conv(cin, cout, kernel, stride, padding, weight, bias, groups=1, dilation=1) -> nn.Conv2d:
-    """An ``nn.Conv2d`` with bias holding ``weight`` and ``bias``."""
-    conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias=True)
-    with torch.no_grad():
-        conv.weight.copy_(weight)
-        conv.bias.copy_(bias)
-    return conv
-
-
-@torch.no_grad()
-def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm2d of ``module`` non-trivial statistics and affine parameters."""
-    g = torch.Generator().manual_seed(seed)
-    for bn in module.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            n = bn.num_features
-            bn.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            bn.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-            bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            bn.bias.copy_(torch.randn(n, generator=g) * 0.5)
-    return module
-
-
-class Deploy(nn.Module):
-    """Deploy form of a block: one conv, then an optional activation."""
-
-    def __init__(self, conv: nn.Conv2d, act: nn.Module | None = None):
-        super().__init__()
-        self.conv = conv
-        self.act = act if act is not None else nn.Identity()
-
-    def forward(self, x):
-        return self.act(self.conv(x))
-
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch_blocks import (  # noqa: E402
+    Blocks,
+    ConvBN,
+    Deploy,
+    build_model,
+    deploy_conv,
+    fuse_bn,
+    identity_kernel,
+    pad_to,
+)
 
 # --------------------------------------------------------------------------------------------
 # RepVGG
@@ -131,24 +68,17 @@ class RepVGGBlock(nn.Module):
         return Deploy(conv, nn.ReLU())
 
 
-class RepVGGNet(nn.Module):
+class RepVGGNet(Blocks):
     """A stride-2 stem block without identity, a plain block, and grouped blocks with identity."""
 
     def __init__(self, cin=3, width=16):
-        super().__init__()
-        self.blocks = nn.Sequential(
+        super().__init__(
             RepVGGBlock(cin, width, stride=2),
             RepVGGBlock(width, width),
             RepVGGBlock(width, width, groups=4),  # RepVGG-B1g4 style
             RepVGGBlock(width, width, groups=2),
             RepVGGBlock(width, 2 * width, stride=2, groups=2),
         )
-
-    def forward(self, x):
-        return self.blocks(x)
-
-    def switch_to_deploy(self) -> nn.Module:
-        return nn.Sequential(*[b.switch_to_deploy() for b in self.blocks])
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +152,8 @@ class MobileOneBlock(nn.Module):
     @torch.no_grad()
     def switch_to_deploy(self) -> nn.Module:
         k = self.kernel
-        w = torch.zeros(self.cout, self.cin // self.groups, k, k)
-        b = torch.zeros(self.cout)
+        w = torch.zeros(self.cout, self.cin // self.groups, k, k, dtype=torch.float64)
+        b = torch.zeros(self.cout, dtype=torch.float64)
         for conv in self.convs:
             wc, bc = conv.fused()
             w, b = w + wc, b + bc
@@ -237,24 +167,17 @@ class MobileOneBlock(nn.Module):
         return Deploy(conv, nn.ReLU())
 
 
-class MobileOneNet(nn.Module):
+class MobileOneNet(Blocks):
     """Depthwise 3x3 half then pointwise 1x1 half, twice (the second depthwise one with stride 2)."""
 
     def __init__(self, channels=16, n=3):
-        super().__init__()
         c = channels
-        self.blocks = nn.Sequential(
+        super().__init__(
             MobileOneBlock(c, c, 3, groups=c, n=n),
             MobileOneBlock(c, c, 1, n=n),
             MobileOneBlock(c, c, 3, stride=2, groups=c, n=n),
             MobileOneBlock(c, c, 1, n=n),
         )
-
-    def forward(self, x):
-        return self.blocks(x)
-
-    def switch_to_deploy(self) -> nn.Module:
-        return nn.Sequential(*[b.switch_to_deploy() for b in self.blocks])
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,13 +315,4 @@ FAMILIES = {
 def build(family: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
     """The training-time model of ``family`` in eval mode, with seeded weights and BN statistics,
     and its input shape."""
-    ctor, shape = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = ctor()
-    randomize_bn(model, seed + 1)
-    return model.eval(), shape
-
-
-def deploy(model: nn.Module) -> nn.Module:
-    """The deploy form of a model from :func:`build`, in eval mode."""
-    return model.switch_to_deploy().eval()
+    return build_model(family, FAMILIES, seed=seed)

@@ -15,28 +15,22 @@ Linear -> BN. Inputs are ``[N, C]`` (TorchScript exports Gemm) or tokens ``[B, L
 (MatMul + Add). :data:`NEGATIVE` holds the blocks that must NOT be merged; their deploy form is
 themselves. ``neg_weight_input`` takes two inputs ``(x, w)``: its input shape is a pair of shapes.
 
-All BN layers get non-trivial running statistics, weights and biases from :func:`randomize_bn`
-(fixed seed), and :func:`build` returns every model in ``eval()`` mode.
+The float64 BN affine, the seeded BN statistics and :func:`build` (every model in ``eval()``
+mode) come from ``tests/torch_blocks.py``.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import pytest
+
+torch = pytest.importorskip("torch")  # imported by tests/test_torch_exports_linear.py after its own importorskip
+
+from torch import nn  # noqa: E402
+from torch_blocks import Chain, bn_affine, build_model, channel_param, f64, holding  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
-# helpers (float64 fusion)
+# helpers (float64 fusion; the shared ones are in tests/torch_blocks.py)
 # --------------------------------------------------------------------------------------------
-
-
-def f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float64)
-
-
-def bn_affine(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
-    """``BN(x) = s * x + t`` per channel, in float64."""
-    s = f64(bn.weight) / (f64(bn.running_var) + bn.eps).sqrt()
-    return s, f64(bn.bias) - f64(bn.running_mean) * s
 
 
 def linear_params(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,30 +62,7 @@ def compose(w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor]:
 def deploy_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
     """An ``nn.Linear`` with bias holding ``weight`` ``(out, in)`` and ``bias`` (cast to float32)."""
     cout, cin = weight.shape
-    linear = nn.Linear(cin, cout, bias=True)
-    with torch.no_grad():
-        linear.weight.copy_(weight.to(linear.weight.dtype))
-        linear.bias.copy_(bias.to(linear.bias.dtype))
-    return linear
-
-
-@torch.no_grad()
-def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm1d of ``module`` non-trivial statistics and affine parameters."""
-    g = torch.Generator().manual_seed(seed)
-    for bn in module.modules():
-        if isinstance(bn, nn.BatchNorm1d):
-            n = bn.num_features
-            bn.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            bn.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-            bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            bn.bias.copy_(torch.randn(n, generator=g) * 0.5)
-    return module
-
-
-def channel_param(*shape, mean=0.0, std=0.5) -> nn.Parameter:
-    """A parameter with random non-trivial values (from the global, seeded generator)."""
-    return nn.Parameter(torch.randn(*shape) * std + mean)
+    return holding(nn.Linear(cin, cout, bias=True), weight, bias)
 
 
 def trained_linear(cin: int, cout: int, bias: bool = True) -> nn.Linear:
@@ -188,15 +159,8 @@ class PrunedDeiTMlpBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class LinearChain(nn.Module):
+class LinearChain(Chain):
     """``second(first(x))``, both plain ``nn.Linear``; merged into one linear."""
-
-    def __init__(self, first: nn.Linear, second: nn.Linear):
-        super().__init__()
-        self.first, self.second = first, second
-
-    def forward(self, x):
-        return self.second(self.first(x))
 
     @torch.no_grad()
     def switch_to_deploy(self) -> nn.Module:
@@ -332,14 +296,4 @@ NEGATIVE = {
 def build(family: str, seed: int = 0) -> tuple[nn.Module, tuple]:
     """The training-time model of ``family`` (from :data:`FAMILIES` or :data:`NEGATIVE`) in eval
     mode, with seeded weights and BN statistics, and its input shape (or shapes)."""
-    ctor, shape = FAMILIES[family] if family in FAMILIES else NEGATIVE[family]
-    torch.manual_seed(seed)
-    model = ctor()
-    randomize_bn(model, seed + 1)
-    return model.eval(), shape
-
-
-def deploy(model: nn.Module) -> nn.Module:
-    """The deploy form of a model from :func:`build`, in eval mode."""
-    return model.switch_to_deploy().eval()
-
+    return build_model(family, FAMILIES, NEGATIVE, seed=seed)

@@ -14,66 +14,36 @@ and RepCPE, RepViT RepVGGDW, YOLOv6 QARepVGG (and its AvgPool variant), ResRep c
 depth-pruned ConvNeXt (UPDP), YOLOv7 implicit layers, sequential conv chains. :data:`NEGATIVE`
 holds the blocks that must NOT be merged; their deploy form is themselves.
 
-All BN layers get non-trivial running statistics, weights and biases from :func:`randomize_bn`
-(fixed seed), and :func:`build` returns every model in ``eval()`` mode.
+Shared with ``tests/torch_models.py`` through ``tests/torch_blocks.py``: ``ConvBN``, BN fusion,
+seeded BN statistics and :func:`build` (every model in ``eval()`` mode).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+import pytest
+
+torch = pytest.importorskip("torch")  # imported by tests/test_torch_exports_seq.py after its own importorskip
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch_blocks import (  # noqa: E402
+    Blocks,
+    Chain,
+    ConvBN,
+    Deploy,
+    build_model,
+    channel_param,
+    deploy_conv,
+    f64,
+    fuse_bn,
+    identity_kernel,
+    pad_to,
+)
 
 # --------------------------------------------------------------------------------------------
-# helpers (float64 fusion)
+# helpers (float64 fusion; the shared ones are in tests/torch_blocks.py)
 # --------------------------------------------------------------------------------------------
-
-
-def f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float64)
-
-
-class ConvBN(nn.Sequential):
-    """``Conv2d(bias=False)`` followed by ``BatchNorm2d``."""
-
-    def __init__(self, cin, cout, kernel, stride=1, padding=0, groups=1):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-
-    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kernel, bias) in float64 of the conv with the BN folded in."""
-        return fuse_bn(self.conv.weight, None, self.bn)
-
-
-def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """``BN(x) = s * x + t`` per channel, in float64."""
-    s = f64(bn.weight) / (f64(bn.running_var) + bn.eps).sqrt()
-    return s, f64(bn.bias) - f64(bn.running_mean) * s
-
-
-def fuse_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
-    """``BN(conv(x; W, b))`` as one conv ``(W * s, b * s + t)``, float64."""
-    s, t = bn_affine(bn)
-    b = torch.zeros_like(s) if bias is None else f64(bias)
-    return f64(weight) * s.reshape(-1, 1, 1, 1), b * s + t
-
-
-def identity_kernel(channels: int, groups: int, kernel: int = 1) -> torch.Tensor:
-    """The ``kernel x kernel`` conv kernel (grouped as ``groups``) that copies its input, float64."""
-    per_group = channels // groups
-    w = torch.zeros(channels, per_group, kernel, kernel, dtype=torch.float64)
-    for c in range(channels):
-        w[c, c % per_group, kernel // 2, kernel // 2] = 1.0
-    return w
-
-
-def pad_to(weight: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Zero-pad a centred ``k x k`` kernel to ``kernel x kernel``."""
-    kh, kw = weight.shape[2:]
-    ph, pw = (kernel - kh) // 2, (kernel - kw) // 2
-    return F.pad(weight, [pw, pw, ph, ph])
 
 
 def to_dense(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -121,46 +91,6 @@ def avg_kernel(channels: int, groups: int, kernel: int) -> torch.Tensor:
     for c in range(channels):
         w[c, c % per_group] = 1.0 / (kernel * kernel)
     return w
-
-
-def deploy_conv(cin, cout, kernel, stride, padding, weight, bias, groups=1) -> nn.Conv2d:
-    """An ``nn.Conv2d`` with bias holding ``weight`` and ``bias`` (cast to float32)."""
-    conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=True)
-    with torch.no_grad():
-        conv.weight.copy_(weight.to(conv.weight.dtype))
-        conv.bias.copy_(bias.to(conv.bias.dtype))
-    return conv
-
-
-@torch.no_grad()
-def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm2d of ``module`` non-trivial statistics and affine parameters."""
-    g = torch.Generator().manual_seed(seed)
-    for bn in module.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            n = bn.num_features
-            bn.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            bn.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-            bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            bn.bias.copy_(torch.randn(n, generator=g) * 0.5)
-    return module
-
-
-def channel_param(*shape, mean=0.0, std=0.5) -> nn.Parameter:
-    """A parameter with random non-trivial values (from the global, seeded generator)."""
-    return nn.Parameter(torch.randn(*shape) * std + mean)
-
-
-class Deploy(nn.Module):
-    """Deploy form of a block: one conv, then an optional activation."""
-
-    def __init__(self, conv: nn.Conv2d, act: nn.Module | None = None):
-        super().__init__()
-        self.conv = conv
-        self.act = act if act is not None else nn.Identity()
-
-    def forward(self, x):
-        return self.act(self.conv(x))
 
 
 class Residual(nn.Module):
@@ -308,18 +238,11 @@ class DiverseBranchBlock(nn.Module):
         return Deploy(conv, nn.ReLU())
 
 
-class DBBNet(nn.Module):
+class DBBNet(Blocks):
     """DBB with ``IdentityBasedConv1x1`` (the default internal width), then a stride-2 DBB."""
 
     def __init__(self, cin=8, width=16):
-        super().__init__()
-        self.blocks = nn.Sequential(DiverseBranchBlock(cin, width, 3), DiverseBranchBlock(width, width, 3, stride=2))
-
-    def forward(self, x):
-        return self.blocks(x)
-
-    def switch_to_deploy(self) -> nn.Module:
-        return nn.Sequential(*[b.switch_to_deploy() for b in self.blocks])
+        super().__init__(DiverseBranchBlock(cin, width, 3), DiverseBranchBlock(width, width, 3, stride=2))
 
 
 class SingleBlock(nn.Module):
@@ -570,23 +493,16 @@ class QARepVGGBlock(nn.Module):
         return Deploy(deploy_conv(self.cin, self.cout, 3, self.stride, 1, w, b), nn.ReLU())
 
 
-class QARepNet(nn.Module):
+class QARepNet(Blocks):
     """A widening block (no identity), then blocks with identity (and the AvgPool branch when
     ``avg``), then a stride-2 block."""
 
     def __init__(self, cin=8, width=16, avg=False):
-        super().__init__()
-        self.blocks = nn.Sequential(
+        super().__init__(
             QARepVGGBlock(cin, width, avg=avg),
             QARepVGGBlock(width, width, avg=avg),
             QARepVGGBlock(width, width, stride=2, avg=avg),
         )
-
-    def forward(self, x):
-        return self.blocks(x)
-
-    def switch_to_deploy(self) -> nn.Module:
-        return nn.Sequential(*[b.switch_to_deploy() for b in self.blocks])
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,16 +533,9 @@ class ConvBNCompactor(nn.Module):
         return Deploy(deploy_conv(self.cin, self.cout, 3, self.stride, 1, w, b), nn.ReLU())
 
 
-class ResRepNet(nn.Module):
+class ResRepNet(Blocks):
     def __init__(self, cin=8, width=16):
-        super().__init__()
-        self.blocks = nn.Sequential(ConvBNCompactor(cin, width), ConvBNCompactor(width, width, stride=2))
-
-    def forward(self, x):
-        return self.blocks(x)
-
-    def switch_to_deploy(self) -> nn.Module:
-        return nn.Sequential(*[b.switch_to_deploy() for b in self.blocks])
+        super().__init__(ConvBNCompactor(cin, width), ConvBNCompactor(width, width, stride=2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,17 +622,10 @@ class ImplicitHead(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class ConvChain(nn.Module):
+class ConvChain(Chain):
     """``second(first(x))``, both plain ``nn.Conv2d``; merged into one conv. The first conv must
     be 1x1 with stride 1 and padding 0 and, if the second conv pads, have no bias (or the second
     is 1x1), which is what makes the merge exact at the borders."""
-
-    def __init__(self, first: nn.Conv2d, second: nn.Conv2d):
-        super().__init__()
-        self.first, self.second = first, second
-
-    def forward(self, x):
-        return self.second(self.first(x))
 
     @torch.no_grad()
     def switch_to_deploy(self) -> nn.Module:
@@ -811,13 +713,4 @@ NEGATIVE = {
 def build(family: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
     """The training-time model of ``family`` (from :data:`FAMILIES` or :data:`NEGATIVE`) in eval
     mode, with seeded weights and BN statistics, and its input shape."""
-    ctor, shape = FAMILIES[family] if family in FAMILIES else NEGATIVE[family]
-    torch.manual_seed(seed)
-    model = ctor()
-    randomize_bn(model, seed + 1)
-    return model.eval(), shape
-
-
-def deploy(model: nn.Module) -> nn.Module:
-    """The deploy form of a model from :func:`build`, in eval mode."""
-    return model.switch_to_deploy().eval()
+    return build_model(family, FAMILIES, NEGATIVE, seed=seed)
