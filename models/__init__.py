@@ -10,12 +10,14 @@ same parameters and compute the same function.
 
 from __future__ import annotations
 
+from .acnet import acnet_resnet18
 from .builder import BNParams, GraphBuilder, conv_bn, fuse_bn, identity_kernel, multi_branch, pad_center
 from .dbb import dbb_resnet18
 from .fastvit import fastvit_style
 from .mobileone import mobileone_s0
 from .replknet import replknet_style
-from .repvgg import repvgg_a0
+from .repvgg import repvgg_a0, repvgg_b1g4
+from .repvit import repvit_style
 from .resrep import resrep_style
 
 BUILDERS = {
@@ -25,6 +27,9 @@ BUILDERS = {
     "fastvit": fastvit_style,
     "dbb-resnet18": dbb_resnet18,
     "resrep": resrep_style,
+    "repvgg-b1g4": repvgg_b1g4,
+    "acnet-resnet18": acnet_resnet18,
+    "repvit": repvit_style,
 }
 
 __all__ = [
@@ -36,10 +41,13 @@ __all__ = [
     "identity_kernel",
     "multi_branch",
     "pad_center",
+    "acnet_resnet18",
     "dbb_resnet18",
     "fastvit_style",
     "mobileone_s0",
     "replknet_style",
     "repvgg_a0",
+    "repvgg_b1g4",
+    "repvit_style",
     "resrep_style",
 ]
