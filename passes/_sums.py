@@ -94,8 +94,15 @@ class SumCandidate:
         return self.group[0].x
 
 
-def candidates(view: GraphView, decompose: Callable, wanted: Callable[[list], bool]) -> Iterator[Match]:
-    """One Match per (sum, group of leaves on one tensor) that ``wanted`` accepts."""
+def candidates(
+    view: GraphView, decompose: Callable, wanted: Callable[[list], bool], identity: Callable
+) -> Iterator[Match]:
+    """One Match per (sum, group of leaves on one tensor) that ``wanted`` accepts.
+
+    ``identity(tensor, sign)`` makes the identity leaf of ``tensor``: a summand that is itself the
+    tensor another group reads (``x + conv(x)`` where ``x`` is a conv's output) joins that group
+    as its identity instead of standing alone as a branch of its own input.
+    """
     for root in view.graph.nodes:
         if not _is_sum(root) or not is_root(root, view):
             continue
@@ -106,6 +113,15 @@ def candidates(view: GraphView, decompose: Callable, wanted: Callable[[list], bo
                 constants.append((tensor, sign))
             else:
                 leaves.append(decompose(tensor, sign, view))
+        reads = {}
+        for leaf in leaves:
+            reads[id(leaf.x)] = reads.get(id(leaf.x), 0) + 1
+        leaves = [
+            identity(leaf.tensor, leaf.sign)
+            if leaf.x is not leaf.tensor and id(leaf.tensor) in reads and reads[id(leaf.x)] == 1
+            else leaf
+            for leaf in leaves
+        ]
         by_x: dict[int, list] = {}
         for leaf in leaves:
             by_x.setdefault(id(leaf.x), []).append(leaf)

@@ -142,7 +142,12 @@ class LinearMerge:
     summary = "sum of Gemm / MatMul / identity summands of one tensor -> one Gemm or MatMul"
 
     def match(self, view: GraphView, ctx: Context):
-        return _sums.candidates(view, _decompose, lambda group: any(leaf.lin is not None for leaf in group))
+        return _sums.candidates(
+            view,
+            _decompose,
+            lambda group: any(leaf.lin is not None for leaf in group),
+            lambda tensor, sign: Leaf(tensor, sign, tensor, None, []),
+        )
 
     def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:
         return run_checks(CONDITIONS, match.data, view, ctx)

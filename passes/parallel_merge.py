@@ -314,7 +314,12 @@ class ParallelMerge:
     summary = "sum of Conv / BN / identity / AveragePool branches of one tensor -> one Conv"
 
     def match(self, view: GraphView, ctx: Context):
-        return _sums.candidates(view, decompose_leaf, lambda group: any(leaf.kind == CONV for leaf in group))
+        return _sums.candidates(
+            view,
+            decompose_leaf,
+            lambda group: any(leaf.kind == CONV for leaf in group),
+            lambda tensor, sign: Leaf(tensor, sign, tensor, IDENTITY, None, []),
+        )
 
     def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:
         return run_checks(CONDITIONS, match.data, view, ctx)

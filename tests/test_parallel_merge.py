@@ -182,6 +182,16 @@ def test_other_summands_are_kept():
     assert histogram(out) == {"Conv": 1, "Add": 1, "Relu": 1}
 
 
+def test_summand_that_is_a_conv_output_joins_as_identity():
+    """``y + dw(y)`` where ``y`` is itself a conv's output (RepViT after a downsample)."""
+    c = 4
+    b = Builder(c, spatial=(6, 6))
+    y0 = b.conv("x", c, c, 1)
+    z = b.bn(b.add(b.conv(y0, c, c, 3, groups=c), y0), c)
+    out, report = optimize(b.model(z), b.feeds())
+    assert histogram(out) == {"Conv": 2}
+
+
 def test_conv1d_branches():
     c = 4
     b = Builder(c, spatial=(11,))
