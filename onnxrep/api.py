@@ -29,21 +29,59 @@ def optimize(
     seeds: int = 3,
     dims: dict[str, int] | None = None,
     progress=None,
+    on_mismatch: str = "fail",
 ) -> tuple[onnx.ModelProto, Report]:
     """Return the optimized model (the input is not modified) and the report.
 
     ``passes`` selects passes by name (default: all, in registry order) and ``skip`` leaves some out.
     With ``verify``, both models run in onnxruntime on ``seeds`` random inputs and a mismatch raises
-    :class:`onnxrep.VerificationError`; the result is stored in ``report.verification``.
+    :class:`onnxrep.VerificationError`; the result is stored in ``report.verification``. With
+    ``on_mismatch="bisect"`` the rewrite responsible is found by bisection and left out instead,
+    and named in ``report.verification["bisected"]``.
     """
     model = _as_model(model_or_path)
-    out, report = engine.run(model, passes, skip, Options(allow_cost_increase=allow_cost_increase), progress)
+    options = Options(allow_cost_increase=allow_cost_increase)
+    out, report = engine.run(model, passes, skip, options, progress)
     io.check(out)
     if verify:
         result = compare(model, out, seeds=seeds, dims=dims)
         report.verification = result.to_dict()
         if not result.ok:
-            raise mismatch_error(result)
+            if on_mismatch != "bisect":
+                raise mismatch_error(result)
+            out, report = bisect_mismatch(model, passes, skip, options, report, seeds, dims)
+    return out, report
+
+
+def _rewrite_keys(report: Report) -> list[str]:
+    return [r["candidate"] for p in report.passes for r in p.rewrites]
+
+
+def bisect_mismatch(model, passes, skip, options: Options, failed: Report, seeds, dims):
+    """Find the rewrite that breaks equivalence by halving the set of rewrites left out, leave
+    it out, and return the verified result; a VerificationError when no single rewrite explains
+    the mismatch."""
+
+    def attempt(deny: set[str]):
+        opts = Options(options.allow_cost_increase, frozenset(deny))
+        out, report = engine.run(model, passes, skip, opts)
+        result = compare(model, out, seeds=seeds, dims=dims)
+        report.verification = result.to_dict()
+        return out, report, result
+
+    suspects = _rewrite_keys(failed)
+    while len(suspects) > 1:
+        half = suspects[: len(suspects) // 2]
+        *_, result = attempt(set(half))
+        suspects = half if result.ok else suspects[len(half):]
+    if not suspects:
+        raise VerificationError("the mismatch remains with no rewrite applied")
+    out, report, result = attempt(set(suspects))
+    if not result.ok:
+        raise mismatch_error(result)
+    culprit = suspects[0]
+    name = next((p.name for p in failed.passes if any(r["candidate"] == culprit for r in p.rewrites)), "?")
+    report.verification["bisected"] = {"culprit": culprit, "pass": name}
     return out, report
 
 

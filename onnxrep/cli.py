@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__, engine, io
-from .api import mismatch_error
+from .api import bisect_mismatch, mismatch_error
 from .errors import OnnxrepError, first_line
 from .rewrite import Options
 from .equivalence import compare
@@ -151,23 +151,36 @@ def main() -> None:
     default=None,
     help="Save weights to OUT.data (default: as the input; always above 2 GB).",
 )
+@click.option(
+    "--on-mismatch",
+    type=click.Choice(["fail", "bisect"]),
+    default="fail",
+    show_default=True,
+    help="On a verification mismatch: write nothing (fail), or find the rewrite responsible, leave it out and verify again (bisect).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="List every rewrite and skip.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_guarded
-def optimize(input_path, output_path, only, skip, allow_cost_increase, report_path, no_verify, seeds, dims, external_data, verbose, quiet):
+def optimize(input_path, output_path, only, skip, allow_cost_increase, report_path, no_verify, seeds, dims, external_data, on_mismatch, verbose, quiet):
     """Optimize IN and write the result to OUT (verified in onnxruntime first)."""
     dims = _parse_dims(dims)
     model, had_external = io.load(input_path)
     size_before = io.tensor_bytes(model)
     t0 = time.perf_counter()
-    out, report = engine.run(model, _split(only), _split(skip), Options(allow_cost_increase))
+    options = Options(allow_cost_increase)
+    out, report = engine.run(model, _split(only), _split(skip), options)
     io.check(out)
     elapsed = time.perf_counter() - t0
     if not no_verify:
         result = _verify_with_progress(model, out, seeds, dims, quiet)
         report.verification = result.to_dict()
         if not result.ok:
-            raise mismatch_error(result)
+            if on_mismatch != "bisect":
+                raise mismatch_error(result)
+            out, report = bisect_mismatch(model, _split(only), _split(skip), options, report, seeds, dims)
+            io.check(out)
+            culprit = report.verification["bisected"]
+            click.echo(f"warning: rewrite {culprit['culprit']} ({culprit['pass']}) broke equivalence and was left out", err=True)
     size_after = io.tensor_bytes(out)
     io.save(out, output_path, external=had_external if external_data is None else external_data)
     if report_path:

@@ -139,6 +139,9 @@ def run(
             claimed: set[int] = set()
             plans: list[tuple[str, Plan]] = []
             for match in p.match(view, ctx):
+                if match.key in options.deny:
+                    rep.skipped[match.key] = "denied: left out after a verification mismatch"
+                    continue
                 decline = p.check(match, view, ctx)
                 if decline is not None:
                     rep.skipped[match.key] = str(decline)

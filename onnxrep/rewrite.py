@@ -24,6 +24,7 @@ class Options:
     """User choices that passes consult."""
 
     allow_cost_increase: bool = False
+    deny: frozenset = frozenset()  # candidate keys never to rewrite (set by mismatch bisection)
 
 
 @dataclass

@@ -232,3 +232,16 @@ def test_bench_without_cuda_provider_says_so(model_path):
         pytest.skip("this onnxruntime has the CUDA provider")
     res = invoke("bench", model_path, "--ep", "cuda")
     assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "no CUDAExecutionProvider" in res.stderr
+
+
+def test_on_mismatch_bisect_writes_the_verified_rest(model_path, tmp_path, monkeypatch):
+    from test_engine import _break_one
+
+    _break_one(monkeypatch, 0)
+    out = tmp_path / "opt.onnx"
+    res = invoke("optimize", model_path, "-o", out)
+    assert res.exit_code == 1 and not out.exists()
+    res = invoke("optimize", model_path, "-o", out, "--on-mismatch", "bisect", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.stderr
+    assert "broke equivalence and was left out" in res.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["verification"]["bisected"]["pass"] == "parallel-merge"

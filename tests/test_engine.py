@@ -182,3 +182,43 @@ def test_random_inputs_fill_symbolic_dims():
     _, model = repvgg_block(input_shape=["N", 4, "H", "W"])
     feeds = equivalence.random_inputs(model, 0, {"H": 5})
     assert feeds["x"].shape == (1, 4, 5, equivalence.DEFAULT_DIM)
+
+
+def _three_blocks():
+    c = 4
+    b = Builder(c)
+    t = "x"
+    for _ in range(3):
+        t = b.relu(b.sum([b.conv(t, c, c, 3), b.conv(t, c, c, 1), b.bn(t, c)]))
+    return b.model(t)
+
+
+def _break_one(monkeypatch, index):
+    """Make parallel-merge compute a wrong kernel for the ``index``-th candidate it rewrites."""
+    import onnxrep.passes.parallel_merge as pm
+
+    real = pm.ParallelMerge.rewrite
+    seen = []
+
+    def rewrite(self, match, view, ctx):
+        plan = real(self, match, view, ctx)
+        if match.key not in seen:
+            seen.append(match.key)
+        if seen.index(match.key) == index:
+            weight = plan.nodes[0].inputs[1]
+            weight.values = weight.values * np.float32(1.001)
+        return plan
+
+    monkeypatch.setattr(pm.ParallelMerge, "rewrite", rewrite)
+    return seen
+
+
+def test_mismatch_bisection_finds_and_drops_the_broken_rewrite(monkeypatch):
+    model = _three_blocks()
+    seen = _break_one(monkeypatch, 1)
+    with pytest.raises(onnxrep.VerificationError):
+        onnxrep.optimize(model, passes=["parallel-merge"], verify=True)
+    out, report = onnxrep.optimize(model, passes=["parallel-merge"], verify=True, on_mismatch="bisect")
+    assert report.verification["ok"] and report.verification["bisected"] == {"culprit": seen[1], "pass": "parallel-merge"}
+    assert histogram(out)["Conv"] == 1 + 1 + 2  # two blocks merged, the broken one left as it was
+    assert report.passes[0].skipped[seen[1]].startswith("denied:")
