@@ -64,6 +64,8 @@ def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
         check(model)
     except onnx.checker.ValidationError as err:
         raise InputError(f"{p}: invalid ONNX model ({first_line(err)})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: invalid ONNX model (a name or string is not valid UTF-8)") from None
     return model, external
 
 

@@ -7,6 +7,7 @@ import sys
 
 import onnx
 import pytest
+import numpy as np
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -245,3 +246,34 @@ def test_on_mismatch_bisect_writes_the_verified_rest(model_path, tmp_path, monke
     assert res.exit_code == 0, res.stderr
     assert "broke equivalence and was left out" in res.stderr
     assert json.loads((tmp_path / "r.json").read_text())["verification"]["bisected"]["pass"] == "parallel-merge"
+
+
+@pytest.mark.parametrize("seed", [*range(12), 59])  # 59: a name that is not UTF-8
+def test_mutated_files_give_one_line_or_work(model_path, tmp_path, seed):
+    """Bit flips and truncations anywhere in a model: a clean result or one error line, never a
+    traceback, never a partial output."""
+    rng = np.random.default_rng(seed)
+    data = bytearray(model_path.read_bytes())
+    for pos in rng.integers(0, len(data), size=1 + seed % 4):
+        data[pos] ^= 1 << int(rng.integers(0, 8))
+    if seed % 3 == 0:
+        data = data[: int(rng.integers(1, len(data)))]
+    bad = tmp_path / "mutated.onnx"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out.onnx"
+    res = invoke("optimize", bad, "-o", out)
+    assert res.exit_code in (0, 1)
+    assert "Traceback" not in res.stderr
+    if res.exit_code:
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and not out.exists()
+
+
+def test_graph_with_a_cycle_or_missing_input_is_refused(tmp_path):
+    from onnx import helper as h
+
+    nodes = [h.make_node("Relu", ["b"], ["a"]), h.make_node("Relu", ["a"], ["b"])]
+    graph = h.make_graph(nodes, "cycle", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                         [h.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(h.make_model(graph), tmp_path / "cycle.onnx")
+    res = invoke("optimize", tmp_path / "cycle.onnx", "-o", tmp_path / "o.onnx")
+    assert res.exit_code == 1 and res.stderr.startswith("error: ") and "invalid ONNX model" in res.stderr
