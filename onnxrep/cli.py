@@ -96,8 +96,12 @@ def op_table(report: engine.Report, size_before: int | None = None, size_after: 
 
 
 def pass_summary(report: engine.Report, details: bool) -> str:
+    """A line per pass that matched something (every pass with ``details``, and each rewrite and
+    skip under it)."""
     lines = []
     for p in report.passes:
+        if not details and not p.matched:
+            continue
         skipped = ", ".join(f"{c} {n}" for c, n in sorted(p.skipped_by_condition().items()))
         lines.append(
             f"{p.name}: {p.matched} matched, {p.rewritten} rewritten, {len(p.skipped)} skipped"

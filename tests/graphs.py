@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from itertools import product
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+
+
+def examples(n: int) -> int:
+    """Hypothesis examples for a property test: ``n`` in CI, times ``ONNXREP_FUZZ_SCALE`` when set
+    (``benchmarks/fuzz.py`` runs the property tests that way, 10,000 cases and more)."""
+    return max(1, int(n * float(os.environ.get("ONNXREP_FUZZ_SCALE", "1"))))
 
 
 def conv_ref(x, w, b=None, strides=None, pads=None, dilations=None, groups=1):

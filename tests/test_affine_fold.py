@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from graphs import Builder, histogram
+from graphs import Builder, examples, histogram
 from test_parallel_merge import assert_equivalent
 
 import onnxrep
@@ -155,7 +155,7 @@ def test_intermediate_used_elsewhere_is_declined():
 # property ------------------------------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     st.lists(st.sampled_from(KINDS), min_size=1, max_size=3),
     st.lists(st.sampled_from(KINDS), max_size=2),

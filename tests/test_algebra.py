@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphs import conv_ref
+from graphs import conv_ref, examples
 from onnxrep import algebra
 from onnxrep.algebra import Affine, AxisTaps
 
@@ -159,7 +159,7 @@ def branch_sets(draw):
     return branches
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(branch_sets(), st.integers(0, 2**31 - 1))
 def test_sum_of_placed_kernels_equals_sum_of_convs(branches, seed):
     rng = np.random.default_rng(seed)

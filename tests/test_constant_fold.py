@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import onnxrep
-from graphs import histogram
+from graphs import examples, histogram
 from test_conv_chain import builder, optimize, reasons
 
 
@@ -51,7 +51,7 @@ def test_random_ops_are_not_folded():
 OPS = ["Add", "Mul", "Sub", "Transpose", "Neg", "Abs", "Sqrt", "Concat", "Unsqueeze-Squeeze"]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.lists(st.sampled_from(OPS), min_size=1, max_size=6), st.integers(0, 1000))
 def test_random_constant_chains_fold_to_one_initializer(chain, seed):
     c = 4

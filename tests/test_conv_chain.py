@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import onnxrep
-from graphs import Builder, histogram
+from graphs import Builder, examples, histogram
 from test_parallel_merge import assert_equivalent
 
 PASS = "conv-chain"
@@ -188,7 +188,7 @@ def test_dynamic_same_padding_is_declined():
 # property ------------------------------------------------------------------------------------
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(
     st.sampled_from([1, 3]), st.sampled_from([1, 3]), st.sampled_from([0, 1]), st.sampled_from([0, 1]),
     st.sampled_from([1, 2]), st.sampled_from([1, 2, 4]), st.sampled_from([1, 2, 4]), st.booleans(), st.sampled_from([4, 8, 16]),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import onnxrep
-from graphs import Builder, histogram
+from graphs import Builder, examples, histogram
 from test_parallel_merge import assert_equivalent
 
 LINEAR = ["token-bn", "linear-merge", "linear-affine", "linear-chain"]
@@ -168,7 +168,7 @@ def test_intermediate_read_elsewhere_is_declined():
 # property ------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     st.lists(st.sampled_from(["matmul", "gemm", "identity", "scaled"]), min_size=2, max_size=4),
     st.lists(st.booleans(), min_size=4, max_size=4),

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import onnxrep
-from graphs import Builder, count, histogram, run
+from graphs import Builder, count, examples, histogram, run
 
 PASS = "parallel-merge"
 
@@ -433,7 +433,7 @@ def branch_graphs(draw):
     return b, acc
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(branch_graphs(), st.booleans())
 def test_random_branch_sums_are_merged_exactly_or_declined_with_a_reason(spec, allow):
     b, y = spec
