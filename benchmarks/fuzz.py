@@ -5,7 +5,7 @@ The property tests (hypothesis) build random graphs of linear blocks - branch su
 pads, strides, groups, dilations, BN/Mul/Sub mixes; affine chains; conv chains; constant
 subgraphs; linear sums - and check that the optimized graph computes what the original computes in
 onnxruntime, or that each skip names its condition. CI runs a few hundred cases; this runs
-``--scale`` times as many (default 70: about 10,000 cases) and prints the count.
+``--scale`` times as many (default 25: about 10,000 cases) and prints the count.
 
     python benchmarks/fuzz.py [--scale 70] [--seed N]
 """
@@ -26,7 +26,7 @@ PROPERTY_TESTS = "random or sum_of_placed"
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", type=float, default=70.0, help="multiplier of each test's CI example count")
+    p.add_argument("--scale", type=float, default=25.0, help="multiplier of each test's CI example count")
     p.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random)")
     args = p.parse_args(argv)
     env = dict(os.environ, ONNXREP_FUZZ_SCALE=str(args.scale))

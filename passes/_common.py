@@ -86,6 +86,17 @@ def per_channel(values: np.ndarray, channels: int, rank: int, axis: int = 1) -> 
     return np.broadcast_to(as_f64(v).reshape(-1), (channels,)).copy()
 
 
+def outside_reader_reason(tensor: gs.Tensor, readers, view: GraphView) -> str | None:
+    """Why ``tensor`` is a graph output or is read by a node not in ``readers``, or None."""
+    if view.escapes(tensor):
+        return f"tensor '{tensor.name}' is a graph output"
+    inside = {id(n) for n in readers}
+    others = [u for u in view.users(tensor) if id(u) not in inside]
+    if others:
+        return f"tensor '{tensor.name}' is also read by '{others[0].name}' ({others[0].op})"
+    return None
+
+
 def affine_data_input(node: gs.Node, view: GraphView) -> gs.Tensor | None:
     """The data operand of an affine-looking node, or None when it is not one.
 

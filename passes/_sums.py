@@ -20,7 +20,7 @@ from onnxrep import ops
 from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Match, NewNode
 
-from ._common import affine_data_input, is_op
+from ._common import affine_data_input, is_op, outside_reader_reason
 
 
 def _is_sum(node: gs.Node | None) -> bool:
@@ -87,7 +87,7 @@ class SumCandidate:
     rest: list[tuple[gs.Tensor, float]]  # other non-constant terms
     constants: list[tuple[gs.Tensor, float]]
     post: list[gs.Node]  # affine nodes after the sum (only when the group covers the whole sum)
-    pattern: set[int] = field(default_factory=set)
+    nodes: list[gs.Node] = field(default_factory=list)  # everything the merge replaces
 
     @property
     def x(self) -> gs.Tensor:
@@ -132,7 +132,7 @@ def candidates(
             post = post_affines(root, view) if not rest else []
             cand = SumCandidate(root, tree, group, rest, constants, post)
             nodes = tree + [n for leaf in group for n in leaf.nodes()] + post
-            cand.pattern = {id(n) for n in nodes}
+            cand.nodes = nodes
             yield Match(f"{root.outputs[0].name}<-{group[0].x.name}", nodes, cand)
 
 
@@ -140,11 +140,9 @@ def single_use_reason(cand: SumCandidate, view: GraphView) -> str | None:
     """Why a tensor inside the group's branches is read outside the pattern, or None."""
     for leaf in cand.group:
         for t in leaf.internal_tensors():
-            if view.escapes(t):
-                return f"tensor '{t.name}' is a graph output"
-            outside = [u for u in view.users(t) if id(u) not in cand.pattern]
-            if outside:
-                return f"tensor '{t.name}' is also read by '{outside[0].name}' ({outside[0].op})"
+            reason = outside_reader_reason(t, cand.nodes, view)
+            if reason:
+                return reason
     return None
 
 

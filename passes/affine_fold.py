@@ -46,6 +46,7 @@ from ._common import (
     has_padding,
     is_op,
     node_affine,
+    outside_reader_reason,
 )
 
 AFTER, BEFORE = "after", "before"
@@ -123,14 +124,7 @@ def _check_padding(c: Candidate, view: GraphView, ctx: Context) -> str | None:
 
 
 def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None:
-    t = c.between
-    reader = c.affine if c.side == AFTER else c.conv
-    if view.escapes(t):
-        return f"tensor '{t.name}' is a graph output"
-    others = [u for u in view.users(t) if u is not reader]
-    if others:
-        return f"tensor '{t.name}' is also read by '{others[0].name}' ({others[0].op})"
-    return None
+    return outside_reader_reason(c.between, [c.affine if c.side == AFTER else c.conv], view)
 
 
 CONDITIONS = [

@@ -54,6 +54,7 @@ from ._common import (
     conv_weight,
     has_padding,
     is_op,
+    outside_reader_reason,
     window_geometry,
 )
 from .parallel_merge import CONV as LEAF_CONV
@@ -197,14 +198,11 @@ def _check_border(c: Candidate, view: GraphView, ctx: Context) -> str | None:
 
 
 def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None:
-    inside = {id(n) for n in c.ring_nodes} | {id(c.node2)}
-    tensors = [c.between] + [o for n in c.ring_nodes for o in n.outputs]
-    for t in tensors:
-        if view.escapes(t):
-            return f"tensor '{t.name}' is a graph output"
-        outside = [u for u in view.users(t) if id(u) not in inside]
-        if outside:
-            return f"tensor '{t.name}' is also read by '{outside[0].name}' ({outside[0].op})"
+    readers = [*c.ring_nodes, c.node2]
+    for t in [c.between] + [o for n in c.ring_nodes for o in n.outputs]:
+        reason = outside_reader_reason(t, readers, view)
+        if reason:
+            return reason
     return None
 
 

@@ -31,7 +31,7 @@ from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Decline, Match, Plan, run_checks
 
 from . import _linear, register
-from ._common import affine_data_input, bn_inference_reason, is_op, node_affine
+from ._common import affine_data_input, bn_inference_reason, is_op, node_affine, outside_reader_reason
 
 AFTER, BEFORE = "after", "before"
 
@@ -83,14 +83,7 @@ def _check_per_feature(c, view, ctx):
 
 
 def _check_single_use(c, view, ctx):
-    t = c.between
-    reader = c.affine if c.side == AFTER else c.lin.head
-    if view.escapes(t):
-        return f"tensor '{t.name}' is a graph output"
-    others = [u for u in view.users(t) if u is not reader]
-    if others:
-        return f"tensor '{t.name}' is also read by '{others[0].name}' ({others[0].op})"
-    return None
+    return outside_reader_reason(c.between, [c.affine if c.side == AFTER else c.lin.head], view)
 
 
 CONDITIONS = [

@@ -22,6 +22,7 @@ from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Decline, Match, Plan, run_checks
 
 from . import _linear, register
+from ._common import outside_reader_reason
 
 
 @dataclass
@@ -35,13 +36,7 @@ def _check_layout(c, view, ctx):
 
 
 def _check_single_use(c, view, ctx):
-    t = c.first.out
-    if view.escapes(t):
-        return f"tensor '{t.name}' is a graph output"
-    others = [u for u in view.users(t) if u is not c.second.head]
-    if others:
-        return f"tensor '{t.name}' is also read by '{others[0].name}' ({others[0].op})"
-    return None
+    return outside_reader_reason(c.first.out, [c.second.head], view)
 
 
 def _check_cost(c, view, ctx):

@@ -26,7 +26,7 @@ from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Decline, Match, NewNode, Plan, run_checks
 
 from . import register
-from ._common import bn_inference_reason, is_op
+from ._common import bn_inference_reason, is_op, outside_reader_reason
 
 TRANSPOSE = "Transpose"
 
@@ -60,8 +60,9 @@ def _check_round_trip(c, view, ctx):
 
 def _check_single_use(c, view, ctx):
     for t, reader in ((c.first.outputs[0], c.bn), (c.bn.outputs[0], c.second)):
-        if view.escapes(t) or any(u is not reader for u in view.users(t)):
-            return f"tensor '{t.name}' is read outside the pattern"
+        reason = outside_reader_reason(t, [reader], view)
+        if reason:
+            return reason
     return None
 
 
