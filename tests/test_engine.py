@@ -222,3 +222,25 @@ def test_mismatch_bisection_finds_and_drops_the_broken_rewrite(monkeypatch):
     assert report.verification["ok"] and report.verification["bisected"] == {"culprit": seen[1], "pass": "parallel-merge"}
     assert histogram(out)["Conv"] == 1 + 1 + 2  # two blocks merged, the broken one left as it was
     assert report.passes[0].skipped[seen[1]].startswith("denied:")
+
+
+@pytest.mark.parametrize("opset", [11, 13, 15, 17, 21])
+def test_opsets_11_to_21(opset):
+    b, model = repvgg_block(opset=opset)
+    if opset >= 21:
+        model.ir_version = 10
+    out, report = onnxrep.optimize(model, verify=True)
+    assert histogram(out) == {"Conv": 1, "Relu": 1} and report.verification["ok"]
+    assert list(out.opset_import) == list(model.opset_import)
+
+
+def test_initializers_listed_as_inputs_are_left_alone():
+    """IR 3 style: a weight that is also a graph input can be fed at run time, so it is no
+    constant; the rewrite is declined with that reason rather than folded."""
+    b, model = repvgg_block()
+    for init in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    out, report = onnxrep.optimize(model)
+    assert report.rewritten == 0 and histogram(out) == histogram(model)
+    assert by_name(report, "parallel-merge")["skipped_by_condition"] == {"constant_weights": 1}
+    assert by_name(report, "affine-fold")["skipped_by_condition"] == {"constant_weights": 2}
