@@ -6,21 +6,33 @@ from dataclasses import dataclass
 from math import prod
 
 import onnx
-from onnx import shape_inference
+import numpy as np
+from onnx import helper, shape_inference
 
 from . import ops
 from .io import skeleton
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     """Shapes of every tensor that onnx can infer: ints, strings for symbolic dims, None unknown."""
+    return infer(model)[0]
+
+
+def infer(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, np.dtype]]:
+    """Shapes (as :func:`infer_shapes`) and element types of every tensor onnx can infer."""
     try:
         inferred = shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
     except Exception:  # shape inference is advisory: an op it does not know leaves shapes unknown
         inferred = skeleton(model)
     shapes: dict[str, tuple] = {}
+    dtypes: dict[str, np.dtype] = {}
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         t = vi.type.tensor_type
+        if t.elem_type:
+            try:
+                dtypes[vi.name] = helper.tensor_dtype_to_np_dtype(t.elem_type)
+            except Exception:  # noqa: BLE001 - a type numpy cannot hold: leave it unknown
+                pass
         if not t.HasField("shape"):
             continue
         shapes[vi.name] = tuple(
@@ -28,7 +40,7 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
         )
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
-    return shapes
+    return shapes, dtypes
 
 
 @dataclass

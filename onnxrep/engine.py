@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import passes as _passes
-from .cost import Cost, infer_shapes, model_cost
+from .cost import Cost, infer, model_cost
 from .errors import OnnxrepError
 from .graph import GraphView, export_model, finalize, import_model, op_histogram
 from .rewrite import Context, Options, Plan
@@ -106,7 +106,11 @@ def _all_names(graph: gs.Graph) -> set[str]:
 
 
 def _apply(graph: gs.Graph, plan: Plan) -> None:
-    plan.target.inputs.clear()
+    # detach the target from its old producer in place: a placeholder takes its slot, so that the
+    # producer's other outputs (Split, BatchNormalization statistics) keep their positions
+    for node in list(plan.target.inputs):
+        slot = next(i for i, t in enumerate(node.outputs) if t is plan.target)
+        node.outputs[slot] = gs.Variable(f"{plan.target.name}.detached.{id(node)}", dtype=plan.target.dtype)
     if plan.constant is not None:
         plan.target.to_constant(plan.constant)
     for spec in plan.nodes:
@@ -123,11 +127,11 @@ def run(
     """Optimize ``model`` (not modified) and return the new model and the report."""
     options = options or Options()
     selected = select_passes(only, skip)
-    shapes = infer_shapes(model)
+    shapes, dtypes = infer(model)
     cost_before = model_cost(model, shapes)
     graph = import_model(model)
     input_names = {i.name for i in model.graph.input}
-    ctx = Context(options, shapes=shapes, taken_names=_all_names(graph), opsets=list(model.opset_import))
+    ctx = Context(options, shapes=shapes, dtypes=dtypes, taken_names=_all_names(graph), opsets=list(model.opset_import))
     reports = {p.name: PassReport(p.name) for p in selected}
     rounds = 0
     for rounds in range(1, MAX_ROUNDS + 1):

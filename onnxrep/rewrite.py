@@ -33,6 +33,7 @@ class Context:
 
     options: Options
     shapes: dict[str, tuple] = field(default_factory=dict)
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)
     taken_names: set[str] = field(default_factory=set)
     opsets: list = field(default_factory=list)  # the model's opset imports
 
@@ -41,6 +42,12 @@ class Context:
         if tensor.shape is not None and len(tensor.shape) > 0:
             return tuple(tensor.shape)
         return self.shapes.get(tensor.name)
+
+    def dtype(self, tensor: gs.Tensor) -> np.dtype | None:
+        """Element type of ``tensor`` if known."""
+        if tensor.dtype is not None:
+            return np.dtype(tensor.dtype)
+        return self.dtypes.get(tensor.name)
 
     def fresh_name(self, base: str) -> str:
         """A tensor or node name not used anywhere in the graph yet."""

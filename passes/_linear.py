@@ -95,10 +95,11 @@ def layout_reason(lin: Linear, view: GraphView, ctx: Context) -> str | None:
     if lin.is_gemm and int(head.attrs.get("transA", 0)) != 0:
         return f"Gemm '{head.name}' transposes its input (transA=1)"
     n = w.shape[0] if lin.is_gemm and int(head.attrs.get("transB", 0)) else w.shape[1]
-    out_rank = 2 if lin.is_gemm else (rank_of(lin.out, ctx) or rank_of(lin.x, ctx))
+    x_rank = 2 if lin.is_gemm else rank_of(lin.x, ctx)
     bias = _raw_bias(lin, view)
     if bias is not None:
-        rank = out_rank if out_rank is not None else 1
+        # the rewritten layer's output has the input's rank: a bias of higher rank would change it
+        rank = x_rank if x_rank is not None else 1
         if bias.ndim > rank or per_channel(bias, n, rank, -1) is None:
             return f"the bias of '{head.name}' does not broadcast along the {n} output features alone"
     return None

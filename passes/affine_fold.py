@@ -106,9 +106,9 @@ def _check_per_channel(c: Candidate, view: GraphView, ctx: Context) -> str | Non
         # a per-channel constant could broadcast a single-channel input up to the conv's channels
         data = view.source(affine_data_input(c.affine, view))
         shape = ctx.shape(data)
-        channels, _ = c.channels(view)
-        if shape is None or len(shape) < 2 or shape[1] != channels:
-            return f"'{data.name}' is not known to have the {channels} channels that '{c.conv.name}' reads"
+        channels, rank = c.channels(view)
+        if shape is None or len(shape) != rank or shape[1] != channels:
+            return f"'{data.name}' is not known to have the rank {rank} and {channels} channels that '{c.conv.name}' reads"
     return None
 
 

@@ -47,15 +47,17 @@ class Candidate:
         return self.lin.out if self.side == AFTER else self.affine.outputs[0]
 
 
-def _rank(c: Candidate, ctx: Context) -> int | None:
-    if c.lin.is_gemm:
-        return 2
-    return _linear.rank_of(c.lin.x, ctx) or _linear.rank_of(c.lin.out, ctx)
+def _rank(c: Candidate, view: GraphView, ctx: Context) -> int | None:
+    """Rank of the tensor the rewritten layer reads (an affine constant of higher rank would
+    change the output's rank, so per_channel refuses it)."""
+    if c.side == BEFORE:
+        return _linear.rank_of(view.source(affine_data_input(c.affine, view)), ctx)
+    return 2 if c.lin.is_gemm else _linear.rank_of(c.lin.x, ctx)
 
 
 def _affine(c: Candidate, view: GraphView, ctx: Context):
     k, n = _linear.dims(c.lin, view)
-    rank = _rank(c, ctx)
+    rank = _rank(c, view, ctx)
     if rank is None:
         return f"the rank of '{c.lin.x.name}' is not known"
     return node_affine(c.affine, view, n if c.side == AFTER else k, rank, axis=-1)
@@ -128,5 +130,5 @@ class LinearAffine:
             w *= aff.scale[:, None]
             x, target = affine_data_input(c.affine, view), c.lin.out
         dtype = view.constant(c.lin.head.inputs[1]).dtype
-        nodes = _linear.emit(ctx, c.lin.head.name or "linear", x, w, b, dtype, target, _rank(c, ctx))
+        nodes = _linear.emit(ctx, c.lin.head.name or "linear", x, w, b, dtype, target, _rank(c, view, ctx))
         return Plan(target, nodes, f"{c.affine.op} '{c.affine.name}' folded into {c.lin.head.op} '{c.lin.head.name}' ({c.side})")

@@ -11,14 +11,14 @@ constants of shape ``[C]``, which linear-affine then folds into the neighbouring
 Exactness conditions (checked in this order):
   1. ``inference_bn``   the BN is in inference mode with constant parameters and one output in use.
   2. ``round_trip``     the second transpose undoes the first, which moves the last axis to axis 1.
-  3. ``single_use``     the tensors between the three nodes are read by nothing else.
+  3. ``dtype``          the data's type is known (the constants take it; BN parameters may differ).
+  4. ``single_use``     the tensors between the three nodes are read by nothing else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep import algebra, ops
@@ -66,7 +66,18 @@ def _check_single_use(c, view, ctx):
     return None
 
 
-CONDITIONS = [("inference_bn", _check_bn), ("round_trip", _check_round_trip), ("single_use", _check_single_use)]
+def _check_dtype(c, view, ctx):
+    if ctx.dtype(c.second.outputs[0]) is None:
+        return f"the dtype of '{c.second.outputs[0].name}' is not known"
+    return None
+
+
+CONDITIONS = [
+    ("inference_bn", _check_bn),
+    ("round_trip", _check_round_trip),
+    ("dtype", _check_dtype),
+    ("single_use", _check_single_use),
+]
 
 
 @register
@@ -90,8 +101,8 @@ class TokenBN:
         c: Candidate = match.data
         scale, bias, mean, var = (view.constant(t) for t in c.bn.inputs[1:5])
         aff = algebra.bn_affine(scale, bias, mean, var, float(c.bn.attrs.get("epsilon", 1e-5)))
-        dtype = np.asarray(scale).dtype
         target = c.second.outputs[0]
+        dtype = ctx.dtype(target)  # the data's type (BN parameters may be of another)
         mid = ctx.like(f"{c.bn.name}.scaled", target)
         s = ctx.constant(f"{c.bn.name}.scale", aff.scale.astype(dtype))
         t = ctx.constant(f"{c.bn.name}.shift", aff.shift.astype(dtype))

@@ -177,3 +177,10 @@ def test_random_affine_chains_fold_exactly_or_are_declined(after, before, kernel
     assert report.rewritten >= len(after)
     for reason in report.passes[0].skipped.values():
         assert reason.startswith("no_padding:")
+
+
+def test_constant_that_raises_the_rank_before_a_conv_is_declined():
+    c = 4
+    b = Builder(c, input_shape=[c, c])  # 2-D data; the Mul makes it [1, 4, 4]
+    t = b.mul_const(b.relu("x"), np.ones((1, c, 1)))
+    declined(b.model(b.conv(t, c, c, (1,), pads=[0, 0])), b.feeds(), "per_channel")

@@ -1,6 +1,7 @@
 """The constant-fold pass."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,3 +73,17 @@ def test_random_constant_chains_fold_to_one_initializer(chain, seed):
     model = b.model(b.node("Mul", ["x", t]))
     out, report = optimize(model, b.feeds(), passes=("constant-fold",))
     assert histogram(out) == {"Mul": 1} and report.rewritten == 1
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_split_with_both_outputs_folded_keeps_them_apart(opset):
+    """A multi-output node folded one output at a time: the other output keeps its slot."""
+    from onnx import helper
+
+    b = builder(5, spatial=(3,))
+    b.opset = opset
+    c = b.const((np.arange(15, dtype=np.float32) + 1).reshape(3, 5, 1))
+    b.nodes.append(helper.make_node("Split", [c, b.const_int([1, 2])], ["sa", "sb"], name="split", axis=0))
+    y = b.node("Relu", [b.add(b.node("Mul", ["x", "sa"]), b.node("Sum", ["x", "sb"]))])
+    out, report = optimize(b.model(y), b.feeds(), passes=("constant-fold",))
+    assert report.rewritten == 2 and "Split" not in histogram(out)

@@ -195,3 +195,29 @@ def test_random_linear_sums_merge_exactly(kinds, negs, rank, seed):
     out, report = optimize(model, b.feeds())
     if any(k != "identity" for k in kinds):
         assert linear_count(out) <= 1
+
+
+def test_bias_or_constant_of_higher_rank_is_not_folded():
+    """A [1, 1, N] bias or scale on a 2-D input adds a dim: folding would drop it."""
+    c = 4
+    b = Builder(c, input_shape=[2, c])
+    y = b.node("Add", [b.node("MatMul", ["x", b.const(np.ones((c, 3)))]), b.const(np.ones((1, 1, 3)))])
+    y = b.mul_const(y, np.float32(2.0))
+    z = b.node("MatMul", [b.mul_const(b.relu("x"), np.ones((1, 1, c))), b.const(np.ones((c, 3)))])
+    model = b.model(y, z)
+    out, report = optimize(model, b.feeds())
+    assert [o.type.tensor_type.shape for o in out.graph.output] == [o.type.tensor_type.shape for o in model.graph.output]
+    assert report.rewritten == 0
+
+
+def test_token_bn_on_float16_data_with_float32_parameters():
+    c = 4
+    b = Builder(c, input_shape=[2, 5, c], dtype=np.float16, opset=15)
+    t = b.node("Transpose", ["x"], perm=[0, 2, 1])
+    params = [onnx.numpy_helper.from_array(p.astype(np.float32), f"p{i}") for i, p in enumerate(b.bn_params(c))]
+    b.inits.extend(params)
+    t = b.node("BatchNormalization", [t] + [p.name for p in params], epsilon=1e-5)
+    y = b.node("Transpose", [t], perm=[0, 2, 1])
+    model = b.model(y)
+    out, _ = onnxrep.optimize(model, passes=["token-bn"], verify=True)
+    assert "BatchNormalization" not in histogram(out)
