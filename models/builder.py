@@ -80,6 +80,11 @@ def identity_kernel(channels: int, groups: int, size: int = 1) -> np.ndarray:
 class GraphBuilder:
     """Collects nodes and initializers; every ``add_*`` method returns the output tensor name."""
 
+    @classmethod
+    def for_form(cls, family: str, deploy: bool, seed: int) -> "GraphBuilder":
+        """A builder named after the family and form (``<family>_train`` / ``<family>_deploy``)."""
+        return cls(seed, family + ("_deploy" if deploy else "_train"))
+
     def __init__(self, seed: int = 0, name: str = "model"):
         self.rng = np.random.default_rng(seed)
         self.name = name
@@ -211,6 +216,10 @@ class GraphBuilder:
         return self.gemm(h, w, b, f"{name}/fc")
 
     # -- model -----------------------------------------------------------------------------------
+
+    def image_model(self, logits: str, batch: int | str, resolution: int, classes: int = 1000) -> onnx.ModelProto:
+        """The model of a classifier: input ``"input"`` [batch, 3, r, r], output ``"logits"``."""
+        return self.build("input", [batch, 3, resolution, resolution], logits, "logits", [batch, classes])
 
     def build(
         self,

@@ -231,7 +231,7 @@ def dbb_resnet18(
 ) -> onnx.ModelProto:
     """DBB-ResNet-18: every 3x3 conv-BN of ResNet-18 a Diverse Branch Block (widths [64, 128, 256,
     512] times ``width_scale``, at least 8); ``deploy`` gives the fused form of the same parameters."""
-    b = GraphBuilder(seed, "dbb_resnet18" + ("_deploy" if deploy else "_train"))
+    b = GraphBuilder.for_form("dbb_resnet18", deploy, seed)
     c = scaled(STEM_WIDTH, width_scale)
     x = b.relu(conv_bn(b, "input", 3, c, 7, 2, 1, deploy, name="stem/conv"), "stem/relu")
     size = conv_out(resolution, 7, 2)
@@ -245,4 +245,4 @@ def dbb_resnet18(
             x, h, w = basic_block(b, x, c, cout, stride, h, w, batch, deploy, f"stage{s + 1}.{i}")
             c = cout
     logits = b.classifier(x, c)
-    return b.build("input", [batch, 3, resolution, resolution], logits, "logits", [batch, 1000])
+    return b.image_model(logits, batch, resolution)

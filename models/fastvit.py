@@ -100,7 +100,7 @@ def fastvit_style(
     ConvFFN blocks at widths [48, 96, 192, 384] (times ``width_scale``, at least 8), stride-2
     depthwise 3x3 + 1x1 downsampling between stages; ``deploy`` gives the reparameterized form of
     the same parameters."""
-    b = GraphBuilder(seed, "fastvit" + ("_deploy" if deploy else "_train"))
+    b = GraphBuilder.for_form("fastvit", deploy, seed)
     widths = [scaled(w, width_scale) for w in WIDTHS]
     c = widths[0]
     x = b.relu(multi_branch(b, "input", 3, c, [3, 1], 2, 1, False, deploy, name="stem.0"), "stem.0/relu")
@@ -115,4 +115,4 @@ def fastvit_style(
             x = repmixer(b, x, c, deploy, f"stage{s}.{i}/token_mixer")
             x = conv_ffn(b, x, c, deploy, f"stage{s}.{i}/convffn")
     logits = b.classifier(x, c)
-    return b.build("input", [batch, 3, resolution, resolution], logits, "logits", [batch, 1000])
+    return b.image_model(logits, batch, resolution)

@@ -39,7 +39,7 @@ def mobileone_s0(
     width_scale: float = 1.0,
 ) -> onnx.ModelProto:
     """MobileOne-S0-style classifier; ``deploy`` gives the fused form of the same parameters."""
-    b = GraphBuilder(seed, "mobileone_s0" + ("_deploy" if deploy else "_train"))
+    b = GraphBuilder.for_form("mobileone_s0", deploy, seed)
     cin = scaled(S0_STEM, width_scale)
     x = multi_branch(b, "input", 3, cin, [3, 1], 2, 1, False, deploy, name="stage0")
     x = b.relu(x, "stage0/relu")
@@ -49,4 +49,4 @@ def mobileone_s0(
             x = mobileone_block(b, x, cin, cout, 2 if i == 0 else 1, S0_BRANCHES, deploy, f"stage{s}.{i}")
             cin = cout
     logits = b.classifier(x, cin)
-    return b.build("input", [batch, 3, resolution, resolution], logits, "logits", [batch, 1000])
+    return b.image_model(logits, batch, resolution)

@@ -46,7 +46,7 @@ def replknet_style(
     ``large_kernel // 2``) re-parameterized with a parallel 5x5."""
     if large_kernel % 2 == 0 or large_kernel < SMALL_KERNEL:
         raise ValueError(f"large_kernel must be odd and at least {SMALL_KERNEL}")
-    b = GraphBuilder(seed, "replknet" + ("_deploy" if deploy else "_train"))
+    b = GraphBuilder.for_form("replknet", deploy, seed)
     widths = [scaled(w, width_scale) for w in WIDTHS]
     c = widths[0]
     x = conv_bn_relu(b, "input", 3, c, 3, 2, 1, deploy, "stem.0")
@@ -61,4 +61,4 @@ def replknet_style(
         for i in range(blocks):
             x = replk_block(b, x, c, large_kernel, deploy, f"stage{s}.{i}")
     logits = b.classifier(x, c)
-    return b.build("input", [batch, 3, resolution, resolution], logits, "logits", [batch, 1000])
+    return b.image_model(logits, batch, resolution)

@@ -41,7 +41,7 @@ def repvgg_a0(
     """RepVGG-A0: stages of [1, 2, 4, 14, 1] blocks, widths [48, 48, 96, 192, 1280] (times
     ``width_scale``, at least 8), stride 2 at the first block of every stage; GlobalAveragePool,
     Flatten, Gemm to 1000 classes. ``deploy`` gives the fused form of the same parameters."""
-    b = GraphBuilder(seed, "repvgg_a0" + ("_deploy" if deploy else "_train"))
+    b = GraphBuilder.for_form("repvgg_a0", deploy, seed)
     x, cin = "input", 3
     for s, (blocks, width) in enumerate(zip(A0_BLOCKS, A0_WIDTHS)):
         cout = scaled(width, width_scale)
@@ -49,7 +49,7 @@ def repvgg_a0(
             x = repvgg_block(b, x, cin, cout, 2 if i == 0 else 1, deploy, f"stage{s}.{i}")
             cin = cout
     logits = b.classifier(x, cin)
-    return b.build("input", [batch, 3, resolution, resolution], logits, "logits", [batch, 1000])
+    return b.image_model(logits, batch, resolution)
 
 
 def repvgg_b1g4(
@@ -64,7 +64,7 @@ def repvgg_b1g4(
     every stage; the blocks at layers 2, 4, ..., 26 (RepVGG's ``g4_map``) use 4 groups;
     GlobalAveragePool, Flatten, Gemm to 1000 classes. ``deploy`` gives the fused form of the same
     parameters."""
-    b = GraphBuilder(seed, "repvgg_b1g4" + ("_deploy" if deploy else "_train"))
+    b = GraphBuilder.for_form("repvgg_b1g4", deploy, seed)
     x, cin, layer = "input", 3, 0
     for s, (blocks, width) in enumerate(zip(B1_BLOCKS, B1_WIDTHS)):
         cout = -(-scaled(width, width_scale) // B1G4_GROUPS) * B1G4_GROUPS
@@ -74,4 +74,4 @@ def repvgg_b1g4(
             cin = cout
             layer += 1
     logits = b.classifier(x, cin)
-    return b.build("input", [batch, 3, resolution, resolution], logits, "logits", [batch, 1000])
+    return b.image_model(logits, batch, resolution)

@@ -108,7 +108,7 @@ def repvit_style(
     [48, 96, 192, 384] (times ``width_scale``, at least 8), depthwise 3x3 stride-2 + 1x1
     downsampling between stages, distilled BN-Linear head; ``deploy`` gives the fused form of the
     same parameters."""
-    b = GraphBuilder(seed, "repvit" + ("_deploy" if deploy else "_train"))
+    b = GraphBuilder.for_form("repvit", deploy, seed)
     widths = [scaled(w, width_scale) for w in WIDTHS]
     c = widths[0]
     half = scaled(WIDTHS[0] // 2, width_scale)
@@ -123,4 +123,4 @@ def repvit_style(
             x = repvgg_dw(b, x, c, deploy, f"stage{s}.{i}/token_mixer")
             x = channel_mixer(b, x, c, deploy, f"stage{s}.{i}/channel_mixer")
     logits = distilled_classifier(b, x, c, deploy)
-    return b.build("input", [batch, 3, resolution, resolution], logits, "logits", [batch, 1000])
+    return b.image_model(logits, batch, resolution)

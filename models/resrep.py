@@ -58,7 +58,7 @@ def resrep_style(
 ) -> onnx.ModelProto:
     """VGG-like classifier whose every conv3x3-BN is followed by a ResRep compactor; ``deploy``
     gives the folded form (one 3x3 conv per layer) of the same parameters."""
-    b = GraphBuilder(seed, "resrep" + ("_deploy" if deploy else "_train"))
+    b = GraphBuilder.for_form("resrep", deploy, seed)
     x, cin = "input", 3
     for s, (layers, width) in enumerate(zip(LAYERS, WIDTHS)):
         cout = scaled(width, width_scale)
@@ -66,4 +66,4 @@ def resrep_style(
             x = compactor_layer(b, x, cin, cout, 2 if i == 0 else 1, deploy, f"stage{s}.{i}")
             cin = cout
     logits = b.classifier(x, cin)
-    return b.build("input", [batch, 3, resolution, resolution], logits, "logits", [batch, 1000])
+    return b.image_model(logits, batch, resolution)
