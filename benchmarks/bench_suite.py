@@ -63,33 +63,7 @@ from onnxrep.io import skeleton
 from onnxrep.models import BUILDERS, repvgg_a0
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:  # shared with the other benchmark script when it is there
-    from bench_parallel import load_average, machine_info, width_for_size
-except ImportError:  # pragma: no cover - minimal stand-ins
-    def machine_info() -> dict:
-        return {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "cpu_model": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        }
-
-    def load_average():
-        try:
-            return [round(v, 2) for v in os.getloadavg()]
-        except (AttributeError, OSError):
-            return None
-
-    def width_for_size(target_mb: float, seed: int) -> float:
-        scales = np.array([0.25, 0.5, 1.0])
-        sizes = np.array([repvgg_a0(width_scale=s, seed=seed).ByteSize() / 1e6 for s in scales])
-        a, b, c = np.polyfit(scales, sizes, 2)
-        roots = np.roots([a, b, c - target_mb])
-        real = [float(r.real) for r in roots if abs(r.imag) < 1e-9 and r.real > 0]
-        return max(real) if real else 1.0
+from bench_parallel import load_average, machine_info, width_for_size  # noqa: E402
 
 
 #: Families in the order they are reported; any other builder follows, in BUILDERS order.

@@ -56,10 +56,11 @@ class VerifyResult:
         return {"ok": self.ok, "seeds": self.seeds, "outputs": [o.to_dict() for o in self.outputs]}
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+def reference_session(model: onnx.ModelProto, log_severity: int = 3) -> ort.InferenceSession:
+    """A CPU session with onnxruntime's graph optimizations disabled: the graph runs as written."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_severity
     providers = ["CPUExecutionProvider"]
     if tensor_bytes(model) < EXTERNAL_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
@@ -69,7 +70,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """All outputs of ``model`` on ``feeds`` (CPU, graph optimizations disabled)."""
-    return _session(model).run(None, feeds)
+    return reference_session(model).run(None, feeds)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -146,11 +147,11 @@ def compare(
 ) -> VerifyResult:
     """Run both models on ``seeds`` random input sets and compare every output."""
     try:
-        sess_a = _session(reference)
+        sess_a = reference_session(reference)
     except Exception as err:
         raise VerificationError(f"the original model does not load in onnxruntime: {first_line(err)}") from None
     try:
-        sess_b = _session(candidate)
+        sess_b = reference_session(candidate)
     except Exception as err:
         raise VerificationError(f"the optimized model does not load in onnxruntime: {first_line(err)}") from None
     names = [o.name for o in sess_a.get_outputs()]

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+from onnxrep.equivalence import reference_session
 from onnxrep.graph import GraphView
 
 #: Selection ops and the input positions through which data may flow.
@@ -139,12 +139,7 @@ def analyze(view: GraphView, a: gs.Tensor, y: gs.Tensor, a_shape: tuple | None, 
         if int(np.prod(shape)) >= _EXACT_LIMIT:
             return f"'{a.name}' is too large to probe exactly"
         try:
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            opts.log_severity_level = 4
-            sess = ort.InferenceSession(
-                _probe_model(view, nodes, a, y, shape, opsets).SerializeToString(), opts, providers=["CPUExecutionProvider"]
-            )
+            sess = reference_session(_probe_model(view, nodes, a, y, shape, opsets), log_severity=4)
             zero = sess.run(None, {a.name: np.zeros(shape, np.float32)})[0]
             index = np.arange(1, int(np.prod(shape)) + 1, dtype=np.float32).reshape(shape)
             probe = sess.run(None, {a.name: index})[0]

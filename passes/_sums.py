@@ -20,7 +20,7 @@ from onnxrep import ops
 from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Match, NewNode
 
-from ._common import affine_data_input, is_op, outside_reader_reason
+from ._common import affine_data_input, bn_inference_reason, is_op, outside_reader_reason
 
 
 def _is_sum(node: gs.Node | None) -> bool:
@@ -134,6 +134,17 @@ def candidates(
             nodes = tree + [n for leaf in group for n in leaf.nodes()] + post
             cand.nodes = nodes
             yield Match(f"{root.outputs[0].name}<-{group[0].x.name}", nodes, cand)
+
+
+def inference_bn_reason(cand: SumCandidate, view: GraphView) -> str | None:
+    """Why a BatchNormalization on one of the group's branches is not in inference mode, or None."""
+    for leaf in cand.group:
+        for node in leaf.affines:
+            if is_op(node, ops.BATCH_NORM):
+                reason = bn_inference_reason(node, view)
+                if reason:
+                    return reason
+    return None
 
 
 def single_use_reason(cand: SumCandidate, view: GraphView) -> str | None:

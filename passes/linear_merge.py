@@ -27,12 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxrep import ops
 from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Decline, Match, Plan, run_checks
 
 from . import _linear, _sums, register
-from ._common import affine_data_input, bn_inference_reason, is_op, node_affine, per_channel
+from ._common import affine_data_input, node_affine, per_channel
 from ._sums import SumCandidate
 
 
@@ -78,14 +77,8 @@ def _features(c: SumCandidate, view: GraphView) -> tuple[int, int]:
     return _linear.dims(next(leaf.lin for leaf in c.group if leaf.lin is not None), view)
 
 
-def _check_bn(c, view, ctx):
-    for leaf in c.group:
-        for node in leaf.affines:
-            if is_op(node, ops.BATCH_NORM):
-                reason = bn_inference_reason(node, view)
-                if reason:
-                    return reason
-    return None
+def _check_bn(cand, view, ctx):
+    return _sums.inference_bn_reason(cand, view)
 
 
 def _check_layout(c, view, ctx):

@@ -55,7 +55,6 @@ from ._sums import SumCandidate
 from ._common import (
     Geometry,
     affine_data_input,
-    bn_inference_reason,
     conv_constants_reason,
     conv_spec,
     is_op,
@@ -157,14 +156,8 @@ def _conv_leaves(cand: SumCandidate) -> list[Leaf]:
     return [leaf for leaf in cand.group if leaf.kind == CONV]
 
 
-def _check_bn(cand: SumCandidate, view: GraphView, ctx: Context) -> str | None:
-    for leaf in cand.group:
-        for node in leaf.affines:
-            if is_op(node, ops.BATCH_NORM):
-                reason = bn_inference_reason(node, view)
-                if reason:
-                    return reason
-    return None
+def _check_bn(cand, view, ctx):
+    return _sums.inference_bn_reason(cand, view)
 
 
 def _check_constants(cand: SumCandidate, view: GraphView, ctx: Context) -> str | None:
