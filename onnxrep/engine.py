@@ -141,7 +141,7 @@ def run(
             rep.skipped = {}  # the last round, which changes nothing, holds every standing decline
             view = GraphView(graph, input_names)
             claimed: set[int] = set()
-            plans: list[tuple[str, Plan]] = []
+            plans: list[tuple[str, list[Plan]]] = []
             for match in p.match(view, ctx):
                 if match.key in options.deny:
                     rep.skipped[match.key] = "denied: left out after a verification mismatch"
@@ -154,11 +154,16 @@ def run(
                 if ids & claimed:
                     continue  # overlaps a rewrite of this round: matched again next round
                 claimed |= ids
-                plans.append((match.key, p.rewrite(match, view, ctx)))
-            for key, plan in plans:
-                _apply(graph, plan)
+                planned = p.rewrite(match, view, ctx)
+                plans.append((match.key, planned if isinstance(planned, list) else [planned]))
+            for key, group in plans:
+                for plan in group:
+                    _apply(graph, plan)
                 rep.rewritten += 1
-                rep.rewrites.append({"candidate": key, "round": rounds, "summary": plan.summary})
+                entry = {"candidate": key, "round": rounds, "summary": group[0].summary}
+                if group[0].details:
+                    entry["details"] = group[0].details
+                rep.rewrites.append(entry)
             if plans:
                 finalize(graph)
                 changed = True

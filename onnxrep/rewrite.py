@@ -5,7 +5,9 @@
 * ``check(match, view, ctx)`` runs named exactness and cost conditions in order; the first that
   fails declines the candidate with a :class:`Decline` (condition name + reason).
 * ``rewrite(match, view, ctx)`` computes folded weights and returns a :class:`Plan`: new nodes that
-  produce an existing tensor. Only the engine applies plans, after all matching is done.
+  produce an existing tensor (or a list of plans, one per existing tensor, when a rewrite ends in
+  several places, as channel pruning does). Only the engine applies plans, after all matching is
+  done.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Options:
 
     allow_cost_increase: bool = False
     deny: frozenset = frozenset()  # candidate keys never to rewrite (set by mismatch bisection)
+    tolerance: float = 0.0  # identical-filters: weights this close count as equal (0: exactly equal)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class Plan:
     nodes: list[NewNode]
     summary: str = ""
     constant: np.ndarray | None = None  # instead of nodes: ``target`` becomes this initializer
+    details: dict | None = None  # figures for the report (e.g. channels, weights, MACs per layer)
 
 
 Condition = Callable[..., "str | None"]
@@ -126,7 +130,7 @@ class Pass(Protocol):
 
     def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None: ...
 
-    def rewrite(self, match: Match, view: GraphView, ctx: Context) -> Plan: ...
+    def rewrite(self, match: Match, view: GraphView, ctx: Context) -> Plan | list[Plan]: ...
 
 
 def run_checks(conditions: Sequence[tuple[str, Condition]], *args) -> Decline | None:
