@@ -30,6 +30,7 @@ def optimize(
     dims: dict[str, int] | None = None,
     progress=None,
     on_mismatch: str = "fail",
+    tolerance: float = 0.0,
 ) -> tuple[onnx.ModelProto, Report]:
     """Return the optimized model (the input is not modified) and the report.
 
@@ -37,10 +38,11 @@ def optimize(
     With ``verify``, both models run in onnxruntime on ``seeds`` random inputs and a mismatch raises
     :class:`onnxrep.VerificationError`; the result is stored in ``report.verification``. With
     ``on_mismatch="bisect"`` the rewrite responsible is found by bisection and left out instead,
-    and named in ``report.verification["bisected"]``.
+    and named in ``report.verification["bisected"]``. ``tolerance`` (opt-in, not exact) lets
+    ``identical-filters`` merge filters that differ by at most that much.
     """
     model = _as_model(model_or_path)
-    options = Options(allow_cost_increase=allow_cost_increase)
+    options = Options(allow_cost_increase=allow_cost_increase, tolerance=tolerance)
     out, report = engine.run(model, passes, skip, options, progress)
     io.check(out)
     if verify:
@@ -63,7 +65,7 @@ def bisect_mismatch(model, passes, skip, options: Options, failed: Report, seeds
     the mismatch."""
 
     def attempt(deny: set[str]):
-        opts = Options(options.allow_cost_increase, frozenset(deny))
+        opts = Options(options.allow_cost_increase, frozenset(deny), options.tolerance)
         out, report = engine.run(model, passes, skip, opts)
         result = compare(model, out, seeds=seeds, dims=dims)
         report.verification = result.to_dict()
