@@ -4,6 +4,28 @@ Sessions run on the CPU with onnxruntime's graph optimizations disabled, so that
 the two graphs as written. Every output must agree within a tolerance relative to the reference
 output's largest magnitude: float32 1e-5, float64 1e-12, float16 and bfloat16 1e-2 (fold error is
 a few ulps of the merged weights, accumulated over a deep network); integer and bool outputs exactly.
+A float output of a model that computes anywhere in float16 or bfloat16 (a Cast to it, weights in
+it) gets at least their tolerance: its value carries their rounding, whatever its own type.
+
+Widened comparison. onnxruntime's CPU provider has no kernel for some ops in some types (1.32: no
+double Conv, ConvTranspose, AveragePool or GlobalAveragePool; no bfloat16 Add, Mul, Relu,
+BatchNormalization, MatMul, Conv or AveragePool at all, and no bfloat16 numpy feeds). When either
+model does not load as it is, or has bfloat16 inputs or outputs, and the models hold double or
+bfloat16 tensors, both are compared widened: every double and bfloat16 tensor, initializer, Cast
+target and Constant becomes float32, in the main graph, subgraphs and local functions, and the
+random inputs are drawn in the original type and then converted. What that comparison means:
+
+* bfloat16 -> float32 is exact for every value, so each widened model computes the bfloat16 model's
+  math with float32 intermediates (no bfloat16 rounding between ops). The check measures how far the
+  folded weights, rounded once to bfloat16, move the result from the original's, under the bfloat16
+  tolerance (1e-2); it cannot see the intermediate rounding a bfloat16 runtime adds, which the
+  original model has too.
+* double -> float32 rounds the weights and the inputs, and the arithmetic is float32: the check is
+  as sharp as a float32 one, so its tolerance is float32's (1e-5), not float64's. It catches any
+  wrong fold (a structural error is of the order of the output), but not an error below float32
+  resolution. The tests check double folds against a float64 fold of their own.
+
+:attr:`VerifyResult.widened` names the types that were widened (empty when compared as written).
 """
 
 from __future__ import annotations
@@ -16,6 +38,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from onnx import numpy_helper
+
 from .errors import VerificationError, first_line
 from .io import EXTERNAL_THRESHOLD, temporary_path, tensor_bytes
 
@@ -25,6 +49,10 @@ RELATIVE_TOLERANCE = {
     np.dtype(np.float16): 1e-2,
 }
 BF16_TOLERANCE = 1e-2
+
+#: Element types a widened comparison turns into float32.
+WIDENED_TYPES = {onnx.TensorProto.DOUBLE: "double", onnx.TensorProto.BFLOAT16: "bfloat16"}
+_LOW_PRECISION = {onnx.TensorProto.FLOAT16: np.dtype(np.float16), onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 #: A symbolic or unknown dim is set to this, unless named in ``dims`` (the batch axis: 1).
 DEFAULT_DIM = 32
@@ -47,13 +75,17 @@ class VerifyResult:
     ok: bool
     seeds: int
     outputs: list[OutputCheck] = field(default_factory=list)
+    widened: list[str] = field(default_factory=list)  # types compared as float32 (see module doc)
 
     def worst(self) -> OutputCheck | None:
         bad = [o for o in self.outputs if not o.ok] or self.outputs
         return max(bad, key=lambda o: o.max_abs_error / max(o.tolerance, 1e-300), default=None)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "seeds": self.seeds, "outputs": [o.to_dict() for o in self.outputs]}
+        out = {"ok": self.ok, "seeds": self.seeds, "outputs": [o.to_dict() for o in self.outputs]}
+        if self.widened:
+            out["widened_to_float32"] = list(self.widened)
+        return out
 
 
 def reference_session(model: onnx.ModelProto, log_severity: int = 3) -> ort.InferenceSession:
@@ -116,11 +148,13 @@ def _tolerance(dtype: np.dtype) -> float | None:
     return RELATIVE_TOLERANCE.get(np.dtype(dtype))
 
 
-def compare_outputs(name: str, ref: np.ndarray, got: np.ndarray) -> OutputCheck:
+def compare_outputs(name: str, ref: np.ndarray, got: np.ndarray, rtol: float | None = None) -> OutputCheck:
+    """Compare one output; ``rtol`` overrides the float tolerance of ``ref``'s dtype."""
     ref, got = np.asarray(ref), np.asarray(got)
     if ref.shape != got.shape or ref.dtype != got.dtype:
         return OutputCheck(name, float("inf"), 0.0, 0.0, False)
-    rtol = _tolerance(ref.dtype)
+    own = _tolerance(ref.dtype)
+    rtol = None if own is None else (own if rtol is None else rtol)
     if rtol is None:  # integers, bools, strings: exact
         same = bool(np.array_equal(ref, got))
         return OutputCheck(name, 0.0 if same else float("inf"), 0.0, 0.0, same)
@@ -145,21 +179,19 @@ def compare(
     dims: dict[str, int] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> VerifyResult:
-    """Run both models on ``seeds`` random input sets and compare every output."""
-    try:
-        sess_a = reference_session(reference)
-    except Exception as err:
-        raise VerificationError(f"the original model does not load in onnxruntime: {first_line(err)}") from None
-    try:
-        sess_b = reference_session(candidate)
-    except Exception as err:
-        raise VerificationError(f"the optimized model does not load in onnxruntime: {first_line(err)}") from None
+    """Run both models on ``seeds`` random input sets and compare every output (widened to float32
+    where onnxruntime cannot run them as they are: see the module docstring)."""
+    types = elem_types(reference) | elem_types(candidate)
+    sess_a, sess_b, widened = _sessions(reference, candidate, types)
+    floor = max((_tolerance(dt) for t, dt in _LOW_PRECISION.items() if t in types), default=0.0)
     names = [o.name for o in sess_a.get_outputs()]
     if names != [o.name for o in sess_b.get_outputs()]:
         raise VerificationError("the models have different outputs")
     worst: dict[str, OutputCheck] = {}
     for seed in range(seeds):
         feeds = random_inputs(reference, seed, dims)
+        if widened:
+            feeds = {k: _widen_array(v) for k, v in feeds.items()}
         try:
             ref = sess_a.run(names, feeds)
         except Exception as err:
@@ -169,7 +201,8 @@ def compare(
         except Exception as err:
             raise VerificationError(f"the optimized model fails in onnxruntime: {first_line(err)}") from None
         for name, r, g in zip(names, ref, got):
-            check = compare_outputs(name, r, g)
+            own = _tolerance(np.asarray(r).dtype)
+            check = compare_outputs(name, r, g, None if own is None else max(own, floor))
             prev = worst.get(name)
             if prev is None or not check.ok or (prev.ok and check.max_abs_error > prev.max_abs_error):
                 if prev is None or prev.ok:
@@ -177,4 +210,185 @@ def compare(
         if progress is not None:
             progress(seed + 1)
     outputs = [worst[n] for n in names]
-    return VerifyResult(all(o.ok for o in outputs), seeds, outputs)
+    return VerifyResult(all(o.ok for o in outputs), seeds, outputs, widened)
+
+
+def _open(model: onnx.ModelProto, which: str) -> ort.InferenceSession:
+    try:
+        return reference_session(model)
+    except Exception as err:
+        raise VerificationError(f"the {which} model does not load in onnxruntime: {first_line(err)}") from None
+
+
+def _sessions(reference: onnx.ModelProto, candidate: onnx.ModelProto, types: set[int]):
+    """Sessions of both models as written, else (for double and bfloat16 models that onnxruntime
+    cannot load or feed as they are) of both widened to float32; and the widened type names."""
+    wide = [WIDENED_TYPES[t] for t in sorted(WIDENED_TYPES) if t in types]
+    if not wide:
+        return _open(reference, "original"), _open(candidate, "optimized"), []
+    if onnx.TensorProto.BFLOAT16 not in _io_types(reference) | _io_types(candidate):
+        try:
+            return _open(reference, "original"), _open(candidate, "optimized"), []
+        except VerificationError:
+            pass
+    return (
+        _open(widen(reference), "original (widened to float32)"),
+        _open(widen(candidate), "optimized (widened to float32)"),
+        wide,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Element types and widening to float32
+# --------------------------------------------------------------------------------------------
+
+#: Integer attributes that name an element type (Cast ``to``; ``dtype`` of the random and EyeLike
+#: generators).
+_TYPE_ATTRS = ("to", "dtype")
+
+
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph nested in its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for sub in _node_subgraphs(node):
+            yield from _graphs(sub)
+
+
+def _node_subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _all_nodes(model: onnx.ModelProto):
+    for graph in _graphs(model.graph):
+        yield from graph.node
+    for function in model.functions:
+        for node in function.node:
+            yield node
+            for sub in _node_subgraphs(node):
+                for graph in _graphs(sub):
+                    yield from graph.node
+
+
+def _type_elems(tp: onnx.TypeProto):
+    kind = tp.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        yield getattr(tp, kind).elem_type
+    elif kind in ("sequence_type", "optional_type"):
+        yield from _type_elems(getattr(tp, kind).elem_type)
+    elif kind == "map_type":
+        yield from _type_elems(tp.map_type.value_type)
+
+
+def _io_types(model: onnx.ModelProto) -> set[int]:
+    return {e for vi in list(model.graph.input) + list(model.graph.output) for e in _type_elems(vi.type)}
+
+
+def elem_types(model: onnx.ModelProto) -> set[int]:
+    """Element types a model holds or computes in: of its declared values, initializers, constant
+    attributes and Cast targets, in the main graph, subgraphs and local functions."""
+    types: set[int] = set()
+    infos = [vi for g in _graphs(model.graph) for vi in list(g.input) + list(g.output) + list(g.value_info)]
+    infos += [vi for f in model.functions for vi in getattr(f, "value_info", [])]
+    for vi in infos:
+        types.update(_type_elems(vi.type))
+    for g in _graphs(model.graph):
+        types.update(t.data_type for t in g.initializer)
+        types.update(t.values.data_type for t in g.sparse_initializer)
+    for node in _all_nodes(model):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                types.add(attr.t.data_type)
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                types.update(t.data_type for t in attr.tensors)
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                types.add(attr.sparse_tensor.values.data_type)
+            elif attr.type == onnx.AttributeProto.INT and attr.name in _TYPE_ATTRS and _default(node):
+                types.add(attr.i)
+    types.discard(0)
+    return types
+
+
+def _default(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _widen_array(array: np.ndarray) -> np.ndarray:
+    dtype = np.asarray(array).dtype
+    if dtype == np.float64 or str(dtype) == "bfloat16":
+        return np.asarray(array).astype(np.float32)
+    return array
+
+
+def _widen_tensor(tensor: onnx.TensorProto) -> None:
+    if tensor.data_type in WIDENED_TYPES:
+        try:
+            values = numpy_helper.to_array(tensor)
+        except Exception as err:  # external data that is not loaded
+            raise VerificationError(f"cannot widen tensor '{tensor.name}' to float32: {first_line(err)}") from None
+        tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), tensor.name))
+
+
+def _widen_type(tp: onnx.TypeProto) -> None:
+    kind = tp.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        t = getattr(tp, kind)
+        if t.elem_type in WIDENED_TYPES:
+            t.elem_type = onnx.TensorProto.FLOAT
+    elif kind in ("sequence_type", "optional_type"):
+        _widen_type(getattr(tp, kind).elem_type)
+    elif kind == "map_type":
+        _widen_type(tp.map_type.value_type)
+
+
+def _widen_node(node: onnx.NodeProto) -> None:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            _widen_tensor(attr.t)
+        elif attr.type == onnx.AttributeProto.TENSORS:
+            for t in attr.tensors:
+                _widen_tensor(t)
+        elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+            _widen_tensor(attr.sparse_tensor.values)
+        elif attr.type == onnx.AttributeProto.INT and attr.name in _TYPE_ATTRS and _default(node):
+            if attr.i in WIDENED_TYPES:
+                attr.i = onnx.TensorProto.FLOAT
+        elif attr.type == onnx.AttributeProto.TYPE_PROTO:
+            _widen_type(attr.tp)
+        elif attr.type == onnx.AttributeProto.TYPE_PROTOS:
+            for tp in attr.type_protos:
+                _widen_type(tp)
+        elif attr.type == onnx.AttributeProto.GRAPH:
+            _widen_graph(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                _widen_graph(g)
+
+
+def _widen_graph(graph: onnx.GraphProto) -> None:
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        _widen_type(vi.type)
+    for t in graph.initializer:
+        _widen_tensor(t)
+    for t in graph.sparse_initializer:
+        _widen_tensor(t.values)
+    for node in graph.node:
+        _widen_node(node)
+
+
+def widen(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every double and bfloat16 value, weight, constant and Cast target
+    in float32 (main graph, subgraphs, local functions); other types are left as they are."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _widen_graph(out.graph)
+    for function in out.functions:
+        for vi in getattr(function, "value_info", []):
+            _widen_type(vi.type)
+        for node in function.node:
+            _widen_node(node)
+    return out
