@@ -338,3 +338,50 @@ def sum_kernels(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndar
 def conv_macs_per_position(weight_shape: Sequence[int]) -> int:
     """Multiply-accumulates of one output position over all output channels: ``prod(W.shape)``."""
     return int(prod(int(v) for v in weight_shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Channel pruning
+# --------------------------------------------------------------------------------------------
+
+
+def fold_constant_inputs(weight, bias, values, axis: int = 1) -> np.ndarray:
+    """Bias after removing input channels that hold a constant over the whole input.
+
+    ``weight`` is a group-1 conv kernel ``(Cout, Cin, k...)`` (``axis = 1``) or a linear weight
+    ``(K, N)`` (``axis = 0``); ``values[c]`` is the constant of input channel ``c`` (0 for channels
+    not removed). ``conv(X; W, b) = conv(X'; W', b + sum_c v[c] * sum_taps W[o, c])`` where ``X'``
+    and ``W'`` lack the removed channels: exact only when the conv reads no padding (a zero pad
+    sits where ``v[c]`` would be); for ``v[c] = 0`` it always is.
+    """
+    w = as_f64(weight)
+    if axis == 0:
+        w = w.T
+    per_channel = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # (Cout, Cin): taps summed
+    return as_f64(bias) + per_channel @ as_f64(values)
+
+
+def merge_input_channels(weight, into: Sequence[int], axis: int = 1) -> np.ndarray:
+    """Weight reading input channels that carry equal values through one channel each.
+
+    ``into[c]`` is the channel that takes ``c``'s place (``c`` itself when kept). Since
+    ``W[:, c] * x_c + W[:, d] * x_d = (W[:, c] + W[:, d]) * x_c`` when ``x_c = x_d`` everywhere,
+    each kept slice becomes the sum of the slices merged into it (float64; the merged-away slices
+    are left for the caller to drop). ``axis``: 1 for conv kernels, 0 for linear ``(K, N)``.
+    """
+    w = np.array(weight, dtype=F64)
+    out = w.copy()
+    for c, keep in enumerate(into):
+        if keep != c:
+            dst = [slice(None)] * w.ndim
+            src = list(dst)
+            dst[axis], src[axis] = keep, c
+            out[tuple(dst)] += w[tuple(src)]
+    return out
+
+
+def depthwise_constant(weight, bias, values) -> np.ndarray:
+    """Output of a depthwise conv (``W`` of shape ``(C, 1, k...)``) on channels holding constants
+    ``values`` where its window reads no padding: ``v'[c] = b[c] + v[c] * sum_taps W[c, 0]``."""
+    w = as_f64(weight)
+    return as_f64(bias) + as_f64(values) * w.reshape(w.shape[0], -1).sum(axis=1)

@@ -22,6 +22,8 @@ from . import (  # noqa: E402,F401  (each registers itself)
     affine_fold,
     constant_fold,
     conv_chain,
+    dead_channels,
+    identical_filters,
     linear_affine,
     linear_chain,
     linear_merge,
@@ -41,5 +43,7 @@ ORDER = [
     "linear-merge",
     "linear-affine",
     "linear-chain",
+    "dead-channels",
+    "identical-filters",
 ]
 REGISTRY = {name: REGISTRY[name] for name in ORDER + [n for n in REGISTRY if n not in ORDER]}

@@ -1,0 +1,893 @@
+"""Channel flow: where the output channels of one layer go, for the pruning passes.
+
+A *source* is a Conv with ``group = 1`` or a linear layer (Gemm, MatMul by a constant, with its bias
+Add) whose weights are constants. Its output channels are followed forward through *steps*, nodes
+that act on every channel separately:
+
+* per-channel affine nodes (inference BatchNormalization, Mul/Div/Add/Sub by a scalar or
+  per-channel constant) and PRelu with a per-channel slope;
+* element-wise activations (``ops.UNARY_ACTIVATIONS``, float-to-float Cast included);
+* Add/Sub/Mul/Div/Max/Min of two tensors that carry the same channels at the same positions
+  (``x * sigmoid(x)``, a residual inside the followed region);
+* depthwise convs (``group = Cin = Cout``): the channel dies on both sides;
+* pooling (MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool), Flatten and Reshape to
+  ``(N, C)`` of a ``(N, C, 1, ...)`` tensor;
+* Concat on the channel axis (the channels move by the widths of the inputs before them);
+
+until every path ends in a *consumer* that mixes channels with constant weights: a Conv with
+``group = 1`` or a linear layer over the channel axis. Anything else stops the flow: a graph output
+or a subgraph reading a tensor on the way, an Add of the channels with a tensor that does not carry
+them (a residual from outside), Split, Transpose, grouped convs, ops not listed. The passes then
+drop channels at the source, slice the per-channel constants of every step, and fix up the
+consumers; the consumers' outputs keep their names and shapes.
+
+A :class:`Flow` records where source channel ``c`` sits in one tensor: ``index[c]`` along
+``axis``, out of ``width`` channels (a Concat's output holds other channels too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from math import prod
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxrep import algebra, ops
+from onnxrep.algebra import as_f64
+from onnxrep.graph import GraphView
+from onnxrep.rewrite import Context, Decline, NewNode, Plan
+
+from . import _linear
+from ._common import (
+    affine_data_input,
+    conv_constants_reason,
+    conv_geometry,
+    conv_groups,
+    conv_params,
+    has_padding,
+    is_op,
+    node_affine,
+    per_channel,
+    window_geometry,
+)
+
+CONV_AXIS = 1
+
+
+@dataclass
+class Flow:
+    tensor: gs.Tensor
+    index: np.ndarray  # position of every source channel along ``axis``
+    width: int
+    rank: int
+    axis: int
+
+    def positions(self, channels: np.ndarray) -> np.ndarray:
+        return self.index[channels]
+
+    def kept_positions(self, dropped: np.ndarray) -> np.ndarray:
+        """Positions left along the axis once the source channels ``dropped`` (a mask) are gone."""
+        keep = np.ones(self.width, dtype=bool)
+        keep[self.index[dropped]] = False
+        return np.flatnonzero(keep)
+
+
+# --------------------------------------------------------------------------------------------
+# Constants of one value per channel
+# --------------------------------------------------------------------------------------------
+
+
+def _slice_along(values: np.ndarray, flow: Flow, keep: np.ndarray) -> np.ndarray:
+    """A constant broadcast against ``flow``'s tensor, with the channel positions not in ``keep``
+    removed where it has one value per channel (a scalar or a size-1 channel dim stays)."""
+    v = np.asarray(values)
+    lead = flow.rank - v.ndim
+    ax = flow.axis - lead
+    if ax < 0 or v.shape[ax] != flow.width:
+        return v
+    return np.take(v, keep, axis=ax)
+
+
+def _channel_values(values: np.ndarray, flow: Flow) -> np.ndarray | None:
+    """``values`` as a float64 vector over ``flow``'s positions, or None if not per channel."""
+    return per_channel(values, flow.width, flow.rank, flow.axis)
+
+
+# --------------------------------------------------------------------------------------------
+# Element-wise functions, for the constant a dead channel carries
+# --------------------------------------------------------------------------------------------
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _softplus(v):
+    return np.logaddexp(0.0, v)
+
+
+def _unary_function(node: gs.Node, view: GraphView, ctx: Context) -> Callable[[np.ndarray], np.ndarray] | str:
+    """The float64 function an activation applies element-wise, or why it is not followed."""
+    a = node.attrs
+    op = node.op
+    if op == ops.CAST:
+        to = ctx.dtype(node.outputs[0])
+        src = ctx.dtype(node.inputs[0])
+        if to is None or src is None or to.kind != "f" or src.kind != "f":
+            return f"Cast '{node.name}' does not cast between float types"
+        return lambda v: as_f64(np.asarray(v).astype(to))
+    if op == ops.CLIP:
+        lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
+        for i, slot in ((1, "lo"), (2, "hi")):
+            if len(node.inputs) > i and node.inputs[i].name:
+                c = view.constant(node.inputs[i])
+                if c is None or c.size != 1:
+                    return f"Clip '{node.name}' bound '{node.inputs[i].name}' is not a constant scalar"
+                if slot == "lo":
+                    lo = float(c.reshape(()))
+                else:
+                    hi = float(c.reshape(()))
+        return lambda v: np.clip(v, lo, hi)
+    alpha = float(a.get("alpha", 0.0))
+    table = {
+        "Relu": lambda v: np.maximum(v, 0.0),
+        "LeakyRelu": lambda v: np.where(v >= 0, v, float(a.get("alpha", 0.01)) * v),
+        "Sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)),
+        "Tanh": np.tanh,
+        "Elu": lambda v: np.where(v >= 0, v, float(a.get("alpha", 1.0)) * np.expm1(v)),
+        "Celu": lambda v: np.maximum(v, 0.0) + np.minimum(0.0, float(a.get("alpha", 1.0)) * np.expm1(v / float(a.get("alpha", 1.0)))),
+        "Selu": lambda v: float(a.get("gamma", 1.05070102214813232421875))
+        * np.where(v > 0, v, float(a.get("alpha", 1.67326319217681884765625)) * np.expm1(v)),
+        "Softplus": _softplus,
+        "Softsign": lambda v: v / (1.0 + np.abs(v)),
+        "HardSigmoid": lambda v: np.clip(float(a.get("alpha", 0.2)) * v + float(a.get("beta", 0.5)), 0.0, 1.0),
+        "HardSwish": lambda v: v * np.clip(v / 6.0 + 0.5, 0.0, 1.0),
+        "Erf": _erf,
+        "Neg": np.negative,
+        "Abs": np.abs,
+        "Exp": np.exp,
+        "Mish": lambda v: v * np.tanh(_softplus(v)),
+        "Gelu": (
+            (lambda v: 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3))))
+            if a.get("approximate", "none") in ("tanh", b"tanh")
+            else (lambda v: 0.5 * v * (1.0 + _erf(v / math.sqrt(2.0))))
+        ),
+    }
+    del alpha
+    return table[op]
+
+
+_BINARY = {
+    ops.ADD: np.add,
+    ops.SUB: np.subtract,
+    ops.MUL: np.multiply,
+    ops.DIV: np.divide,
+    ops.MAX: np.maximum,
+    ops.MIN: np.minimum,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Steps: nodes the channels pass through
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """A node the channels pass through; ``inputs`` are the flows it reads, ``out`` its own."""
+
+    node: gs.Node
+    inputs: list[Flow]
+    out: Flow
+
+    def constant(self, values: list[np.ndarray], known: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The constant each source channel holds in the output, given those of the inputs, and
+        whether it still is one value over the whole tensor."""
+        return values[0], known[0]
+
+    def params(self) -> np.ndarray | None:
+        """Per-position parameters ``(width, p)`` that two channels must share to stay equal."""
+        return None
+
+    def emit(self, ctx: Context, new_in: list[gs.Tensor], out: gs.Tensor, keep: np.ndarray) -> NewNode:
+        """The node with its channel constants sliced to the positions ``keep`` of its output."""
+        return NewNode(self.node.op, ctx.fresh_name(self.node.name or self.node.op), dict(self.node.attrs),
+                       self._inputs(new_in), [out])
+
+    def _inputs(self, new_in: list[gs.Tensor]) -> list[gs.Tensor]:
+        return [new_in[0]] + list(self.node.inputs[1:])
+
+
+@dataclass
+class AffineStep(Step):
+    """BatchNormalization, or Mul/Div/Add/Sub by a constant: ``y = s[p] x + t[p]``."""
+
+    affine: algebra.Affine = None
+    view: GraphView = None
+
+    def constant(self, values, known):
+        pos = self.inputs[0].index
+        return self.affine.scale[pos] * values[0] + self.affine.shift[pos], known[0]
+
+    def params(self):
+        return np.stack([self.affine.scale, self.affine.shift], axis=1)
+
+    def emit(self, ctx, new_in, out, keep):
+        node, flow = self.node, self.inputs[0]
+        inputs = []
+        for t in node.inputs:
+            if t is not None and t.name and self.view.source(t) is flow.tensor:
+                inputs.append(new_in[0])
+            elif t is not None and t.name and self.view.is_constant(t):
+                sliced = _slice_along(self.view.constant(t), flow, keep) if not is_op(node, ops.BATCH_NORM) else (
+                    np.take(self.view.constant(t), keep, axis=0) if np.size(self.view.constant(t)) == flow.width else self.view.constant(t)
+                )
+                inputs.append(ctx.constant(t.name, np.asarray(sliced)))
+            else:
+                inputs.append(t)
+        if is_op(node, ops.BATCH_NORM):
+            inputs = inputs[:5]
+        return NewNode(node.op, ctx.fresh_name(node.name or node.op), dict(node.attrs), inputs, [out])
+
+
+@dataclass
+class PReluStep(Step):
+    slope: np.ndarray = None  # per position
+    raw: np.ndarray = None
+
+    def constant(self, values, known):
+        s = self.slope[self.inputs[0].index]
+        return np.where(values[0] >= 0, values[0], s * values[0]), known[0]
+
+    def params(self):
+        return self.slope[:, None]
+
+    def emit(self, ctx, new_in, out, keep):
+        slope = ctx.constant(self.node.inputs[1].name, _slice_along(self.raw, self.inputs[0], keep))
+        return NewNode(self.node.op, ctx.fresh_name(self.node.name or self.node.op), dict(self.node.attrs), [new_in[0], slope], [out])
+
+
+@dataclass
+class UnaryStep(Step):
+    fn: Callable = None
+
+    def constant(self, values, known):
+        with np.errstate(all="ignore"):
+            return self.fn(values[0]), known[0]
+
+
+@dataclass
+class BinaryStep(Step):
+    fn: Callable = None
+
+    def constant(self, values, known):
+        with np.errstate(all="ignore"):
+            return self.fn(values[0], values[1]), known[0] & known[1]
+
+    def _inputs(self, new_in):
+        return list(new_in)
+
+
+@dataclass
+class DepthwiseStep(Step):
+    weight: np.ndarray = None  # float64 (C, 1, k...)
+    bias: np.ndarray = None
+    padded: bool = False
+    view: GraphView = None
+
+    def constant(self, values, known):
+        pos = self.inputs[0].index
+        out = algebra.depthwise_constant(self.weight[pos], self.bias[pos], values[0])
+        # a padded window sees zeros at the border where the constant stood: still one value only if it is 0
+        return out, known[0] & ((values[0] == 0) if self.padded else True)
+
+    def params(self):
+        return np.concatenate([self.weight.reshape(self.weight.shape[0], -1), self.bias[:, None]], axis=1)
+
+    def emit(self, ctx, new_in, out, keep):
+        node = self.node
+        dtype = self.view.constant(node.inputs[1]).dtype
+        w = ctx.constant(node.inputs[1].name, np.asarray(self.view.constant(node.inputs[1]))[keep])
+        inputs = [new_in[0], w]
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            inputs.append(ctx.constant(node.inputs[2].name, self.bias[keep].astype(dtype)))
+        attrs = dict(node.attrs) | {"group": int(len(keep))}
+        return NewNode(node.op, ctx.fresh_name(node.name or node.op), attrs, inputs, [out])
+
+
+@dataclass
+class PoolStep(Step):
+    zero_only: bool = False  # the window averages in padding: a constant stays one only if 0
+
+    def constant(self, values, known):
+        return values[0], known[0] & ((values[0] == 0) if self.zero_only else True)
+
+
+@dataclass
+class ReshapeStep(Step):
+    """Reshape of ``(N, C, 1, ...)`` to ``(N, C)`` by a constant shape."""
+
+    shape: np.ndarray = None
+
+    def emit(self, ctx, new_in, out, keep):
+        shape = self.shape.copy()
+        if shape[1] > 0:
+            shape[1] = len(keep)
+        target = ctx.constant(self.node.inputs[1].name, shape.astype(np.int64))
+        return NewNode(self.node.op, ctx.fresh_name(self.node.name or self.node.op), dict(self.node.attrs),
+                       [new_in[0], target], [out])
+
+
+@dataclass
+class ConcatStep(Step):
+    slot: int = 0  # which input carries the channels
+    view: GraphView = None
+
+    def _inputs(self, new_in):
+        inputs = list(self.node.inputs)
+        inputs[self.slot] = new_in[0]
+        return inputs
+
+
+# --------------------------------------------------------------------------------------------
+# Sources and consumers: layers that mix channels with constant weights
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layer:
+    """A Conv (``group = 1``) or linear layer, its weight as ``(Cout, Cin, k...)`` / ``(K, N)``."""
+
+    node: gs.Node
+    linear: _linear.Linear | None
+    weight: np.ndarray  # float64
+    bias: np.ndarray  # float64
+    dtype: np.dtype
+
+    @property
+    def out(self) -> gs.Tensor:
+        return self.linear.out if self.linear else self.node.outputs[0]
+
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return list(self.linear.nodes) if self.linear else [self.node]
+
+    @property
+    def out_axis(self) -> int:
+        """Axis of ``weight`` that indexes output channels."""
+        return 1 if self.linear else 0
+
+    @property
+    def in_axis(self) -> int:
+        return 0 if self.linear else 1
+
+    def out_rows(self) -> np.ndarray:
+        """The weights of every output channel, one row each ``(Cout, -1)``, and its bias last."""
+        w = self.weight.T if self.linear else self.weight
+        return np.concatenate([w.reshape(w.shape[0], -1), self.bias[:, None]], axis=1)
+
+    def emit(self, ctx: Context, x: gs.Tensor, weight: np.ndarray, bias: np.ndarray, target: gs.Tensor,
+             rank: int | None) -> list[NewNode]:
+        name = self.node.name or self.node.op
+        if self.linear:
+            return _linear.emit(ctx, name, x, weight, bias, self.dtype, target, rank)
+        attrs = dict(self.node.attrs)
+        attrs["kernel_shape"] = list(weight.shape[2:])
+        w = ctx.constant(f"{name}.weight", weight.astype(self.dtype))
+        inputs = [x, w]
+        has_bias = len(self.node.inputs) > 2 and self.node.inputs[2].name
+        if has_bias or np.any(bias):
+            inputs.append(ctx.constant(f"{name}.bias", bias.astype(self.dtype)))
+        return [NewNode(ops.CONV, ctx.fresh_name(name), attrs, inputs, [target])]
+
+    def macs(self, out_shape, weight_shape) -> int:
+        """Multiply-accumulates (symbolic dims counted as 1): output positions x weight size."""
+        if out_shape is None:
+            return 0
+        dims = [d if isinstance(d, int) and d > 0 else 1 for d in out_shape]
+        positions = prod(dims[:-1]) if self.linear else prod(dims[:1] + dims[2:])
+        return int(positions * prod(weight_shape))
+
+
+def as_layer(node: gs.Node, view: GraphView, ctx: Context) -> Layer | str | None:
+    """``node`` as a :class:`Layer`; a reason string when it is a Conv/linear layer that cannot be
+    read as one (non-constant or grouped weights); None when it is neither."""
+    if is_op(node, ops.CONV):
+        if len(node.inputs) < 2:
+            return None
+        reason = conv_constants_reason(node, view)
+        if reason:
+            return reason
+        if conv_groups(node) != 1:
+            return f"Conv '{node.name}' has group={conv_groups(node)}"
+        w, b = conv_params(node, view)
+        return Layer(node, None, w, b, view.constant(node.inputs[1]).dtype)
+    lin = _linear.as_linear(node, view)
+    if lin is None:
+        return None
+    reason = _linear.layout_reason(lin, view, ctx)
+    if reason:
+        return reason
+    w, b = _linear.params(lin, view)
+    return Layer(node, lin, w, b, view.constant(node.inputs[1]).dtype)
+
+
+@dataclass
+class Consumer:
+    layer: Layer
+    flow: Flow
+    padded: bool  # a conv whose window reads zero padding
+
+
+@dataclass
+class Region:
+    source: Layer
+    channels: int
+    steps: list[Step] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    flows: dict[int, Flow] = field(default_factory=dict)  # id(tensor) -> flow
+
+    @property
+    def nodes(self) -> list[gs.Node]:
+        out = self.source.nodes + [s.node for s in self.steps]
+        for c in self.consumers:
+            out.extend(c.layer.nodes)
+        return out
+
+    def flow_of(self, tensor: gs.Tensor, view: GraphView) -> Flow | None:
+        return self.flows.get(id(view.source(tensor)))
+
+    # ---- the constants dead channels hold --------------------------------------------------
+
+    def constants(self, values: np.ndarray, known: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Push the source's per-channel constants through every step: id(tensor) -> (values, known)."""
+        out = {id(self.source.out): (values, known)}
+        for step in self.steps:
+            ins = [out[id(f.tensor)] for f in step.inputs]
+            out[id(step.out.tensor)] = step.constant([v for v, _ in ins], [k for _, k in ins])
+        return out
+
+    # ---- channels that stay equal --------------------------------------------------------
+
+    def split_by_params(self, labels: np.ndarray, tolerance: float) -> np.ndarray:
+        """Refine a labelling of source channels so that two channels share a label only if every
+        step gives them the same per-channel parameters."""
+        for step in self.steps:
+            params = step.params()
+            if params is None:
+                continue
+            pos = step.inputs[0].index
+            labels = refine(labels, params[pos], tolerance)
+        return labels
+
+
+def refine(labels: np.ndarray, rows: np.ndarray, tolerance: float) -> np.ndarray:
+    """New labels: channels share one when they shared one in ``labels`` and their ``rows`` are
+    equal (exactly, or within ``tolerance`` max abs difference to the group's first channel).
+    A label is the index of the first channel that has it."""
+    rows = np.asarray(rows, dtype=np.float64) + 0.0  # -0.0 == 0.0
+    new = np.arange(len(labels), dtype=np.int64)
+    if tolerance <= 0:
+        first: dict[tuple, int] = {}
+        for c in range(len(labels)):
+            new[c] = first.setdefault((int(labels[c]), rows[c].tobytes()), c)
+        return new
+    reps: dict[int, list[int]] = {}
+    for c in range(len(labels)):
+        group = reps.setdefault(int(labels[c]), [])
+        for r in group:
+            if rows.shape[1] == 0 or np.max(np.abs(rows[c] - rows[r])) <= tolerance:
+                new[c] = r
+                break
+        else:
+            group.append(c)
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# Following the channels
+# --------------------------------------------------------------------------------------------
+
+
+def follow(source: Layer, view: GraphView, ctx: Context) -> Region | Decline:
+    """The region the source's channels flow through, or the named reason they cannot be followed."""
+    out = view.source(source.out)
+    rows = source.out_rows()
+    channels = rows.shape[0]
+    shape = ctx.shape(out)
+    if shape is None:
+        return Decline("static_shapes", f"the rank of '{out.name}' is unknown")
+    rank = len(shape)
+    axis = rank - 1 if source.linear else CONV_AXIS
+    region = Region(source, channels)
+    region.flows[id(out)] = Flow(out, np.arange(channels), channels, rank, axis)
+    order = {id(n): i for i, n in enumerate(view.graph.nodes)}
+    pending = {id(out)}
+    seen: set[int] = {id(n) for n in source.nodes}
+    queue: list[gs.Node] = []
+    while pending:
+        t = region.flows[pending.pop()].tensor
+        if view.escapes(t):
+            return Decline("graph_output", f"the channels reach the graph output (or a subgraph) '{t.name}'")
+        for user in view.users(t):
+            if id(user) not in seen:
+                seen.add(id(user))
+                queue.append(user)
+        # steps whose inputs are all known are resolved in graph order, so a binary step sees both sides
+        queue.sort(key=lambda n: order.get(id(n), 0))
+        progressed = True
+        while progressed:
+            progressed = False
+            for node in list(queue):
+                flows = [region.flow_of(i, view) for i in node.inputs if i is not None and i.name]
+                if _waits(node, flows, region, view):
+                    continue
+                queue.remove(node)
+                progressed = True
+                result = _classify(node, region, view, ctx)
+                if isinstance(result, Decline):
+                    return result
+                if isinstance(result, Step):
+                    region.steps.append(result)
+                    region.flows[id(result.out.tensor)] = result.out
+                    pending.add(id(result.out.tensor))
+                else:
+                    region.consumers.append(result)
+    if queue:
+        node = queue[0]
+        return Decline("outside_operand", f"{node.op} '{node.name}' combines the channels with a tensor that does not carry them")
+    if not region.consumers:
+        return Decline("consumers", "the channels reach no layer that could absorb the change")
+    return region
+
+
+def _waits(node: gs.Node, flows: list, region: Region, view: GraphView) -> bool:
+    """A binary op one of whose data inputs is still being followed (the other side of a fork)."""
+    if not is_op(node, *_BINARY) or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    if view.is_constant(a) or view.is_constant(b):
+        return False
+    return any(f is None for f in flows) and _downstream_of_source(node, region, view)
+
+
+def _downstream_of_source(node: gs.Node, region: Region, view: GraphView) -> bool:
+    """True when the operand not yet followed is computed from the source's output (a fork of the
+    channels that has not reached this node yet)."""
+    src = id(view.source(region.source.out))
+    stack, seen = [i for i in node.inputs if region.flow_of(i, view) is None], set()
+    while stack:
+        t = view.source(stack.pop())
+        if id(t) == src or id(t) in region.flows:
+            return True
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        producer = view.producer(t)
+        if producer is not None:
+            stack.extend(i for i in producer.inputs if i is not None and i.name)
+    return False
+
+
+def _data_flow(node: gs.Node, region: Region, view: GraphView) -> tuple[int, Flow] | None:
+    for i, t in enumerate(node.inputs):
+        if t is not None and t.name:
+            flow = region.flow_of(t, view)
+            if flow is not None:
+                return i, flow
+    return None
+
+
+def _new_flow(node: gs.Node, flow: Flow, **changes) -> Flow:
+    fields = dict(tensor=node.outputs[0], index=flow.index, width=flow.width, rank=flow.rank, axis=flow.axis)
+    fields.update(changes)
+    return Flow(**fields)
+
+
+def _extra_outputs_reason(node: gs.Node, view: GraphView) -> str | None:
+    for extra in node.outputs[1:]:
+        if extra.name and (view.users(extra) or view.escapes(extra)):
+            return f"{node.op} '{node.name}' has a second output in use"
+    return None
+
+
+def _classify(node: gs.Node, region: Region, view: GraphView, ctx: Context) -> Step | Consumer | Decline:
+    slot, flow = _data_flow(node, region, view)
+    reason = _extra_outputs_reason(node, view)
+    if reason:
+        return Decline("followed", reason)
+    conv_like = flow.axis == CONV_AXIS and flow.rank >= 3
+    if is_op(node, ops.CONV) and slot == 0 and conv_like:
+        return _conv_user(node, flow, region, view, ctx)
+    if is_op(node, ops.GEMM, ops.MATMUL) and slot == 0:
+        layer = as_layer(node, view, ctx)
+        if isinstance(layer, Layer) and flow.axis == flow.rank - 1:
+            return Consumer(layer, flow, False)
+        why = layer if isinstance(layer, str) else f"{node.op} '{node.name}' does not contract the channel axis"
+        return Decline("consumers", why)
+    if is_op(node, ops.BATCH_NORM) or (is_op(node, *ops.AFFINE_BINARY_OPS) and affine_data_input(node, view) is not None):
+        if is_op(node, ops.BATCH_NORM) and (slot != 0 or flow.axis != CONV_AXIS):
+            return Decline("followed", f"BatchNormalization '{node.name}' does not normalize the channel axis")
+        affine = node_affine(node, view, flow.width, flow.rank, flow.axis)
+        if isinstance(affine, str):
+            return Decline("per_channel", affine)
+        if not is_op(node, ops.BATCH_NORM):
+            reason = _broadcast_reason(node, flow, view, ctx)
+            if reason:
+                return Decline("per_channel", reason)
+        return AffineStep(node, [flow], _new_flow(node, flow), affine=affine, view=view)
+    if is_op(node, ops.PRELU) and slot == 0 and len(node.inputs) == 2 and view.is_constant(node.inputs[1]):
+        raw = view.constant(node.inputs[1])
+        slope = _channel_values(raw, flow)
+        if slope is None:
+            return Decline("per_channel", f"PRelu '{node.name}' slope is not per channel")
+        return PReluStep(node, [flow], _new_flow(node, flow), slope=slope, raw=raw)
+    if is_op(node, *ops.UNARY_ACTIVATIONS) and slot == 0:
+        fn = _unary_function(node, view, ctx)
+        if isinstance(fn, str):
+            return Decline("followed", fn)
+        return UnaryStep(node, [flow], _new_flow(node, flow), fn=fn)
+    if is_op(node, *_BINARY) and len(node.inputs) == 2:
+        other = region.flow_of(node.inputs[1 - slot], view)
+        if other is None:
+            return Decline(
+                "outside_operand",
+                f"{node.op} '{node.name}' combines the channels with '{node.inputs[1 - slot].name}', which does not carry them (a residual)",
+            )
+        if other.width != flow.width or other.rank != flow.rank or not np.array_equal(other.index, flow.index):
+            return Decline("followed", f"{node.op} '{node.name}' combines the channels at different positions")
+        shape = ctx.shape(node.outputs[0])
+        if shape is None or len(shape) != flow.rank:
+            return Decline("static_shapes", f"the rank of '{node.outputs[0].name}' is unknown")
+        a, b = (region.flow_of(t, view) for t in node.inputs)
+        return BinaryStep(node, [a, b], _new_flow(node, flow), fn=_BINARY[node.op])
+    if is_op(node, ops.MAX_POOL, ops.AVERAGE_POOL, ops.GLOBAL_AVERAGE_POOL, ops.GLOBAL_MAX_POOL) and conv_like:
+        return _pool_step(node, flow, view, ctx)
+    if is_op(node, ops.FLATTEN, ops.RESHAPE) and slot == 0:
+        return _flatten_step(node, flow, view, ctx)
+    if is_op(node, ops.CONCAT):
+        return _concat_step(node, slot, flow, region, view, ctx)
+    return Decline("followed", f"{node.op} '{node.name}' reads the channels and is not followed")
+
+
+def _broadcast_reason(node: gs.Node, flow: Flow, view: GraphView, ctx: Context) -> str | None:
+    """A per-channel constant must not broadcast the data up to a bigger shape."""
+    const = view.constant(node.inputs[0] if view.is_constant(node.inputs[0]) else node.inputs[1])
+    if np.ndim(const) > flow.rank:
+        return f"{node.op} '{node.name}' constant has a higher rank than the data"
+    return None
+
+
+def _conv_user(node: gs.Node, flow: Flow, region: Region, view: GraphView, ctx: Context) -> Step | Consumer | Decline:
+    reason = conv_constants_reason(node, view)
+    if reason:
+        return Decline("constant_weights", reason)
+    geo = conv_geometry(node, view, ctx.shape(flow.tensor))
+    if isinstance(geo, str):
+        return Decline("static_shapes", geo)
+    groups = conv_groups(node)
+    w = view.constant(node.inputs[1])
+    if groups == 1:
+        return Consumer(as_layer(node, view, ctx), flow, has_padding(geo))
+    if groups == flow.width and w.shape[0] == flow.width and w.shape[1] == 1:
+        weight, bias = conv_params(node, view)
+        return DepthwiseStep(node, [flow], _new_flow(node, flow), weight=weight, bias=bias, padded=has_padding(geo), view=view)
+    return Decline("grouped", f"Conv '{node.name}' has group={groups}: dropping channels would unbalance its groups")
+
+
+def _pool_step(node: gs.Node, flow: Flow, view: GraphView, ctx: Context) -> Step | Decline:
+    zero_only = False
+    if is_op(node, ops.MAX_POOL, ops.AVERAGE_POOL):
+        kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", []))
+        geo = window_geometry(node, kernel, ctx.shape(flow.tensor))
+        if isinstance(geo, str):
+            return Decline("static_shapes", geo)
+        padded = has_padding(geo) or int(node.attrs.get("ceil_mode", 0)) != 0
+        if is_op(node, ops.MAX_POOL):
+            if padded:  # a window that lies in the padding alone would not see the constant
+                pads = node.attrs.get("pads", [0] * (2 * len(kernel)))
+                if int(node.attrs.get("ceil_mode", 0)) or any(int(p) >= k for p, k in zip(pads, kernel * 2)):
+                    return Decline("followed", f"MaxPool '{node.name}' may have windows inside the padding")
+        else:
+            zero_only = padded and int(node.attrs.get("count_include_pad", 0)) != 0 or int(node.attrs.get("ceil_mode", 0)) != 0
+    return PoolStep(node, [flow], _new_flow(node, flow), zero_only=zero_only)
+
+
+def _flatten_step(node: gs.Node, flow: Flow, view: GraphView, ctx: Context) -> Step | Decline:
+    shape = ctx.shape(flow.tensor)
+    out_shape = ctx.shape(node.outputs[0])
+    ones = shape is not None and all(d == 1 for d in shape[flow.axis + 1 :])
+    if flow.axis != CONV_AXIS or not ones or out_shape is None or len(out_shape) != 2 or out_shape[1] != flow.width:
+        return Decline("followed", f"{node.op} '{node.name}' does not only drop unit dims after the channels")
+    if is_op(node, ops.FLATTEN):
+        if int(node.attrs.get("axis", 1)) != 1:
+            return Decline("followed", f"Flatten '{node.name}' does not flatten from axis 1")
+        return Step(node, [flow], _new_flow(node, flow, rank=2))
+    target = view.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    if target is None or target.ndim != 1 or len(target) != 2 or target[1] not in (-1, flow.width) or int(node.attrs.get("allowzero", 0)):
+        return Decline("followed", f"Reshape '{node.name}' has a shape that is not a constant (N, C) or (N, -1)")
+    return ReshapeStep(node, [flow], _new_flow(node, flow, rank=2), shape=np.array(target, dtype=np.int64))
+
+
+def _concat_step(node: gs.Node, slot: int, flow: Flow, region: Region, view: GraphView, ctx: Context) -> Step | Decline:
+    axis = int(node.attrs.get("axis", 0))
+    axis = axis + flow.rank if axis < 0 else axis
+    if axis != flow.axis:
+        return Decline("followed", f"Concat '{node.name}' joins along axis {axis}, not the channel axis")
+    carrying = [i for i, t in enumerate(node.inputs) if region.flow_of(t, view) is not None]
+    if carrying != [slot]:
+        return Decline("followed", f"Concat '{node.name}' takes the channels more than once")
+    offset = 0
+    for t in node.inputs[:slot]:
+        shape = ctx.shape(t) if not view.is_constant(t) else view.constant(t).shape
+        if shape is None or len(shape) != flow.rank or not isinstance(shape[axis], int):
+            return Decline("static_shapes", f"the channel count of Concat '{node.name}' input '{t.name}' is unknown")
+        offset += shape[axis]
+    out_shape = ctx.shape(node.outputs[0])
+    if out_shape is None or not isinstance(out_shape[axis], int):
+        return Decline("static_shapes", f"the channel count of '{node.outputs[0].name}' is unknown")
+    return ConcatStep(node, [flow], _new_flow(node, flow, index=flow.index + offset, width=out_shape[axis]), slot=slot, view=view)
+
+
+# --------------------------------------------------------------------------------------------
+# Rewriting
+# --------------------------------------------------------------------------------------------
+
+
+def _resized(ctx: Context, flow: Flow, width: int, base: str) -> gs.Variable:
+    shape = ctx.shape(flow.tensor)
+    if shape is not None:
+        shape = list(shape)
+        shape[flow.axis] = width
+    var = gs.Variable(ctx.fresh_name(base), dtype=flow.tensor.dtype, shape=shape)
+    if shape is not None:
+        ctx.shapes[var.name] = tuple(shape)
+    return var
+
+
+def plans(region: Region, view: GraphView, ctx: Context, dropped: np.ndarray, into: np.ndarray,
+          folds: dict[int, np.ndarray], summary: str) -> list[Plan]:
+    """Plans that drop the source channels ``dropped`` (a mask) everywhere in the region.
+
+    Each consumer either adds the constant a dropped channel holds into its bias (``folds``:
+    id(consumer input tensor) -> values over source channels, 0 where none) or, for a channel merged
+    into another (``into[c] != c``), adds its weight slice to the kept channel's.
+    """
+    src = region.source
+    keep_src = np.flatnonzero(~dropped)
+    # the source, its output channels dropped
+    w = src.weight.take(keep_src, axis=src.out_axis)
+    b = src.bias[keep_src]
+    first_flow = region.flows[id(view.source(src.out))]
+    new: dict[int, gs.Tensor] = {id(first_flow.tensor): _resized(ctx, first_flow, len(keep_src), f"{first_flow.tensor.name}.pruned")}
+    shared = src.emit(ctx, _source_input(src, view), w, b, new[id(first_flow.tensor)], first_flow.rank)
+    params_before = _size(src.weight) + _size(src.bias)
+    params_after = _size(w) + _size(b)
+    macs_before = src.macs(ctx.shape(first_flow.tensor), src.weight.shape)
+    macs_after = src.macs(ctx.shape(first_flow.tensor), w.shape)
+    for step in region.steps:
+        keep = step.out.kept_positions(dropped)
+        out = _resized(ctx, step.out, len(keep), f"{step.out.tensor.name}.pruned")
+        spec = step.emit(ctx, [new[id(f.tensor)] for f in step.inputs], out, keep)
+        new[id(step.out.tensor)] = out
+        shared.append(spec)
+        before = _step_params(step.node, view)
+        after = sum(_size(t.values) for t in spec.inputs if isinstance(t, gs.Constant))
+        params_before, params_after = params_before + before, params_after + after
+        if isinstance(step, DepthwiseStep):
+            shape = ctx.shape(step.out.tensor)
+            macs_before += src.macs(shape, step.weight.shape) if shape else 0
+            macs_after += src.macs(shape, (len(keep),) + step.weight.shape[1:]) if shape else 0
+    result: list[Plan] = []
+    for i, consumer in enumerate(region.consumers):
+        layer, flow = consumer.layer, consumer.flow
+        weight = algebra.merge_input_channels(layer.weight, _position_map(flow, into), layer.in_axis)
+        bias = layer.bias
+        values = folds.get(id(flow.tensor))
+        if values is not None and np.any(values[dropped]):
+            full = np.zeros(flow.width)
+            full[flow.index[dropped]] = values[dropped]
+            bias = algebra.fold_constant_inputs(layer.weight, layer.bias, full, layer.in_axis)
+        keep = flow.kept_positions(dropped)
+        weight = weight.take(keep, axis=layer.in_axis)
+        nodes = layer.emit(ctx, new[id(flow.tensor)], weight, bias, layer.out, flow.rank)
+        params_before += _size(layer.weight) + _layer_bias_size(layer, view)
+        params_after += _size(weight) + (_size(bias) if (_layer_bias_size(layer, view) or np.any(bias)) else 0)
+        out_shape = ctx.shape(layer.out)
+        macs_before += layer.macs(out_shape, layer.weight.shape)
+        macs_after += layer.macs(out_shape, weight.shape)
+        result.append(Plan(layer.out, (shared if i == 0 else []) + nodes, summary))
+    details = {
+        "layer": src.node.name,
+        "channels": [int(region.channels), int(len(keep_src))],
+        "params": [int(params_before), int(params_after)],
+        "macs": [int(macs_before), int(macs_after)],
+    }
+    result[0].details = details
+    return result
+
+
+def _position_map(flow: Flow, into: np.ndarray) -> list[int]:
+    """``into`` over source channels as a map over ``flow``'s positions (identity elsewhere)."""
+    pos = list(range(flow.width))
+    for c, r in enumerate(into):
+        pos[flow.index[c]] = int(flow.index[r])
+    return pos
+
+
+def _source_input(src: Layer, view: GraphView) -> gs.Tensor:
+    return src.linear.head.inputs[0] if src.linear else src.node.inputs[0]
+
+
+def _size(a) -> int:
+    return int(np.size(a))
+
+
+def _layer_bias_size(layer: Layer, view: GraphView) -> int:
+    return _size(layer.bias) if _has_bias(layer) else 0
+
+
+def _has_bias(layer: Layer) -> bool:
+    if layer.linear:
+        return layer.linear.is_gemm and len(layer.node.inputs) > 2 and bool(layer.node.inputs[2].name) or len(layer.linear.nodes) > 1
+    return len(layer.node.inputs) > 2 and bool(layer.node.inputs[2].name)
+
+
+def _step_params(node: gs.Node, view: GraphView) -> int:
+    return sum(_size(view.constant(t)) for t in node.inputs[1:] if t is not None and t.name and view.is_constant(t))
+
+
+# --------------------------------------------------------------------------------------------
+# Matching
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """A source whose rows qualify (``marked``), the region its channels flow through or the
+    reason they cannot be followed, and what the check decided (filled by the pass)."""
+
+    node: gs.Node
+    layer: Layer | str
+    region: Region | Decline | None
+    marked: np.ndarray
+    decision: object = None
+
+
+def candidates(view: GraphView, ctx: Context, prefix: str, mark: Callable[[np.ndarray], np.ndarray]):
+    """Yield a Match for every Conv or linear layer with constant weights where ``mark`` (given the
+    rows of :meth:`Layer.out_rows`) flags at least one output channel."""
+    from onnxrep.rewrite import Match
+
+    for node in view.graph.nodes:
+        if not is_op(node, ops.CONV, ops.GEMM, ops.MATMUL) or len(node.inputs) < 2:
+            continue
+        layer = as_layer(node, view, ctx)
+        if layer is None:
+            continue
+        if isinstance(layer, str):
+            # a grouped conv with constant weights is a candidate to decline by name; others are not candidates
+            if not is_op(node, ops.CONV) or conv_constants_reason(node, view):
+                continue
+            w, b = conv_params(node, view)
+            marked = mark(np.concatenate([w.reshape(w.shape[0], -1), b[:, None]], axis=1))
+            if marked.any():
+                yield Match(f"{prefix}:{node.name}", [node], Candidate(node, layer, None, marked))
+            continue
+        marked = mark(layer.out_rows())
+        if not marked.any():
+            continue
+        region = follow(layer, view, ctx)
+        nodes = region.nodes if isinstance(region, Region) else layer.nodes
+        yield Match(f"{prefix}:{node.name}", nodes, Candidate(node, layer, region, marked))
+
+
+def source_reason(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    return c.layer if isinstance(c.layer, str) else None
+
+
+def channel_list(mask: np.ndarray, limit: int = 8) -> str:
+    idx = [int(i) for i in np.flatnonzero(mask)]
+    text = ", ".join(str(i) for i in idx[:limit])
+    return text + (f" and {len(idx) - limit} more" if len(idx) > limit else "")
