@@ -113,6 +113,29 @@ def pass_summary(report: engine.Report, details: bool) -> str:
     return "\n".join(lines)
 
 
+def _count(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def layer_table(report: engine.Report) -> str:
+    """Per layer whose channels were pruned: channels, weights and MACs before -> after."""
+    rows = [
+        (r["details"]["layer"], *(f"{_count(a)} -> {_count(b)}" for a, b in (r["details"][k] for k in ("channels", "params", "macs"))))
+        for p in report.passes
+        for r in p.rewrites
+        if r.get("details") and "channels" in r["details"]
+    ]
+    if not rows:
+        return ""
+    header = ("pruned layer", "channels", "weights", "MACs")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header)] + [fmt(r) for r in rows])
+
+
 def _write_json(path: str, data: dict) -> None:
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else ".")
@@ -126,6 +149,13 @@ _PASS_OPTIONS = [
     click.option("--skip", multiple=True, help="Comma-separated passes to leave out."),
     click.option(
         "--allow-cost-increase", is_flag=True, help="Also apply rewrites that raise MACs or weights (e.g. HetConv densifying)."
+    ),
+    click.option(
+        "--tolerance",
+        type=click.FloatRange(min=0.0),
+        default=0.0,
+        show_default=True,
+        help="identical-filters: also merge filters that differ by at most this (max abs). Not exact: opt-in.",
     ),
 ]
 
@@ -165,13 +195,13 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="List every rewrite and skip.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_guarded
-def optimize(input_path, output_path, only, skip, allow_cost_increase, report_path, no_verify, seeds, dims, external_data, on_mismatch, verbose, quiet):
+def optimize(input_path, output_path, only, skip, allow_cost_increase, tolerance, report_path, no_verify, seeds, dims, external_data, on_mismatch, verbose, quiet):
     """Optimize IN and write the result to OUT (verified in onnxruntime first)."""
     dims = _parse_dims(dims)
     model, had_external = io.load(input_path)
     size_before = io.tensor_bytes(model)
     t0 = time.perf_counter()
-    options = Options(allow_cost_increase)
+    options = Options(allow_cost_increase, tolerance=tolerance)
     out, report = engine.run(model, _split(only), _split(skip), options)
     io.check(out)
     elapsed = time.perf_counter() - t0
@@ -193,6 +223,9 @@ def optimize(input_path, output_path, only, skip, allow_cost_increase, report_pa
     if not quiet:
         click.echo(op_table(report, size_before, size_after))
         click.echo(pass_summary(report, verbose))
+        layers = layer_table(report)
+        if layers:
+            click.echo(layers)
         verdict = "skipped" if no_verify else f"ok ({seeds} random input sets)"
         click.echo(f"verification: {verdict}; written {output_path} in {elapsed:.2f} s")
 
@@ -217,15 +250,18 @@ def _verify_with_progress(a, b, seeds, dims, quiet):
 @_pass_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_guarded
-def inspect(input_path, only, skip, allow_cost_increase, as_json):
+def inspect(input_path, only, skip, allow_cost_increase, tolerance, as_json):
     """Show what optimize would rewrite in IN, and why the rest is skipped. Writes nothing."""
     model, _ = io.load(input_path)
-    _, report = engine.run(model, _split(only), _split(skip), Options(allow_cost_increase))
+    _, report = engine.run(model, _split(only), _split(skip), Options(allow_cost_increase, tolerance=tolerance))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     click.echo(op_table(report))
     click.echo(pass_summary(report, details=True))
+    layers = layer_table(report)
+    if layers:
+        click.echo(layers)
 
 
 @main.command()

@@ -597,3 +597,42 @@ def test_property_identical_filters_exact(cout, labels, steps, consumer_kernel, 
     out, rep = optimize(m, passes=(SAME,))
     assert_same(m, out, b.feeds())
     assert weight_of(out, "x")[0] == len(clusters)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_lists_pruned_layers_and_takes_a_tolerance(tmp_path):
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from onnxrep import cli
+
+    b = Builder(channels=3, spatial=(6, 6))
+    w = b.weight(6, 3, 1)
+    w[2] = 0
+    w[4] = w[1] + 1e-4  # nearly equal to channel 1
+    y = b.relu(b.conv("x", 3, 6, kernel=1, w=w, bias=False))
+    m = b.model(b.conv(y, 6, 2, kernel=1))
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    run_cli = lambda *a: CliRunner().invoke(cli.main, [str(v) for v in a], catch_exceptions=False)  # noqa: E731
+
+    res = run_cli("optimize", src, "-o", tmp_path / "a.onnx", "--report", tmp_path / "a.json")
+    assert res.exit_code == 0, res.output
+    assert "pruned layer" in res.output and "6 -> 5" in res.output
+    report = json.loads((tmp_path / "a.json").read_text())
+    dead = next(p for p in report["passes"] if p["name"] == DEAD)
+    assert dead["rewrites"][0]["details"]["channels"] == [6, 5]
+    assert widths(onnx.load(tmp_path / "a.onnx")) == [5, 2]
+
+    res = run_cli("optimize", src, "-o", tmp_path / "b.onnx", "--tolerance", "1e-3", "--no-verify")
+    assert res.exit_code == 0, res.output
+    assert widths(onnx.load(tmp_path / "b.onnx")) == [4, 2]
+
+    res = run_cli("optimize", src, "-o", tmp_path / "c.onnx", "--tolerance", "-1")
+    assert res.exit_code != 0 and not (tmp_path / "c.onnx").exists()
