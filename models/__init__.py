@@ -18,7 +18,7 @@ from .mobileone import mobileone_s0
 from .replknet import replknet_style
 from .repvgg import repvgg_a0, repvgg_b1g4
 from .repvit import repvit_style
-from .resrep import resrep_style
+from .resrep import resrep_pruned, resrep_style
 
 BUILDERS = {
     "repvgg-a0": repvgg_a0,
@@ -30,6 +30,7 @@ BUILDERS = {
     "repvgg-b1g4": repvgg_b1g4,
     "acnet-resnet18": acnet_resnet18,
     "repvit": repvit_style,
+    "resrep-pruned": resrep_pruned,
 }
 
 __all__ = [
@@ -49,5 +50,6 @@ __all__ = [
     "repvgg_a0",
     "repvgg_b1g4",
     "repvit_style",
+    "resrep_pruned",
     "resrep_style",
 ]
