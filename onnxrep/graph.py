@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from . import ops
+from . import io, ops
 
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
@@ -54,12 +54,17 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
             continue
         values = tensor._values
         if isinstance(values, gs.ir.tensor.SparseValues):
-            g.sparse_initializer.append(values.tensor)
+            g.sparse_initializer.add().CopyFrom(values.tensor)
         elif isinstance(values, gs.ir.tensor.LazyValues):
-            g.initializer.append(values.tensor)
+            g.initializer.add().CopyFrom(values.tensor)  # a deep copy, much faster than append
             g.initializer[-1].name = tensor.name
         else:
-            _write_array(g.initializer.add(), tensor.name, np.asarray(values))
+            proto = g.initializer.add()
+            _write_array(proto, tensor.name, np.asarray(values))
+            # the graph now reads these values from the new model: the array can be freed as soon
+            # as nothing else holds it, instead of living as long as the graph
+            tensor._values = gs.ir.tensor.LazyValues(proto)
+            del values
     g.value_info.extend(vi for vi in og.value_info if isinstance(tensors.get(vi.name), gs.Variable))
     return model
 
@@ -91,8 +96,23 @@ _RAW_DTYPES = {
 
 
 def _tensor_proto_array(proto: onnx.TensorProto) -> np.ndarray:
-    """Decode a TensorProto; the common raw little-endian case is a read-only view of its bytes."""
+    """Decode a TensorProto; the common raw little-endian case is a read-only view of its bytes.
+    A lazy initializer (``io.load(..., lazy=True)``) is read from its file."""
     dtype = _RAW_DTYPES.get(proto.data_type)
+    source = io.lazy_source(proto)
+    if source is not None:
+        if dtype is not None and np.little_endian:
+            count = source.length // np.dtype(dtype).itemsize
+            array = np.fromfile(source.path, dtype=dtype, count=count, offset=source.offset)
+            if array.size != count:
+                raise io.OnnxrepError(f"{source.path}: ends before the data of tensor '{proto.name}'")
+            array = array.reshape(tuple(proto.dims))
+            array.flags.writeable = False
+            return array
+        copy = onnx.TensorProto()
+        io._copy_fields(proto, copy, ("raw_data", "data_location", "external_data"))
+        copy.raw_data = io.read_source(source)
+        return numpy_helper.to_array(copy)
     if dtype is not None and proto.HasField("raw_data") and np.little_endian:
         return np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(proto.dims))
     return numpy_helper.to_array(proto)

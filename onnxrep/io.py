@@ -1,4 +1,18 @@
-"""Reading and writing models: clear errors for bad input, atomic writes, external data."""
+"""Reading and writing models: clear errors for bad input, atomic writes, external data.
+
+Large models are read and written tensor by tensor, so that memory holds the model once:
+
+* :func:`load` parses the file piece by piece (the graph's large initializers one at a time)
+  instead of reading all of its bytes and then parsing them. With ``lazy=True`` the data of large
+  initializers is not read at all: they stay *file references* (see :func:`lazy_source`) that
+  :func:`onnxrep.graph.constant_values` reads when a pass needs them and :func:`save` copies
+  across; such a model is for onnxrep's own functions only (onnxruntime and the onnx checker
+  reject it, and :func:`materialize` turns it into an ordinary model).
+* :func:`save` writes the model without its initializers, then appends every initializer as a
+  fragment of its own (``ModelProto(graph=GraphProto(initializer=[t]))``: protobuf merges
+  concatenated messages, so the file parses to the same model), or writes their data to the
+  external data file, instead of serializing the whole model into one buffer first.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +22,7 @@ import tempfile
 from contextlib import contextmanager
 from math import prod
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -20,14 +34,357 @@ from .errors import InputError, OnnxrepError, first_line
 #: cannot serialize a message of 2 GiB or more).
 EXTERNAL_THRESHOLD = 1_800_000_000
 
+#: Initializers whose serialized size reaches this are read and written one at a time; smaller
+#: fields are gathered into batches of about ``_BATCH`` bytes.
+_BIG = 1 << 16
+_BATCH = 1 << 23
+
+#: Raw data of at least this many bytes is what ``onnx.save_model(..., save_as_external_data=True)``
+#: moves out with its default threshold (it compares ``sys.getsizeof(raw_data)``, 33 bytes more).
+_EXTERNAL_MIN = 1024 - 33
+
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model))
 
 
-def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
-    """Load and check a model; returns it with every tensor in memory, and whether it had external
-    data. Every failure is an :class:`InputError` with a one-line message naming the file."""
+# --------------------------------------------------------------------------------------------
+# file references (lazy initializers)
+# --------------------------------------------------------------------------------------------
+
+
+class Source(NamedTuple):
+    """Where a lazy initializer's raw data lies: ``length`` bytes at ``offset`` of ``path``."""
+
+    path: str
+    offset: int
+    length: int
+
+
+def lazy_source(tensor: onnx.TensorProto) -> Source | None:
+    """The file range holding ``tensor``'s raw data if it is a lazy reference made by
+    ``load(..., lazy=True)`` (external data whose location is an absolute path, which no saved
+    model may hold), else None."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    if not os.path.isabs(location) or "offset" not in info or "length" not in info:
+        return None
+    return Source(location, int(info["offset"]), int(info["length"]))
+
+
+#: Marks a file reference made from external data: read back in, such a tensor keeps an explicit
+#: ``data_location: DEFAULT``, as ``onnx.external_data_helper.load_external_data_for_tensor`` leaves it.
+_FROM_EXTERNAL = "onnxrep.from_external"
+
+
+def _make_lazy(tensor: onnx.TensorProto, source: Source, from_external: bool = False) -> None:
+    _set_reference(tensor, source.path, source.offset, source.length)
+    if from_external:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = _FROM_EXTERNAL, "1"
+
+
+def _set_reference(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Point ``tensor`` at ``length`` bytes at ``offset`` of ``location`` (as
+    ``onnx.external_data_helper.set_external_data`` does); its raw data is left as it is."""
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
+def _unreference(tensor: onnx.TensorProto) -> None:
+    """Drop a file reference's fields, as reading its data in leaves them."""
+    external = any(e.key == _FROM_EXTERNAL for e in tensor.external_data)
+    del tensor.external_data[:]
+    if external:
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    else:
+        tensor.ClearField("data_location")
+
+
+def read_source(source: Source) -> bytes:
+    """The bytes of a file reference."""
+    with open(source.path, "rb") as f:
+        f.seek(source.offset)
+        data = f.read(source.length)
+    if len(data) != source.length:
+        raise OnnxrepError(f"{source.path}: ends before the tensor data it should hold")
+    return data
+
+
+def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Read the data of every lazy initializer of ``model`` into it (in place); returns it."""
+    for tensor in model.graph.initializer:
+        source = lazy_source(tensor)
+        if source is not None:
+            tensor.raw_data = read_source(source)
+            _unreference(tensor)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# protobuf wire format
+# --------------------------------------------------------------------------------------------
+
+
+class _Malformed(Exception):
+    """The file is not a well-formed protobuf message (onnx.load then reports it)."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class _Reader:
+    """Sequential reads from a file, through a buffer, with the absolute position known."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+        self.buf, self.i, self.base = b"", 0, 0
+
+    @property
+    def pos(self) -> int:
+        return self.base + self.i
+
+    def _fill(self, n: int) -> None:
+        """Make ``n`` bytes available from the current position (fewer only at the end of file)."""
+        if len(self.buf) - self.i >= n:
+            return
+        rest = self.buf[self.i:]
+        more = self.f.read(max(n - len(rest), self.CHUNK))
+        self.base += self.i
+        self.buf, self.i = rest + more, 0
+
+    def varint(self) -> int:
+        self._fill(10)
+        buf, i, result, shift = self.buf, self.i, 0, 0
+        while True:
+            if i >= len(buf) or shift >= 70:
+                raise _Malformed("bad varint")
+            byte = buf[i]
+            i += 1
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                self.i = i
+                return result
+            shift += 7
+
+    def take(self, n: int):
+        """The next ``n`` bytes (bytes or a bytearray)."""
+        if n > self.size - self.pos:
+            raise _Malformed("truncated")
+        if n <= self.CHUNK:
+            self._fill(n)
+            out = self.buf[self.i:self.i + n]
+            self.i += n
+            return out
+        out = bytearray(n)
+        have = len(self.buf) - self.i
+        out[:have] = self.buf[self.i:]
+        view = memoryview(out)[have:]
+        while len(view):
+            got = self.f.readinto(view)
+            if not got:
+                raise _Malformed("truncated")
+            view = view[got:]
+        self.base, self.buf, self.i = self.pos + n, b"", 0
+        return out
+
+    def skip(self, n: int) -> None:
+        if n > self.size - self.pos:
+            raise _Malformed("truncated")
+        if n <= len(self.buf) - self.i:
+            self.i += n
+            return
+        self.seek(self.pos + n)
+
+    def seek(self, pos: int) -> None:
+        self.f.seek(pos)
+        self.base, self.buf, self.i = pos, b"", 0
+
+    def payload(self, wire_type: int) -> bytes:
+        """The encoded payload of a field of ``wire_type`` (after its key)."""
+        if wire_type == 0:
+            return _varint(self.varint())
+        if wire_type == 1:
+            return bytes(self.take(8))
+        if wire_type == 5:
+            return bytes(self.take(4))
+        if wire_type == 2:
+            n = self.varint()
+            return _varint(n) + bytes(self.take(n))
+        raise _Malformed(f"wire type {wire_type}")
+
+
+def _merge(message, pending: bytearray) -> None:
+    if pending:
+        message.MergeFromString(bytes(pending))
+        pending.clear()
+
+
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+_DATA_LOCATION, _EXTERNAL_DATA = 14, 13
+
+
+def _read_model(path: Path, lazy: bool) -> tuple[onnx.ModelProto, dict[int, int]]:
+    """Parse a binary ONNX file piece by piece; returns the model and the raw data length of each
+    large main-graph initializer (by index), measured on the way."""
+    model = onnx.ModelProto()
+    lengths: dict[int, int] = {}
+    size = path.stat().st_size
+    with open(path, "rb", buffering=0) as f:
+        r = _Reader(f, size)
+        top = bytearray()
+        while r.pos < size:
+            key = r.varint()
+            if key == (_GRAPH << 3 | 2):
+                n = r.varint()
+                if n > size - r.pos:
+                    raise _Malformed("truncated")
+                _merge(model, top)
+                _read_graph(r, model.graph, r.pos + n, lazy, lengths, str(path.resolve()))
+            else:
+                top += _varint(key) + r.payload(key & 7)
+                if len(top) > _BATCH:
+                    _merge(model, top)
+        _merge(model, top)
+    return model, lengths
+
+
+def _read_graph(r: _Reader, graph: onnx.GraphProto, end: int, lazy: bool, lengths: dict, path: str) -> None:
+    pending = bytearray()
+    while r.pos < end:
+        key = r.varint()
+        if key == (_INITIALIZER << 3 | 2):
+            n = r.varint()
+            if n > end - r.pos:
+                raise _Malformed("truncated")
+            if n >= _BIG:
+                _merge(graph, pending)
+                index = len(graph.initializer)
+                tensor = graph.initializer.add()
+                if lazy:
+                    length = _read_tensor_lazy(r, tensor, r.pos + n, path)
+                else:
+                    data = r.take(n)
+                    tensor.ParseFromString(data)
+                    length = _raw_length(data)
+                    del data
+                if length is not None:
+                    lengths[index] = length
+                continue
+            pending += _varint(key) + _varint(n) + bytes(r.take(n))
+        else:
+            pending += _varint(key) + r.payload(key & 7)
+        if len(pending) > _BATCH:
+            _merge(graph, pending)
+    if r.pos != end:
+        raise _Malformed("a field runs past the end of the graph")
+    _merge(graph, pending)
+
+
+def _raw_length(data) -> int | None:
+    """Length of the raw_data field of a serialized TensorProto (None when it has none)."""
+    view, i, length = memoryview(data), 0, None
+    while i < len(view):
+        key, i = _decode_varint(view, i)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, i = _decode_varint(view, i)
+        elif wire_type == 1:
+            i += 8
+        elif wire_type == 5:
+            i += 4
+        elif wire_type == 2:
+            n, i = _decode_varint(view, i)
+            if key >> 3 == _RAW_DATA:
+                length = n
+            i += n
+        else:
+            raise _Malformed(f"wire type {wire_type}")
+    if i != len(view):
+        raise _Malformed("truncated tensor")
+    return length
+
+
+def _decode_varint(view, i: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if i >= len(view) or shift >= 70:
+            raise _Malformed("bad varint")
+        byte = view[i]
+        i += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, i
+        shift += 7
+
+
+def _read_tensor_lazy(r: _Reader, tensor: onnx.TensorProto, end: int, path: str) -> int | None:
+    """Parse a TensorProto ending at ``end`` without reading its raw data, which becomes a file
+    reference; a tensor that already describes external data, or holds raw data twice, is read
+    whole instead."""
+    start = r.pos
+    fields = bytearray()
+    raw: list[tuple[int, int]] = []
+    plain = True
+    while r.pos < end:
+        key = r.varint()
+        number, wire_type = key >> 3, key & 7
+        if number in (_DATA_LOCATION, _EXTERNAL_DATA):
+            plain = False
+        if number == _RAW_DATA and wire_type == 2:
+            n = r.varint()
+            raw.append((r.pos, n))
+            r.skip(n)
+        else:
+            fields += _varint(key) + r.payload(wire_type)
+    if r.pos != end:
+        raise _Malformed("a field runs past the end of a tensor")
+    if not plain or len(raw) != 1:
+        r.seek(start)
+        data = r.take(end - start)
+        tensor.ParseFromString(data)
+        return _raw_length(data)
+    tensor.ParseFromString(bytes(fields))
+    offset, length = raw[0]
+    _make_lazy(tensor, Source(path, offset, length))
+    return length
+
+
+# --------------------------------------------------------------------------------------------
+# load
+# --------------------------------------------------------------------------------------------
+
+
+def _binary(path: str | os.PathLike) -> bool:
+    """Whether onnx would read or write ``path`` as binary protobuf (not a text format)."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(str(path))[1])
+    return fmt in (None, "protobuf")
+
+
+def load(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelProto, bool]:
+    """Load and check a model; returns it, and whether it had external data. Every failure is an
+    :class:`InputError` with a one-line message naming the file.
+
+    By default every tensor is in memory. With ``lazy`` the data of the main graph's large
+    initializers (inline or external) stays in its file as a reference (:func:`lazy_source`):
+    the model then costs little memory, and the files must stay unchanged until it is saved.
+    """
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
@@ -39,34 +396,87 @@ def load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
         raise InputError(f"{p}: cannot read ({first_line(err)})") from None
     if size == 0:
         raise InputError(f"{p}: empty file, not an ONNX model")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except (DecodeError, RuntimeWarning, ValueError, TypeError) as err:
-        raise InputError(f"{p}: not a valid ONNX model (cannot be parsed: {first_line(err)})") from None
-    except OSError as err:
-        raise InputError(f"{p}: cannot read ({first_line(err)})") from None
+    model, lengths = None, {}
+    if _binary(p):
+        try:
+            model, lengths = _read_model(p, lazy)
+        except (_Malformed, DecodeError, RuntimeWarning, ValueError, TypeError):
+            model = None  # onnx.load gives the error message below
+        except OSError as err:
+            raise InputError(f"{p}: cannot read ({first_line(err)})") from None
+    if model is None:
+        lengths = {}
+        try:
+            model = onnx.load(str(p), load_external_data=False)
+        except (DecodeError, RuntimeWarning, ValueError, TypeError) as err:
+            raise InputError(f"{p}: not a valid ONNX model (cannot be parsed: {first_line(err)})") from None
+        except OSError as err:
+            raise InputError(f"{p}: cannot read ({first_line(err)})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise InputError(f"{p}: not a valid ONNX model (no graph, IR version or opset)")
-    external = uses_external_data(model)
+    external = any(
+        external_data_helper.uses_external_data(t) and lazy_source(t) is None
+        for t in external_data_helper._get_all_tensors(model)
+    )
     if external:
-        for tensor in external_data_helper._get_all_tensors(model):
-            if not external_data_helper.uses_external_data(tensor):
-                continue
-            info = external_data_helper.ExternalDataInfo(tensor)
-            data = p.parent / info.location
-            if not data.is_file():
-                raise InputError(f"{p}: external data file '{info.location}' is missing")
-        try:
-            external_data_helper.load_external_data_for_model(model, str(p.parent))
-        except Exception as err:  # a short or unreadable data file
-            raise InputError(f"{p}: external data cannot be read ({first_line(err)})") from None
+        _load_external(p, model, lazy, lengths)
     try:
-        check(model)
+        check(model, _lengths=lengths)
     except onnx.checker.ValidationError as err:
         raise InputError(f"{p}: invalid ONNX model ({first_line(err)})") from None
     except UnicodeDecodeError:
         raise InputError(f"{p}: invalid ONNX model (a name or string is not valid UTF-8)") from None
     return model, external
+
+
+def _load_external(p: Path, model: onnx.ModelProto, lazy: bool, lengths: dict[int, int]) -> None:
+    """Read the external data of ``model`` (one tensor at a time), or with ``lazy`` turn the main
+    graph's external initializers into file references."""
+    base = p.parent
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor) or lazy_source(tensor) is not None:
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        data = base / info.location
+        if not data.is_file():
+            raise InputError(f"{p}: external data file '{info.location}' is missing")
+    for index, tensor in enumerate(model.graph.initializer):
+        if not lazy or not external_data_helper.uses_external_data(tensor) or lazy_source(tensor) is not None:
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        data = _inside(base, info.location)
+        if data is None:
+            raise InputError(f"{p}: external data location '{info.location}' is outside the model's folder")
+        offset = info.offset or 0
+        file_size = data.stat().st_size
+        length = info.length if info.length is not None else file_size - offset
+        if offset < 0 or length < 0 or offset + length > file_size:
+            raise InputError(f"{p}: external data cannot be read (tensor '{tensor.name}' lies past the end of '{info.location}')")
+        tensor.ClearField("raw_data")
+        _make_lazy(tensor, Source(str(data), offset, length), from_external=True)
+        lengths[index] = length
+    try:
+        for tensor in external_data_helper._get_all_tensors(model):
+            if external_data_helper.uses_external_data(tensor) and lazy_source(tensor) is None:
+                external_data_helper.load_external_data_for_tensor(tensor, str(base))
+    except Exception as err:  # a short or unreadable data file
+        raise InputError(f"{p}: external data cannot be read ({first_line(err)})") from None
+
+
+def _inside(base: Path, location: str) -> Path | None:
+    """``base / location`` resolved, if it stays inside ``base`` (no absolute or ``..`` escape)."""
+    if not location or os.path.isabs(location):
+        return None
+    root = base.resolve()
+    target = (root / location).resolve()
+    if target != root and root not in target.parents:
+        return None
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# checks and sizes
+# --------------------------------------------------------------------------------------------
 
 
 #: Initializers up to this many elements stay in the copy used for shape inference (they may be
@@ -93,14 +503,6 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of tensor data the model holds (initializers, Constant nodes, subgraphs)."""
-    total = 0
-    for t in external_data_helper._get_all_tensors(model):
-        total += len(t.raw_data) if t.HasField("raw_data") else prod(t.dims) * 4
-    return total
-
-
 _PACKED_4BIT = {
     getattr(onnx.TensorProto, name)
     for name in ("INT4", "UINT4", "FLOAT4E2M1")
@@ -108,23 +510,61 @@ _PACKED_4BIT = {
 }
 
 
-def check(model: onnx.ModelProto) -> None:
+def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of raw data that ``tensor``'s shape and type need (None for strings and unknown types)."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    n = prod(tensor.dims)
+    if tensor.data_type in _PACKED_4BIT:
+        return (n + 1) // 2
+    try:
+        return n * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:  # noqa: BLE001 - a type numpy cannot hold
+        return None
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data the model holds (initializers, Constant nodes, subgraphs), lazy
+    references included. Raw data is counted from the tensor's shape and type (which
+    :func:`check` compares with its length), without reading it."""
+    total = 0
+    for t in external_data_helper._get_all_tensors(model):
+        expected = _expected_bytes(t)
+        if t.HasField("raw_data"):
+            total += expected if expected is not None else len(t.raw_data)
+        elif lazy_source(t) is not None:
+            total += lazy_source(t).length
+        else:
+            total += prod(t.dims) * 4
+    return total
+
+
+def check(model: onnx.ModelProto, _lengths: dict[int, int] | None = None) -> None:
     """``onnx.checker.check_model`` on the model's :func:`skeleton` (no weight bytes serialized,
     whatever the model's size), and a check that every initializer holds as many bytes as its
     shape and type need. Raises ``onnx.checker.ValidationError``."""
     onnx.checker.check_model(skeleton(model))
-    for init in model.graph.initializer:
-        if not init.HasField("raw_data") or init.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+    known = _lengths or {}
+    for index, init in enumerate(model.graph.initializer):
+        source = lazy_source(init)
+        if source is None and not init.HasField("raw_data"):
             continue
-        n = prod(init.dims)
-        if init.data_type in _PACKED_4BIT:
-            expected = (n + 1) // 2
+        expected = _expected_bytes(init)
+        if expected is None:
+            continue
+        if source is not None:
+            held = source.length
         else:
-            expected = n * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-        if len(init.raw_data) != expected:
+            held = known[index] if index in known else len(init.raw_data)
+        if held != expected:
             raise onnx.checker.ValidationError(
-                f"initializer '{init.name}' holds {len(init.raw_data)} bytes, its shape {list(init.dims)} needs {expected}"
+                f"initializer '{init.name}' holds {held} bytes, its shape {list(init.dims)} needs {expected}"
             )
+
+
+# --------------------------------------------------------------------------------------------
+# save
+# --------------------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -133,35 +573,165 @@ def temporary_path(model: onnx.ModelProto) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="onnxrep-")
     try:
         path = os.path.join(tmp, "model.onnx")
-        external = tensor_bytes(model) >= EXTERNAL_THRESHOLD
-        _write(model, path, external)
-        if external:  # saving moved the tensors out of the model: read them back in
-            external_data_helper.load_external_data_for_model(model, tmp)
+        _write(model, path, tensor_bytes(model) >= EXTERNAL_THRESHOLD)
         yield path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _is_repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)
+    return flag if flag is not None else field.label == field.LABEL_REPEATED
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...] = ()):
+    """Copy every field of ``src`` but ``skip`` into ``dst`` (messages copied deep); returns dst."""
+    for field in src.DESCRIPTOR.fields:
+        name = field.name
+        if name in skip:
+            continue
+        if _is_repeated(field):
+            values = getattr(src, name)
+            if not len(values):
+                continue
+            target = getattr(dst, name)
+            if field.message_type is not None:
+                for value in values:
+                    target.add().CopyFrom(value)
+            else:
+                target.extend(values)
+        elif src.HasField(name):
+            if field.message_type is not None:
+                getattr(dst, name).CopyFrom(getattr(src, name))
+            else:
+                setattr(dst, name, getattr(src, name))
+    return dst
+
+
+def _head(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without the main graph's initializers."""
+    head = _copy_fields(model, onnx.ModelProto(), ("graph",))
+    if model.HasField("graph"):
+        _copy_fields(model.graph, head.graph, ("initializer",))
+    return head
+
+
+_COPY_CHUNK = 1 << 26
+
+
+def _copy_source(source: Source, out) -> None:
+    """Append the bytes of a file reference to the open file ``out``, in chunks."""
+    with open(source.path, "rb") as f:
+        f.seek(source.offset)
+        left = source.length
+        while left:
+            block = f.read(min(left, _COPY_CHUNK))
+            if not block:
+                raise OnnxrepError(f"{source.path}: ends before the tensor data it should hold")
+            out.write(block)
+            left -= len(block)
+
+
 def _write(model: onnx.ModelProto, path: str, external: bool) -> None:
+    """Write ``model`` to ``path`` (and ``<name>.data`` beside it with ``external``) tensor by
+    tensor; ``model`` is not changed. The model file parses to the same ModelProto that
+    ``onnx.save_model`` would write, and with ``external`` both files are laid out as
+    ``onnx.save_model(..., save_as_external_data=True, location=<name>.data)`` lays them out."""
     if external:
-        onnx.save_model(
-            model,
-            path,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=os.path.basename(path) + ".data",
-            size_threshold=1024,
-        )
-    else:
+        _write_external(model, path)
+    elif not _binary(path):  # a text format: onnx writes it whole
+        if any(lazy_source(t) is not None for t in model.graph.initializer):
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            model = materialize(copy)
         onnx.save_model(model, path)
+    else:
+        _write_inline(model, path)
+
+
+def _write_inline(model: onnx.ModelProto, path: str) -> None:
+    onnx.save_model(_head(model), path)
+    if not model.HasField("graph"):
+        return
+    with open(path, "ab") as f:
+        for tensor in model.graph.initializer:
+            source = lazy_source(tensor)
+            if source is None and not (tensor.HasField("raw_data") and (_expected_bytes(tensor) or 0) >= _BIG):
+                _fragment(f, tensor.SerializeToString())
+                continue
+            meta = _copy_fields(tensor, onnx.TensorProto(), ("raw_data",))
+            if source:
+                _unreference(meta)
+            head = meta.SerializeToString()
+            data = None if source else tensor.raw_data
+            length = source.length if source else len(data)
+            tail = bytes([_RAW_DATA << 3 | 2]) + _varint(length)
+            size = len(head) + len(tail) + length
+            initializer = bytes([_INITIALIZER << 3 | 2]) + _varint(size)
+            f.write(bytes([_GRAPH << 3 | 2]) + _varint(len(initializer) + size) + initializer + head + tail)
+            if source:
+                _copy_source(source, f)
+            else:
+                f.write(data)
+                del data
+
+
+def _fragment(f, tensor: bytes) -> None:
+    initializer = bytes([_INITIALIZER << 3 | 2]) + _varint(len(tensor)) + tensor
+    f.write(bytes([_GRAPH << 3 | 2]) + _varint(len(initializer)) + initializer)
+
+
+def _write_external(model: onnx.ModelProto, path: str) -> None:
+    location = os.path.basename(path) + ".data"
+    data_path = os.path.join(os.path.dirname(path), location)
+    head = _head(model)
+    data = None
+    try:
+        def put(tensor: onnx.TensorProto, source: Source | None, raw: bytes | None) -> None:
+            nonlocal data
+            if data is None:
+                data = open(data_path, "wb")
+            offset = data.tell()
+            if source is not None:
+                _copy_source(source, data)
+            else:
+                data.write(raw)
+            _set_reference(tensor, location, offset, data.tell() - offset)
+            tensor.ClearField("raw_data")
+
+        for tensor in model.graph.initializer if model.HasField("graph") else ():
+            source = lazy_source(tensor)
+            if source is not None:
+                put(_copy_fields(tensor, head.graph.initializer.add(), ("data_location", "external_data")), source, None)
+            elif tensor.HasField("raw_data") and (_expected_bytes(tensor) or len(tensor.raw_data)) >= _EXTERNAL_MIN:
+                raw = tensor.raw_data
+                if len(raw) < _EXTERNAL_MIN:  # onnx decides by the data's actual length
+                    head.graph.initializer.add().CopyFrom(tensor)
+                    continue
+                put(_copy_fields(tensor, head.graph.initializer.add(), ("raw_data",)), None, raw)
+                del raw
+            else:
+                head.graph.initializer.add().CopyFrom(tensor)
+        # initializers of subgraphs (If / Loop / Scan bodies), as onnx moves them too
+        for node in head.graph.node:
+            for attribute in node.attribute:
+                for tensor in external_data_helper._recursive_attribute_processor(
+                    attribute, external_data_helper._get_initializer_tensors_from_graph
+                ):
+                    if tensor.HasField("raw_data") and len(tensor.raw_data) >= _EXTERNAL_MIN:
+                        put(tensor, None, tensor.raw_data)
+    finally:
+        if data is not None:
+            data.close()
+    onnx.save_model(head, path)
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool = False) -> None:
     """Write ``model`` to ``path`` atomically: into a temporary folder beside it, then renamed.
 
     With ``external`` (or when the tensors reach 2 GiB) the weights go to ``<name>.data`` beside the
-    model, which is renamed into place before the model file. Saving with external data moves the
-    tensors of ``model`` out of memory: save last.
+    model, which is renamed into place before the model file. ``model`` is not changed; lazy
+    initializers are copied from their files.
     """
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
