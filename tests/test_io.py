@@ -256,3 +256,13 @@ def test_cli_optimizes_a_model_with_external_data_like_the_inline_one(repvgg_pat
         np.testing.assert_array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y))
     res = _invoke("verify", src, tmp_path / "ext" / "out.onnx")
     assert res.exit_code == 0, res.output
+
+
+def test_optimize_from_a_path_gives_a_whole_model_equal_to_optimizing_the_loaded_one(repvgg_path):
+    import onnxrep
+
+    from_path, report_a = onnxrep.optimize(repvgg_path)
+    from_model, report_b = onnxrep.optimize(onnx.load(repvgg_path))
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in from_path.graph.initializer)
+    assert _bytes(from_path) == _bytes(from_model)
+    assert report_a.to_dict() == report_b.to_dict()
