@@ -4,6 +4,12 @@ One round runs every selected pass once. For a pass, all candidates are matched 
 unchanged graph, plans are computed, and only then applied; two plans that would replace the same
 node are not applied in one round (the second is retried in the next). Rounds repeat until no pass
 rewrites anything, so optimizing an optimized model changes nothing.
+
+Subgraph bodies (If branches, Loop and Scan bodies) go through the same rounds, each as a graph of
+its own, after the graph that holds them (see :mod:`onnxrep.scopes` for what a body may assume about
+its enclosing scopes); their rewrites and declines are reported with the body's label as a prefix
+(``the_if.then_branch/<candidate>``). When a body changed, the model is gone over again, since the
+enclosing graph may now read less of it. Local functions are left as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import passes as _passes
+from . import scopes
 from .cost import Cost, infer, model_cost
 from .errors import OnnxrepError
 from .graph import GraphView, export_model, finalize, import_model, op_histogram
@@ -117,50 +124,70 @@ def _apply(graph: gs.Graph, plan: Plan) -> None:
         graph.nodes.append(gs.Node(spec.op, spec.name, spec.attrs, list(spec.inputs), list(spec.outputs)))
 
 
-def run(
-    model: onnx.ModelProto,
-    only: Sequence[str] | None = None,
-    skip: Iterable[str] = (),
-    options: Options | None = None,
-    progress: Callable[[int, str], None] | None = None,
-) -> tuple[onnx.ModelProto, Report]:
-    """Optimize ``model`` (not modified) and return the new model and the report."""
-    options = options or Options()
-    selected = select_passes(only, skip)
-    shapes, dtypes = infer(model)
-    cost_before = model_cost(model, shapes)
-    graph = import_model(model)
-    input_names = {i.name for i in model.graph.input}
-    ctx = Context(options, shapes=shapes, dtypes=dtypes, taken_names=_all_names(graph), opsets=list(model.opset_import))
-    reports = {p.name: PassReport(p.name) for p in selected}
-    rounds = 0
+@dataclass
+class _Scope:
+    """A graph the passes run on: the main graph (label "") or a subgraph body."""
+
+    graph: gs.Graph
+    ctx: Context
+    label: str = ""
+
+
+def _outside_target(plan: Plan, graph: gs.Graph) -> bool:
+    """True when ``plan`` would rewrite a tensor that no node of ``graph`` computes."""
+    local = {id(n) for n in graph.nodes}
+    return not plan.target.inputs or any(id(n) not in local for n in plan.target.inputs)
+
+
+def _optimize_scope(
+    scope: _Scope,
+    selected: list,
+    input_names: set[str],
+    reports: dict[str, PassReport],
+    skipped: dict[tuple[str, str], dict[str, str]],
+    progress: Callable[[int, str], None] | None,
+) -> tuple[int, bool]:
+    """Run the passes on one graph to a fixed point; returns the rounds run and whether anything
+    changed. ``skipped[(scope, pass)]`` holds the declines of the last round."""
+    graph, ctx, label = scope.graph, scope.ctx, scope.label
+    options = ctx.options
+    prefix = f"{label}/" if label else ""
+    rounds, changed_any = 0, False
     for rounds in range(1, MAX_ROUNDS + 1):
         changed = False
         for p in selected:
             rep = reports[p.name]
-            rep.skipped = {}  # the last round, which changes nothing, holds every standing decline
+            skips: dict[str, str] = {}  # the last round, which changes nothing, holds every standing decline
+            skipped[(label, p.name)] = skips
             view = GraphView(graph, input_names)
             claimed: set[int] = set()
             plans: list[tuple[str, list[Plan]]] = []
             for match in p.match(view, ctx):
-                if match.key in options.deny:
-                    rep.skipped[match.key] = "denied: left out after a verification mismatch"
+                key = prefix + match.key
+                if key in options.deny:
+                    skips[key] = "denied: left out after a verification mismatch"
                     continue
                 decline = p.check(match, view, ctx)
                 if decline is not None:
-                    rep.skipped[match.key] = str(decline)
+                    skips[key] = str(decline)
                     continue
                 ids = {id(n) for n in match.nodes}
                 if ids & claimed:
                     continue  # overlaps a rewrite of this round: matched again next round
-                claimed |= ids
                 planned = p.rewrite(match, view, ctx)
-                plans.append((match.key, planned if isinstance(planned, list) else [planned]))
+                group = planned if isinstance(planned, list) else [planned]
+                if label and any(_outside_target(plan, graph) for plan in group):
+                    skips[key] = "scope: the rewrite would replace a value computed outside the subgraph"
+                    continue
+                claimed |= ids
+                plans.append((key, group))
             for key, group in plans:
                 for plan in group:
                     _apply(graph, plan)
                 rep.rewritten += 1
                 entry = {"candidate": key, "round": rounds, "summary": group[0].summary}
+                if label:
+                    entry["scope"] = label
                 if group[0].details:
                     entry["details"] = group[0].details
                 rep.rewrites.append(entry)
@@ -171,9 +198,81 @@ def run(
                 progress(rounds, p.name)
         if not changed:
             break
+        changed_any = True
+    return rounds, changed_any
+
+
+def run(
+    model: onnx.ModelProto,
+    only: Sequence[str] | None = None,
+    skip: Iterable[str] = (),
+    options: Options | None = None,
+    progress: Callable[[int, str], None] | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Optimize ``model`` (not modified) and return the new model and the report.
+
+    Subgraph bodies (If, Loop, Scan) are optimized too, each as a graph of its own whose inputs and
+    outer-scope values are opaque (:mod:`onnxrep.scopes`), after the graph that holds them; when a
+    body changed, the whole model is gone over again. Local functions are left as they are.
+    """
+    options = options or Options()
+    selected = select_passes(only, skip)
+    shapes, dtypes = infer(model)
+    cost_before = model_cost(model, shapes)
+    graph = import_model(model)
+    input_names = {i.name for i in model.graph.input}
+    opsets = list(model.opset_import)
+    taken = _all_names(graph)  # shared by every scope: names stay unique across the model
+    main = _Scope(graph, Context(options, shapes=shapes, dtypes=dtypes, taken_names=taken, opsets=opsets))
+    types = scopes.body_types(model, graph) if scopes.has_subgraphs(graph) else {}
+    labels = {key: t.label for key, t in types.items()}
+    contexts: dict[int, Context] = {}
+    reports = {p.name: PassReport(p.name) for p in selected}
+    skipped: dict[tuple[str, str], dict[str, str]] = {}
+    rounds = 0
+    for _ in range(MAX_ROUNDS):
+        used, _ = _optimize_scope(main, selected, input_names, reports, skipped, progress)
+        rounds += used
+        body_changed = False
+        for body in scopes.bodies(graph, labels):
+            ctx = contexts.get(id(body.graph))
+            if ctx is None:
+                parent = contexts.get(id(_parent_graph(body, graph)), main.ctx)
+                own = types.get(id(body.graph))
+                ctx = Context(
+                    options,
+                    shapes=scopes.scoped(dict(own.shapes) if own else {}, parent.shapes),
+                    dtypes=scopes.scoped(dict(own.dtypes) if own else {}, parent.dtypes),
+                    taken_names=taken,
+                    opsets=opsets,
+                )
+                contexts[id(body.graph)] = ctx
+            isolation = scopes.Isolation(body.graph)
+            isolation.enter()
+            try:
+                _, changed = _optimize_scope(
+                    _Scope(body.graph, ctx, body.label), selected, input_names, reports, skipped, progress
+                )
+            finally:
+                isolation.leave()
+            body_changed |= changed
+        if not body_changed:
+            break
+    for (_, name), skips in skipped.items():
+        reports[name].skipped.update(skips)
     out = export_model(graph, model)
+    if types:
+        scopes.restore_outer_initializers(out, graph, frozenset(i.name for i in model.graph.initializer), types)
     cost_after = model_cost(out)
     report = Report(
         list(reports.values()), rounds, op_histogram(model), op_histogram(out), cost_before, cost_after
     )
     return out, report
+
+
+def _parent_graph(body: scopes.Body, graph: gs.Graph) -> gs.Graph:
+    """The graph that holds ``body``'s owner node."""
+    for g in scopes.walk(graph):
+        if any(n is body.owner for n in g.nodes):
+            return g
+    return graph

@@ -41,6 +41,7 @@ from onnx import helper
 from onnx import numpy_helper
 
 from .errors import VerificationError, first_line
+from .graph import _tensor_proto_array
 from .io import EXTERNAL_THRESHOLD, temporary_path, tensor_bytes
 
 RELATIVE_TOLERANCE = {
@@ -327,8 +328,8 @@ def _widen_array(array: np.ndarray) -> np.ndarray:
 def _widen_tensor(tensor: onnx.TensorProto) -> None:
     if tensor.data_type in WIDENED_TYPES:
         try:
-            values = numpy_helper.to_array(tensor)
-        except Exception as err:  # external data that is not loaded
+            values = _tensor_proto_array(tensor)  # also reads initializers left in their file
+        except Exception as err:  # external data that cannot be read
             raise VerificationError(f"cannot widen tensor '{tensor.name}' to float32: {first_line(err)}") from None
         tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), tensor.name))
 
