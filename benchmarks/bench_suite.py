@@ -44,6 +44,7 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -366,6 +367,10 @@ COST_TOOLS = {
                               "import sys, onnx; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])", "{IN}", "{OUT}"],
     "onnxrep (CLI, --no-verify)": [sys.executable, "-m", "onnxrep.cli", "optimize", "{IN}", "-o", "{OUT}",
                                    "--no-verify", "-q"],
+    # the command's own steps (io.load, engine.run, io.check, io.save) with the weights read lazily
+    "onnxrep (lazy load)": [sys.executable, "-c",
+                            "import sys; from onnxrep import engine, io; m, ext = io.load(sys.argv[1], lazy=True); "
+                            "out, _ = engine.run(m); io.check(out); io.save(out, sys.argv[2], external=ext)", "{IN}", "{OUT}"],
     "onnxsim (CLI)": [sys.executable, "-m", "onnxsim", "{IN}", "{OUT}"],
     "onnxslim (CLI)": [sys.executable, "-m", "onnxslim", "{IN}", "{OUT}"],
     "onnxoptimizer (API)": [sys.executable, "-c",
@@ -465,33 +470,59 @@ def bench_cost(args) -> list[dict]:
             entry = {"target_mb": target, "width_scale": ws, "file_mb": os.path.getsize(src) / 1e6,
                      "nodes_in": nodes_in, "build_s": time.perf_counter() - t0, "tools": {}}
             log(f"  {entry['file_mb']:.1f} MB file, built and saved in {entry['build_s']:.1f} s")
-            for tool, template in COST_TOOLS.items():
-                outdir = os.path.join(tmp, "out")
-                os.makedirs(outdir)
-                dst = os.path.join(outdir, "out.onnx")
-                cmd = [a.replace("{IN}", src).replace("{OUT}", dst) for a in template]
-                r = run_measured(cmd, args.cost_timeout, use_time)
-                r["command"] = shlex.join(["python"] + cmd[1:]).replace(tmp, "$TMP")
-                if r["timed_out"]:
-                    r["status"] = f"timeout (> {args.cost_timeout:g} s)"
-                elif r["returncode"] != 0:
-                    r["status"] = "failed: " + failure_reason(r)
-                elif not os.path.exists(dst):
-                    r["status"] = "failed: no output file written"
-                else:
-                    r["status"] = "ok"
-                    r["out_mb"] = folder_bytes(outdir) / 1e6
-                    try:
-                        r["nodes_out"] = len(onnx.load(dst, load_external_data=False).graph.node)
-                    except Exception as e:  # noqa: BLE001
-                        r["nodes_out"] = None
-                        r["status"] = "ok (output unreadable: " + short_error(e) + ")"
-                rss = f"{r['peak_rss_kb'] / 1024:.0f} MB" if r["peak_rss_kb"] else "?"
-                log(f"  {tool}: {r['status']}, {r['wall_s']:.1f} s, peak RSS {rss}")
-                entry["tools"][tool] = r
-                shutil.rmtree(outdir, ignore_errors=True)
+            tools = [t for t in COST_TOOLS if not args.cost_tools or t in args.cost_tools]
+            runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+            for rep in range(args.cost_repeats):  # round by round, so that drift falls on every tool alike
+                for tool in tools:
+                    r = run_cost_tool(tool, src, tmp, args, use_time)
+                    rss = f"{r['peak_rss_kb'] / 1024:.0f} MB" if r["peak_rss_kb"] else "?"
+                    log(f"  [{rep + 1}/{args.cost_repeats}] {tool}: {r['status']}, {r['wall_s']:.1f} s, peak RSS {rss}")
+                    runs[tool].append(r)
+            for tool, rs in runs.items():
+                entry["tools"][tool] = summarize_runs(rs)
             results.append(entry)
     return results
+
+
+def run_cost_tool(tool: str, src: str, tmp: str, args, use_time: bool) -> dict:
+    outdir = os.path.join(tmp, "out")
+    os.makedirs(outdir)
+    dst = os.path.join(outdir, "out.onnx")
+    cmd = [a.replace("{IN}", src).replace("{OUT}", dst) for a in COST_TOOLS[tool]]
+    r = run_measured(cmd, args.cost_timeout, use_time)
+    r["command"] = shlex.join(["python"] + cmd[1:]).replace(tmp, "$TMP")
+    if r["timed_out"]:
+        r["status"] = f"timeout (> {args.cost_timeout:g} s)"
+    elif r["returncode"] != 0:
+        r["status"] = "failed: " + failure_reason(r)
+    elif not os.path.exists(dst):
+        r["status"] = "failed: no output file written"
+    else:
+        r["status"] = "ok"
+        r["out_mb"] = folder_bytes(outdir) / 1e6
+        try:
+            r["nodes_out"] = len(onnx.load(dst, load_external_data=False).graph.node)
+        except Exception as e:  # noqa: BLE001
+            r["nodes_out"] = None
+            r["status"] = "ok (output unreadable: " + short_error(e) + ")"
+    shutil.rmtree(outdir, ignore_errors=True)
+    return r
+
+
+def summarize_runs(rs: list[dict]) -> dict:
+    """One tool's repeated runs: the last run's fields, with the median wall time and peak RSS of the
+    successful runs (all runs are kept under ``runs``)."""
+    ok = [r for r in rs if r["status"].startswith("ok")]
+    out = dict(ok[-1] if ok else rs[-1])
+    if ok:
+        out["wall_s"] = statistics.median(r["wall_s"] for r in ok)
+        rss = [r["peak_rss_kb"] for r in ok if r["peak_rss_kb"]]
+        out["peak_rss_kb"] = statistics.median(rss) if rss else None
+        out["wall_s_all"] = [r["wall_s"] for r in ok]
+        out["peak_rss_kb_all"] = rss
+    out["runs"] = len(rs)
+    out["failed_runs"] = len(rs) - len(ok)
+    return out
 
 
 def cost_rows(entry: dict) -> list[dict]:
@@ -505,6 +536,7 @@ def cost_rows(entry: dict) -> list[dict]:
             "wall": f"{r['wall_s']:.1f}" if ok else r["status"],
             "ratio": f"{r['wall_s'] / base_s:.2f}" if ok and base_s else "-",
             "rss": f"{r['peak_rss_kb'] / 1024:.0f}" if r.get("peak_rss_kb") else "-",
+            "rss_ratio": f"{r['peak_rss_kb'] * 1024 / (entry['file_mb'] * 1e6):.2f}" if r.get("peak_rss_kb") else "-",
             "nodes": f"{entry['nodes_in']} -> {r['nodes_out']}" if ok and r.get("nodes_out") is not None else "-",
             "out": fmt_mb(r["out_mb"] * 1e6) if ok and "out_mb" in r else "-",
         })
@@ -512,8 +544,10 @@ def cost_rows(entry: dict) -> list[dict]:
 
 
 def cost_header(entry: dict, args) -> str:
+    reps = getattr(args, "cost_repeats", 1)
+    median = f", median of {reps} runs (in turn)" if reps > 1 else ""
     return (f"RepVGG-A0 training form, width scale {entry['width_scale']:.3f}, {entry['file_mb']:.1f} MB file "
-            f"(target {entry['target_mb']:g} MB), each tool in a fresh process, limit {args.cost_timeout:g} s")
+            f"(target {entry['target_mb']:g} MB), each tool in a fresh process{median}, limit {args.cost_timeout:g} s")
 
 
 def print_cost(results: list[dict], args) -> None:
@@ -523,13 +557,13 @@ def print_cost(results: list[dict], args) -> None:
     for entry in results:
         print()
         print(cost_header(entry, args))
-        head = f"{'tool':<28}{'wall s':>10}{'/ load+save':>13}{'peak RSS MB':>13}{'nodes':>14}{'out MB':>9}"
+        head = f"{'tool':<28}{'wall s':>10}{'/ load+save':>13}{'peak RSS MB':>13}{'/ size':>8}{'nodes':>14}{'out MB':>9}"
         print(head)
         print("-" * len(head))
         for row in cost_rows(entry):
             if row["wall"][:1].isdigit():
-                print(f"{row['tool']:<28}{row['wall']:>10}{row['ratio']:>13}{row['rss']:>13}{row['nodes']:>14}"
-                      f"{row['out']:>9}")
+                print(f"{row['tool']:<28}{row['wall']:>10}{row['ratio']:>13}{row['rss']:>13}{row['rss_ratio']:>8}"
+                      f"{row['nodes']:>14}{row['out']:>9}")
             else:
                 print(f"{row['tool']:<28}  {row['wall']}  (peak RSS {row['rss']} MB)")
 
@@ -600,11 +634,11 @@ def markdown(doc: dict, results: list[dict], cost: list[dict] | None, args) -> s
                   f"included); peak RSS from {args.rss_method}; time limit {args.cost_timeout:g} s.", ""]
         for entry in cost:
             lines += [cost_header(entry, args) + ":", "",
-                      "| tool | wall s | / load+save | peak RSS MB | nodes | output MB |",
-                      "| --- | --- | --- | --- | --- | --- |"]
+                      "| tool | wall s | / load+save | peak RSS MB | / file size | nodes | output MB |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
             for row in cost_rows(entry):
                 lines.append(f"| {row['tool']} | {md_escape(row['wall'])} | {row['ratio']} | {row['rss']} | "
-                             f"{row['nodes']} | {row['out']} |")
+                             f"{row['rss_ratio']} | {row['nodes']} | {row['out']} |")
             lines.append("")
         cmds = next(iter(cost))["tools"]
         lines += ["Commands:", ""] + [f"- {t}: `{r['command']}`" for t, r in cmds.items()] + [""]
@@ -681,6 +715,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", default=None, help="optimize-cost model sizes in MB (default 10,100,1000; quick: 10)")
     p.add_argument("--cost-timeout", type=float, default=600.0, help="time limit per tool run in seconds (default 600)")
+    p.add_argument("--cost-repeats", type=int, default=1,
+                   help="runs of each tool per size, round by round; wall time and peak RSS are medians (default 1)")
+    p.add_argument("--cost-tools", nargs="+", default=None, metavar="TOOL",
+                   help=f"only these optimize-cost tools (default: all of {', '.join(repr(t) for t in COST_TOOLS)})")
     p.add_argument("--skip-cost", action="store_true", help="only the latency table")
     p.add_argument("--skip-latency", action="store_true", help="only the optimize-cost table")
     p.add_argument("--quick", action="store_true",
@@ -699,6 +737,9 @@ def main(argv=None) -> int:
               f"(available: {', '.join(ort.get_available_providers())})", file=sys.stderr)
         return 2
     args.families = args.families or avail
+    bad_tools = [t for t in args.cost_tools or () if t not in COST_TOOLS]
+    if bad_tools:
+        p.error(f"unknown cost tools {', '.join(bad_tools)} (available: {', '.join(COST_TOOLS)})")
     unknown = [f for f in args.families if f not in BUILDERS]
     if unknown:
         p.error(f"unknown families {', '.join(unknown)} (available: {', '.join(avail)})")
