@@ -76,7 +76,13 @@ def _write_array(proto: onnx.TensorProto, name: str, array: np.ndarray) -> None:
         proto.name = name
         proto.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         proto.dims.extend(array.shape)
-        proto.raw_data = np.ascontiguousarray(array).tobytes()
+        # raw_data parsed from a numpy buffer holding the encoded field: one copy into the model
+        # (``tobytes`` would make a second, and in memory that numpy does not back with huge pages)
+        head = io.field_header(io.RAW_DATA_FIELD, array.nbytes)
+        field = np.empty(len(head) + array.nbytes, np.uint8)
+        field[: len(head)] = np.frombuffer(head, np.uint8)
+        field[len(head):] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        proto.MergeFromString(memoryview(field))
     else:  # bfloat16, float8 and friends: let onnx encode them
         proto.CopyFrom(numpy_helper.from_array(array, name))
 

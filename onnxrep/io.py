@@ -230,13 +230,22 @@ class _Reader:
         raise _Malformed(f"wire type {wire_type}")
 
 
+#: Field number of TensorProto.raw_data.
+RAW_DATA_FIELD = 9
+
+
+def field_header(number: int, length: int) -> bytes:
+    """Key and length prefix of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
 def _merge(message, pending: bytearray) -> None:
     if pending:
         message.MergeFromString(bytes(pending))
         pending.clear()
 
 
-_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, RAW_DATA_FIELD  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
 _DATA_LOCATION, _EXTERNAL_DATA = 14, 13
 
 
