@@ -307,3 +307,6 @@ def test_identity_branch_after_an_upcast_folds_in_float32():
     out, report = onnxrep.optimize(model, verify=True)
     assert histogram(out) == {"Cast": 1, "Conv": 1}
     assert report.verification["ok"]
+    # float16 input values, float32 arithmetic: the float32 tolerance
+    (check,) = report.verification["outputs"]
+    assert check["tolerance"] == pytest.approx(1e-5 * check["max_magnitude"])

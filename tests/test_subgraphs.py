@@ -470,3 +470,54 @@ def test_local_function_calling_a_block_passes_through_intact():
     assert ops(out) == {"Conv": 1, "Relu": 1, "RepBlock": 1}
     assert [f.SerializeToString() for f in out.functions] == [function.SerializeToString()]
     assert_same_outputs(model, out, {"x": x_feed()})
+
+
+# --------------------------------------------------------------------------------------------
+# a real export: torch.cond -> If
+# --------------------------------------------------------------------------------------------
+
+
+def test_torch_cond_export_branches_are_folded(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch_export import DYNAMO, assert_close, export, run_ort
+
+    class Rep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            bn = torch.nn.BatchNorm2d
+            self.k3 = torch.nn.Sequential(torch.nn.Conv2d(C, C, 3, padding=1, bias=False), bn(C))
+            self.k1 = torch.nn.Sequential(torch.nn.Conv2d(C, C, 1, bias=False), bn(C))
+            self.id = bn(C)
+
+        def forward(self, x):
+            return torch.relu(self.k3(x) + self.k1(x) + self.id(x))
+
+    class Branching(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Rep(), Rep()
+
+        def forward(self, x):
+            return torch.cond(x.sum() > 0, lambda x: self.a(x), lambda x: self.b(x), (x,))
+
+    torch.manual_seed(0)
+    module = Branching().eval()
+    for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.1, 0.1)
+    model = export(module, torch.randn(SHAPE), tmp_path / "cond.onnx", DYNAMO)
+    (node,) = [n for n in model.graph.node if n.op_type == "If"]
+    out, report = optimize(model)
+    (folded,) = [n for n in out.graph.node if n.op_type == "If"]
+    for attr in ("then_branch", "else_branch"):
+        before = ops(next(a.g for a in node.attribute if a.name == attr))
+        after = ops(next(a.g for a in folded.attribute if a.name == attr))
+        assert before["Conv"] == 2 and after == {"Conv": 1, "Relu": 1}
+    for sign in (1.0, -1.0):  # both branches
+        x = (np.abs(x_feed(5)) * sign).astype(np.float32)
+        with torch.no_grad():
+            ref = module(torch.from_numpy(x)).numpy()
+        assert_close(run_ort(out, x), ref)
+        assert_close(run_ort(out, x), run_ort(model, x))
