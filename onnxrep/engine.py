@@ -237,7 +237,7 @@ def run(
         for body in scopes.bodies(graph, labels):
             ctx = contexts.get(id(body.graph))
             if ctx is None:
-                parent = contexts.get(id(_parent_graph(body, graph)), main.ctx)
+                parent = contexts.get(id(body.parent), main.ctx)
                 own = types.get(id(body.graph))
                 ctx = Context(
                     options,
@@ -269,10 +269,3 @@ def run(
     )
     return out, report
 
-
-def _parent_graph(body: scopes.Body, graph: gs.Graph) -> gs.Graph:
-    """The graph that holds ``body``'s owner node."""
-    for g in scopes.walk(graph):
-        if any(n is body.owner for n in g.nodes):
-            return g
-    return graph

@@ -37,6 +37,7 @@ class Body:
     owner: gs.Node
     attr: str
     label: str
+    parent: gs.Graph  # the graph that holds ``owner``
 
 
 def subgraphs(node: gs.Node) -> Iterator[tuple[str, int | None, gs.Graph]]:
@@ -61,7 +62,7 @@ def bodies(graph: gs.Graph, labels: dict[int, str], prefix: str = "") -> list[Bo
     for node in graph.nodes:
         for attr, index, sub in subgraphs(node):
             label = labels.get(id(sub)) or _label(prefix, node.name or node.op, attr, index)
-            out.append(Body(sub, node, attr, label))
+            out.append(Body(sub, node, attr, label, graph))
             out.extend(bodies(sub, labels, label + "/"))
     return out
 
