@@ -41,10 +41,16 @@ def optimize(
     and named in ``report.verification["bisected"]``. ``tolerance`` (opt-in, not exact) lets
     ``identical-filters`` merge filters that differ by at most that much.
     """
-    model = _as_model(model_or_path)
+    lazy = not verify and not isinstance(model_or_path, onnx.ModelProto)
+    # without verification the input's weights are needed only where a pass reads them: they stay
+    # in the file until then, and the result gets the untouched ones from there at the end
+    model = io.load(model_or_path, lazy=True)[0] if lazy else _as_model(model_or_path)
     options = Options(allow_cost_increase=allow_cost_increase, tolerance=tolerance)
     out, report = engine.run(model, passes, skip, options, progress)
     io.check(out)
+    if lazy:
+        del model
+        io.materialize(out)
     if verify:
         result = compare(model, out, seeds=seeds, dims=dims)
         report.verification = result.to_dict()

@@ -118,7 +118,7 @@ def read_source(source: Source) -> bytes:
 
 def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Read the data of every lazy initializer of ``model`` into it (in place); returns it."""
-    for tensor in model.graph.initializer:
+    for tensor in external_data_helper._get_all_tensors(model):
         source = lazy_source(tensor)
         if source is not None:
             tensor.raw_data = read_source(source)
@@ -618,11 +618,12 @@ def _copy_fields(src, dst, skip: tuple[str, ...] = ()):
 
 
 def _head(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without the main graph's initializers."""
+    """A copy of ``model`` without the main graph's initializers (a lazy tensor anywhere else, which
+    a pass may have moved into a subgraph, is read in)."""
     head = _copy_fields(model, onnx.ModelProto(), ("graph",))
     if model.HasField("graph"):
         _copy_fields(model.graph, head.graph, ("initializer",))
-    return head
+    return materialize(head)
 
 
 _COPY_CHUNK = 1 << 26
@@ -649,7 +650,7 @@ def _write(model: onnx.ModelProto, path: str, external: bool) -> None:
     if external:
         _write_external(model, path)
     elif not _binary(path):  # a text format: onnx writes it whole
-        if any(lazy_source(t) is not None for t in model.graph.initializer):
+        if any(lazy_source(t) is not None for t in external_data_helper._get_all_tensors(model)):
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             model = materialize(copy)

@@ -266,3 +266,18 @@ def test_optimize_from_a_path_gives_a_whole_model_equal_to_optimizing_the_loaded
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in from_path.graph.initializer)
     assert _bytes(from_path) == _bytes(from_model)
     assert report_a.to_dict() == report_b.to_dict()
+
+
+def test_a_lazy_tensor_moved_into_a_subgraph_is_written_with_its_data(rich_path, tmp_path):
+    lazy, _ = io.load(rich_path, lazy=True)
+    body = next(n for n in lazy.graph.node if n.op_type == "If").attribute[0].g
+    moved = body.initializer.add()
+    moved.CopyFrom(next(t for t in lazy.graph.initializer if t.name == "w_big"))
+    assert io.lazy_source(moved) is not None
+    for name, ext in (("inline.onnx", False), ("external.onnx", True)):
+        io.save(lazy, tmp_path / name, external=ext)
+        back = onnx.load(tmp_path / name)
+        inner = next(n for n in back.graph.node if n.op_type == "If").attribute[0].g.initializer[-1]
+        want = numpy_helper.to_array(next(t for t in onnx.load(rich_path).graph.initializer if t.name == "w_big"))
+        np.testing.assert_array_equal(numpy_helper.to_array(inner), want)
+    assert io.lazy_source(moved) is not None  # the model itself is unchanged
