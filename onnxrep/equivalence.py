@@ -116,7 +116,8 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 def random_inputs(
     model: onnx.ModelProto, seed: int, dims: dict[str, int] | None = None, batch: int = 1
 ) -> dict[str, np.ndarray]:
-    """Seeded random feeds: standard normal floats, small non-negative ints, random bools.
+    """Seeded random feeds: standard normal floats, small non-negative ints, random bools (a single
+    bool alternates with the seed: True on even seeds, False on odd ones).
 
     A symbolic or unknown dim takes its value from ``dims`` by name, else ``batch`` on axis 0 and
     :data:`DEFAULT_DIM` elsewhere."""
@@ -136,6 +137,10 @@ def random_inputs(
             value = rng.standard_normal(shape).astype(np_dtype)
         elif np_dtype.kind in "iu":
             value = rng.integers(0, 4, size=shape).astype(np_dtype)
+        elif np_dtype.kind == "b" and int(np.prod(shape)) == 1:
+            # a single flag (an If condition): True and False on alternate seeds, so that two seeds
+            # run both branches
+            value = np.full(shape, seed % 2 == 0, dtype=bool)
         elif np_dtype.kind == "b":
             value = rng.integers(0, 2, size=shape).astype(bool)
         else:

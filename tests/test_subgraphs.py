@@ -150,6 +150,24 @@ def test_if_branches_are_folded_and_agree_on_both_conditions():
         assert_same_outputs(model, out, {"x": x_feed(), "cond": np.array(cond)})
 
 
+@pytest.mark.parametrize("branch", ["then_branch", "else_branch"])
+def test_verification_runs_both_branches_of_an_if_on_an_input_flag(branch):
+    from onnxrep import equivalence
+
+    model = if_model(main_block=False)
+    out, _ = onnxrep.optimize(model)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(out)
+    g = subgraph(bad, "the_if", branch)
+    init = next(i for i in g.initializer if len(i.dims) == 4)
+    w = numpy_helper.to_array(init).copy()
+    w[:, :, 1, 1] += 0.1
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    assert [bool(equivalence.random_inputs(model, s)["cond"]) for s in range(6)] == [True, False] * 3
+    assert equivalence.compare(model, out, seeds=2).ok
+    assert not equivalence.compare(model, bad, seeds=2).ok
+
+
 def test_unnamed_if_nodes_get_distinct_scopes():
     nodes, h = [], "x"
     for k in range(2):
