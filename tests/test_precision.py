@@ -310,3 +310,66 @@ def test_identity_branch_after_an_upcast_folds_in_float32():
     # float16 input values, float32 arithmetic: the float32 tolerance
     (check,) = report.verification["outputs"]
     assert check["tolerance"] == pytest.approx(1e-5 * check["max_magnitude"])
+
+
+# --------------------------------------------------------------------------------------------
+# other folds in every precision
+# --------------------------------------------------------------------------------------------
+
+
+def _acnet(b, c):
+    return b.sum([b.conv("x", c, c, (3, 3)), b.conv("x", c, c, (1, 3)), b.conv("x", c, c, (3, 1))])
+
+
+def _avgpool_branch(b, c):
+    return b.sum([b.conv("x", c, c, 3), b.bn(b.avgpool("x"), c)])
+
+
+def _chain(b, c):
+    return b.conv(b.conv("x", c, c, 1, bias=False), c, c, 3)
+
+
+def _scaled(b, c):
+    return b.mul_const(b.conv("x", c, c, 3), b.rng.uniform(0.5, 1.5, (1, c, 1, 1)))
+
+
+def _linear(b, c):
+    w1, w2 = b.const(b.rng.standard_normal((c, c)) / 3), b.const(b.rng.standard_normal((c, c)) / 3)
+    return b.sum([b.node("MatMul", ["x", w1]), b.node("MatMul", ["x", w2]), "x"])
+
+
+FOLDS = {  # builder, input shape, ops after
+    "acnet": (_acnet, None, {"Conv": 1}),
+    "avgpool-branch": (_avgpool_branch, None, {"Conv": 1}),
+    "conv-chain": (_chain, None, {"Conv": 1}),
+    "scaled-conv": (_scaled, None, {"Conv": 1}),
+    "linear-sum": (_linear, [2, 8], None),
+}
+
+
+_BF16_LINEAR = pytest.mark.xfail(
+    strict=True, reason="passes/_linear.py layout_reason takes only numpy float kinds: bfloat16 weights are declined"
+)
+
+
+@pytest.mark.parametrize(
+    "fold,dtype",
+    [
+        pytest.param(f, d, id=f"{d}-{f}", marks=_BF16_LINEAR if (f, d) == ("linear-sum", BF16) else ())
+        for d in DTYPES
+        for f in FOLDS
+    ],
+)
+def test_folds_verify_in_every_precision(fold, dtype):
+    build, shape, after = FOLDS[fold]
+    c = 8
+    b = Builder(c, spatial=(6, 6), dtype=dtype, opset=OPSET[dtype], input_shape=shape)
+    model = b.model(build(b, c))
+    out, report = onnxrep.optimize(model, verify=True)
+    assert report.rewritten >= 1
+    if after is not None:
+        assert histogram(out) == after
+    else:
+        assert len(out.graph.node) == 1
+    assert {i.data_type for i in out.graph.initializer} == {helper.np_dtype_to_tensor_dtype(dtype)}
+    assert report.verification["ok"]
