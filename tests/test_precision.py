@@ -138,6 +138,26 @@ def test_repvgg_block_folds_exactly_and_verifies(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+def test_float32_bn_parameters_on_lower_or_higher_precision_data(dtype):
+    """BatchNormalization-15 lets scale, bias, mean and var be float32 on data of another type:
+    the fold still ends in the data's (the conv's) dtype, rounded once."""
+    c = 4
+    b = Builder(c, spatial=(6, 6), dtype=dtype, opset=OPSET[dtype])
+
+    def bn32(x):
+        names = [b.name("bnf") for _ in range(4)]
+        for name, v in zip(names, b.bn_params(c)):
+            b.inits.append(numpy_helper.from_array(v.astype(np.float32), name))
+        return b.node("BatchNormalization", [x, *names], epsilon=1e-5)
+
+    model = b.model(b.sum([bn32(b.conv("x", c, c, 3, bias=False)), bn32(b.conv("x", c, c, 1, bias=False)), bn32("x")]))
+    out, report = onnxrep.optimize(model, verify=True)
+    assert histogram(out) == {"Conv": 1}
+    assert_folded_exactly(out, model, c, dtype)
+    assert report.verification["ok"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 def test_optimizing_twice_changes_nothing(dtype):
     once, _ = onnxrep.optimize(_block_model(dtype))
     twice, report = onnxrep.optimize(once)
