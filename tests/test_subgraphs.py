@@ -460,6 +460,27 @@ def test_outer_constant_node_is_not_taken_as_a_constant_in_a_branch():
         assert_same_outputs(model, out, {"x": x_feed(), "cond": np.array(cond)})
 
 
+def test_outer_weight_listed_as_a_graph_input_is_not_a_constant_in_a_branch():
+    """An initializer that is also a graph input can be fed at run time: a branch conv reading it
+    is not folded with the BN after it."""
+    m = builder(0)
+    w = m.const(m.weight(C, C, 3), "w")
+    t = builder(1000)
+    rename_output(t, t.bn(t.node("Conv", ["x", w], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), C), "t_out")
+    e = builder(2000)
+    rename_output(e, e.relu("x"), "e_out")
+    m.nodes.append(helper.make_node("If", ["cond"], ["y"], name="the_if", then_branch=body(t, "then", ["t_out"]), else_branch=body(e, "else", ["e_out"])))
+    w_input = helper.make_tensor_value_info(w, TensorProto.FLOAT, [C, C, 3, 3])
+    model = model_of(m.nodes, [X, COND, w_input], [Y], m.inits)
+    out, report = onnxrep.optimize(model)
+    onnx.checker.check_model(out, full_check=True)
+    assert report.rewritten == 0
+    assert ops(subgraph(out, "the_if", "then_branch")) == {"Conv": 1, "BatchNormalization": 1}
+    other = np.random.default_rng(9).standard_normal((C, C, 3, 3)).astype(np.float32)
+    for cond in (True, False):
+        assert_same_outputs(model, out, {"x": x_feed(), "cond": np.array(cond), w: other})
+
+
 # --------------------------------------------------------------------------------------------
 # local functions
 # --------------------------------------------------------------------------------------------
