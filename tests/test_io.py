@@ -281,3 +281,14 @@ def test_a_lazy_tensor_moved_into_a_subgraph_is_written_with_its_data(rich_path,
         want = numpy_helper.to_array(next(t for t in onnx.load(rich_path).graph.initializer if t.name == "w_big"))
         np.testing.assert_array_equal(numpy_helper.to_array(inner), want)
     assert io.lazy_source(moved) is not None  # the model itself is unchanged
+
+
+def test_check_without_data_leaves_out_only_the_length_of_raw_data():
+    model = _rich_model()
+    model.graph.initializer[0].dims[0] = 63
+    io.check(model, data=False)
+    with pytest.raises(onnx.checker.ValidationError, match="holds 131072 bytes"):
+        io.check(model)
+    model.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(onnx.checker.ValidationError):
+        io.check(model, data=False)
