@@ -39,10 +39,11 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
 
 from .errors import VerificationError, first_line
 from .graph import _tensor_proto_array
+from . import io
 from .io import EXTERNAL_THRESHOLD, temporary_path, tensor_bytes
 
 RELATIVE_TOLERANCE = {
@@ -91,7 +92,11 @@ class VerifyResult:
 
 
 def reference_session(model: onnx.ModelProto, log_severity: int = 3) -> ort.InferenceSession:
-    """A CPU session with onnxruntime's graph optimizations disabled: the graph runs as written."""
+    """A CPU session with onnxruntime's graph optimizations disabled: the graph runs as written.
+    Initializers still left in their file (``io.load(..., lazy=True)``) are read in first, into a
+    copy."""
+    if any(io.lazy_source(t) is not None for t in external_data_helper._get_all_tensors(model)):
+        model = io.materialize(_copy(model))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = log_severity
@@ -100,6 +105,12 @@ def reference_session(model: onnx.ModelProto, log_severity: int = 3) -> ort.Infe
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     with temporary_path(model) as path:
         return ort.InferenceSession(path, opts, providers=providers)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -395,8 +406,7 @@ def _widen_graph(graph: onnx.GraphProto) -> None:
 def widen(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every double and bfloat16 value, weight, constant and Cast target
     in float32 (main graph, subgraphs, local functions); other types are left as they are."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = _copy(model)
     _widen_graph(out.graph)
     for function in out.functions:
         for vi in getattr(function, "value_info", []):
