@@ -368,6 +368,25 @@ def test_main_tensor_read_by_a_branch_is_not_folded_away():
         assert_same_outputs(model, out, {"x": x_feed(), "cond": np.array(cond)})
 
 
+def test_branch_reading_the_result_of_a_main_fold_still_finds_it():
+    """The branches read s = Conv3x3(x) + Conv1x1(x) + x: the main graph folds the sum into one
+    conv that computes the same tensor under the same name."""
+    m = builder(0)
+    s = m.sum([m.conv("x", C, C, 3), m.conv("x", C, C, 1), "x"])
+    t = builder(1000)
+    rename_output(t, t.relu(s), "t_out")
+    e = builder(2000)
+    rename_output(e, e.node("Neg", [s]), "e_out")
+    m.nodes.append(helper.make_node("If", ["cond"], ["y"], name="the_if", then_branch=body(t, "then", ["t_out"]), else_branch=body(e, "else", ["e_out"])))
+    model = model_of(m.nodes, [X, COND], [Y], m.inits)
+    out, _ = optimize(model)
+    assert ops(out) == {"Conv": 1, "If": 1}
+    (conv,) = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert list(conv.output) == [s]
+    for cond in (True, False):
+        assert_same_outputs(model, out, {"x": x_feed(), "cond": np.array(cond)})
+
+
 def test_branch_bn_of_a_main_conv_is_not_folded_into_it():
     """The then-branch applies a BN to a main-graph conv's output: the conv is outside the branch
     (and also read in the main graph), so nothing folds across the scope."""
