@@ -37,13 +37,11 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import external_data_helper, helper, numpy_helper
 
-from onnx import external_data_helper, numpy_helper
-
-from .errors import VerificationError, first_line
-from .graph import _tensor_proto_array
 from . import io
+from .errors import VerificationError, first_line
+from .graph import _tensor_proto_array  # decodes lazily loaded initializers too
 from .io import EXTERNAL_THRESHOLD, temporary_path, tensor_bytes
 
 RELATIVE_TOLERANCE = {
