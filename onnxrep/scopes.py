@@ -5,9 +5,15 @@ A body is optimized like the main graph, with what it reads from the enclosing s
 * its own inputs (Loop iteration count, condition and carried values, Scan slices) are graph inputs,
   never constants;
 * a value it reads from an enclosing scope is, while the body is optimized, replaced by a stand-in
-  tensor of the same name with no producer (:func:`isolate`): no pass sees, folds or moves the
-  outer node that computes it, and no pattern can end in it. Outer initializers stay constants;
-* its outputs are its graph outputs and keep their names, like the main graph's.
+  tensor of the same name with no producer (:class:`Isolation`): no pass sees, folds or moves the
+  outer node that computes it (a Constant node's value included), and no pattern can end in it.
+  Outer initializers stay constants, unless they are also graph inputs;
+* its outputs are its graph outputs and keep their names, like the main graph's;
+* node and tensor names come from one allocator for the whole model.
+
+The enclosing graphs, in turn, count every value a body reads as escaping (``GraphView.escapes``):
+they never fold it away. After export, initializers of an enclosing graph that the exporter copied
+into a body go back where they were (:func:`restore_outer_initializers`).
 
 Shapes and types of body tensors come from onnx shape inference on the whole model (which gives a
 Loop's carried values their element type only, since their shapes may change between iterations),
