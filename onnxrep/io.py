@@ -24,6 +24,7 @@ from math import prod
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
@@ -155,6 +156,7 @@ class _Reader:
     def __init__(self, f, size: int):
         self.f, self.size = f, size
         self.buf, self.i, self.base = b"", 0, 0
+        self._big: np.ndarray | None = None
 
     @property
     def pos(self) -> int:
@@ -203,6 +205,29 @@ class _Reader:
             view = view[got:]
         self.base, self.buf, self.i = self.pos + n, b"", 0
         return out
+
+    def take_view(self, n: int) -> memoryview:
+        """The next ``n`` bytes as a view that is valid until the next call: large reads go into
+        one numpy buffer, reused (fresh memory costs a page fault per page, and numpy asks the
+        kernel for huge pages)."""
+        if n <= self.CHUNK:
+            return memoryview(self.take(n))
+        if n > self.size - self.pos:
+            raise _Malformed("truncated")
+        if self._big is None or self._big.size < n:
+            self._big = None
+            self._big = np.empty(n, np.uint8)
+        view = memoryview(self._big)[:n]
+        have = len(self.buf) - self.i
+        view[:have] = self.buf[self.i:]
+        rest = view[have:]
+        while len(rest):
+            got = self.f.readinto(rest)
+            if not got:
+                raise _Malformed("truncated")
+            rest = rest[got:]
+        self.base, self.buf, self.i = self.pos + n, b"", 0
+        return view
 
     def skip(self, n: int) -> None:
         if n > self.size - self.pos:
@@ -289,10 +314,10 @@ def _read_graph(r: _Reader, graph: onnx.GraphProto, end: int, lazy: bool, length
                 if lazy:
                     length = _read_tensor_lazy(r, tensor, r.pos + n, path)
                 else:
-                    data = r.take(n)
+                    data = r.take_view(n)
                     tensor.ParseFromString(data)
                     length = _raw_length(data)
-                    del data
+                    data.release()
                 if length is not None:
                     lengths[index] = length
                 continue
