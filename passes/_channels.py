@@ -441,11 +441,22 @@ class Region:
     # ---- the constants dead channels hold --------------------------------------------------
 
     def constants(self, values: np.ndarray, known: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Push the source's per-channel constants through every step: id(tensor) -> (values, known)."""
-        out = {id(self.source.out): (values, known)}
+        """Push the source's per-channel constants through every step: id(tensor) -> (values, known).
+
+        A constant is followed in float64; one that is not finite, or beyond half the largest
+        value of the source's type (where the model's own arithmetic could overflow or saturate
+        differently), is no longer known: its channel stays."""
+        limit = _largest(self.source.dtype) / 2
+
+        def bounded(v, k):
+            with np.errstate(invalid="ignore"):
+                return k & np.isfinite(v) & (np.abs(v) <= limit)
+
+        out = {id(self.source.out): (values, bounded(values, known))}
         for step in self.steps:
             ins = [out[id(f.tensor)] for f in step.inputs]
-            out[id(step.out.tensor)] = step.constant([v for v, _ in ins], [k for _, k in ins])
+            v, k = step.constant([v for v, _ in ins], [k for _, k in ins])
+            out[id(step.out.tensor)] = (v, bounded(v, k))
         return out
 
     # ---- channels that stay equal --------------------------------------------------------
@@ -460,6 +471,15 @@ class Region:
             pos = step.inputs[0].index
             labels = refine(labels, params[pos], tolerance)
         return labels
+
+
+def _largest(dtype) -> float:
+    try:
+        return float(np.finfo(dtype).max)
+    except (TypeError, ValueError):
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).max)
 
 
 def refine(labels: np.ndarray, rows: np.ndarray, tolerance: float) -> np.ndarray:
@@ -543,20 +563,19 @@ def follow(source: Layer, view: GraphView, ctx: Context) -> Region | Decline:
 
 
 def _waits(node: gs.Node, flows: list, region: Region, view: GraphView) -> bool:
-    """A binary op one of whose data inputs is still being followed (the other side of a fork)."""
-    if not is_op(node, *_BINARY) or len(node.inputs) != 2:
-        return False
-    a, b = node.inputs
-    if view.is_constant(a) or view.is_constant(b):
-        return False
-    return any(f is None for f in flows) and _downstream_of_source(node, region, view)
+    """A node another of whose inputs is computed from the source's output but not followed yet
+    (the other side of a fork: ``x * sigmoid(x)``, a Concat of two paths). It is classified once
+    every such input is followed; one that never is (it passes through a consumer) leaves the
+    node waiting, and the candidate is declined."""
+    pending = [t for t, f in zip([i for i in node.inputs if i is not None and i.name], flows)
+               if f is None and not view.is_constant(t)]
+    return bool(pending) and _downstream_of_source(pending, region, view)
 
 
-def _downstream_of_source(node: gs.Node, region: Region, view: GraphView) -> bool:
-    """True when the operand not yet followed is computed from the source's output (a fork of the
-    channels that has not reached this node yet)."""
+def _downstream_of_source(tensors: list[gs.Tensor], region: Region, view: GraphView) -> bool:
+    """True when one of ``tensors`` is computed from the source's output."""
     src = id(view.source(region.source.out))
-    stack, seen = [i for i in node.inputs if region.flow_of(i, view) is None], set()
+    stack, seen = list(tensors), set()
     while stack:
         t = view.source(stack.pop())
         if id(t) == src or id(t) in region.flows:
@@ -677,21 +696,44 @@ def _conv_user(node: gs.Node, flow: Flow, region: Region, view: GraphView, ctx: 
 
 
 def _pool_step(node: gs.Node, flow: Flow, view: GraphView, ctx: Context) -> Step | Decline:
+    """Pooling keeps a constant ``v`` where every window reads at least one input element and
+    averages over input elements only. A window that reads padding alone gives 0 (AveragePool) or
+    the type's lowest value (MaxPool); AveragePool with ``count_include_pad`` averages zeros in.
+    There only ``v = 0`` (AveragePool) survives, and MaxPool stops the flow."""
     zero_only = False
     if is_op(node, ops.MAX_POOL, ops.AVERAGE_POOL):
         kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", []))
-        geo = window_geometry(node, kernel, ctx.shape(flow.tensor))
+        shape = ctx.shape(flow.tensor)
+        geo = window_geometry(node, kernel, shape)
         if isinstance(geo, str):
             return Decline("static_shapes", geo)
-        padded = has_padding(geo) or int(node.attrs.get("ceil_mode", 0)) != 0
-        if is_op(node, ops.MAX_POOL):
-            if padded:  # a window that lies in the padding alone would not see the constant
-                pads = node.attrs.get("pads", [0] * (2 * len(kernel)))
-                if int(node.attrs.get("ceil_mode", 0)) or any(int(p) >= k for p, k in zip(pads, kernel * 2)):
-                    return Decline("followed", f"MaxPool '{node.name}' may have windows inside the padding")
-        else:
-            zero_only = padded and int(node.attrs.get("count_include_pad", 0)) != 0 or int(node.attrs.get("ceil_mode", 0)) != 0
+        ceil = int(node.attrs.get("ceil_mode", 0)) != 0
+        if has_padding(geo) or ceil:
+            empty = _empty_window(geo, shape, ceil)
+            if is_op(node, ops.MAX_POOL) and empty is not False:
+                return Decline("followed", f"MaxPool '{node.name}' may have windows that read only padding")
+            zero_only = empty is not False or int(node.attrs.get("count_include_pad", 0)) != 0
     return PoolStep(node, [flow], _new_flow(node, flow), zero_only=zero_only)
+
+
+def _empty_window(geo, shape, ceil: bool) -> bool | None:
+    """Whether some output window of a pooling op reads no input element (None: the input size
+    is not static). Windows start at ``stride * o + first`` and read ``count`` taps ``step`` apart."""
+    spatial = None if shape is None else shape[2:]
+    if spatial is None or len(spatial) != len(geo.taps) or not all(isinstance(v, int) for v in spatial):
+        return None
+    for size, stride, t in zip(spatial, geo.strides, geo.taps):
+        pad_begin = -t.first
+        pad_end = t.excess + t.step * (t.count - 1) + t.first
+        span = size + pad_begin + pad_end - t.step * (t.count - 1) - 1
+        out = (-(-span // stride) if ceil else span // stride) + 1
+        if ceil and (out - 1) * stride >= size + pad_begin:
+            out -= 1  # the last window must start inside the input or its leading padding
+        for o in range(out):
+            taps = stride * o + t.first + t.step * np.arange(t.count)
+            if not np.any((taps >= 0) & (taps < size)):
+                return True
+    return False
 
 
 def _flatten_step(node: gs.Node, flow: Flow, view: GraphView, ctx: Context) -> Step | Decline:
@@ -740,9 +782,12 @@ def _resized(ctx: Context, flow: Flow, width: int, base: str) -> gs.Variable:
     if shape is not None:
         shape = list(shape)
         shape[flow.axis] = width
-    var = gs.Variable(ctx.fresh_name(base), dtype=flow.tensor.dtype, shape=shape)
+    dtype = ctx.dtype(flow.tensor)
+    var = gs.Variable(ctx.fresh_name(base), dtype=flow.tensor.dtype if flow.tensor.dtype is not None else dtype, shape=shape)
     if shape is not None:
         ctx.shapes[var.name] = tuple(shape)
+    if dtype is not None:
+        ctx.dtypes[var.name] = dtype
     return var
 
 

@@ -152,14 +152,18 @@ def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int, axis: 
 
 def bn_inference_reason(node: gs.Node, view: GraphView) -> str | None:
     """Why a BatchNormalization does not compute an inference-mode affine map (training mode,
-    running statistics outputs in use, ``spatial = 0``), or None."""
+    running statistics outputs, ``spatial = 0``), or None.
+
+    Up to opset 13 a BatchNormalization with more than one output *is* in training mode (it
+    normalizes with the batch's statistics, whether or not the extra outputs are read); from
+    opset 14 the extra outputs go with ``training_mode = 1``. Either way: any named extra output
+    declines."""
     if int(node.attrs.get("training_mode", 0)) != 0:
         return f"BatchNormalization '{node.name}' is in training mode"
     if int(node.attrs.get("spatial", 1)) != 1:
         return f"BatchNormalization '{node.name}' has spatial=0"
-    for extra in node.outputs[1:]:
-        if extra.name and (view.users(extra) or view.escapes(extra)):
-            return f"BatchNormalization '{node.name}' has its running statistics outputs in use"
+    if any(extra.name for extra in node.outputs[1:]):
+        return f"BatchNormalization '{node.name}' has running statistics outputs (training mode)"
     return None
 
 

@@ -90,7 +90,7 @@ def layout_reason(lin: Linear, view: GraphView, ctx: Context) -> str | None:
         if t is not None and t.name and not view.is_constant(t):
             return f"{head.op} '{head.name}' input '{t.name}' is not a constant"
     w = view.constant(head.inputs[1])
-    if w.dtype.kind != "f" or w.ndim != 2:
+    if (w.dtype.kind != "f" and str(w.dtype) != "bfloat16") or w.ndim != 2:
         return f"{head.op} '{head.name}' weight is not a float matrix"
     if lin.is_gemm and int(head.attrs.get("transA", 0)) != 0:
         return f"Gemm '{head.name}' transposes its input (transA=1)"
@@ -126,7 +126,8 @@ def params(lin: Linear, view: GraphView) -> tuple[np.ndarray, np.ndarray]:
         scale_w, scale_b = float(head.attrs.get("alpha", 1.0)), float(head.attrs.get("beta", 1.0))
     w *= scale_w
     raw = _raw_bias(lin, view)
-    b = np.zeros(w.shape[1]) if raw is None else scale_b * np.broadcast_to(as_f64(raw).reshape(-1), (w.shape[1],))
+    # beta = 0: C is not read at all (0 * inf would be NaN)
+    b = np.zeros(w.shape[1]) if raw is None or scale_b == 0 else scale_b * np.broadcast_to(as_f64(raw).reshape(-1), (w.shape[1],))
     return w, np.array(b, dtype=np.float64)
 
 

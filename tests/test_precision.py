@@ -367,15 +367,10 @@ FOLDS = {  # builder, input shape, ops after
 }
 
 
-_BF16_LINEAR = pytest.mark.xfail(
-    strict=True, reason="passes/_linear.py layout_reason takes only numpy float kinds: bfloat16 weights are declined"
-)
-
-
 @pytest.mark.parametrize(
     "fold,dtype",
     [
-        pytest.param(f, d, id=f"{d}-{f}", marks=_BF16_LINEAR if (f, d) == ("linear-sum", BF16) else ())
+        pytest.param(f, d, id=f"{d}-{f}")
         for d in DTYPES
         for f in FOLDS
     ],

@@ -636,3 +636,112 @@ def test_cli_lists_pruned_layers_and_takes_a_tolerance(tmp_path):
 
     res = run_cli("optimize", src, "-o", tmp_path / "c.onnx", "--tolerance", "-1")
     assert res.exit_code != 0 and not (tmp_path / "c.onnx").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# regressions: each of these once gave wrong values or a bigger model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("passes", [(DEAD,), (SAME,), ("affine-fold",)])
+def test_batchnorm_with_statistics_outputs_is_training_mode(passes):
+    """Before opset 14 a BatchNormalization with five outputs normalizes with the batch's
+    statistics, whether or not the extra outputs are read."""
+    b = Builder(channels=3, spatial=(7, 7), batch=2, opset=12)
+    w = b.weight(6, 3, 1)
+    w[1] = 0
+    w[4] = w[2]
+    y = b.node("Conv", ["x", b.const(w), b.const(np.r_[0.1, 0.2, 0.3, 0.4, 0.3, 0.6])], kernel_shape=[1, 1])
+    bn = b.bn_params(6)
+    for p in bn:
+        p[4] = p[2]
+    y = b.node("BatchNormalization", [y] + [b.const(p) for p in bn], n_out=5, epsilon=1e-5)
+    m = b.model(b.conv(y, 6, 4, kernel=1, pads=[0] * 4))
+    out, rep = optimize(m, passes=passes)
+    assert rep.rewritten == 0
+    assert any("training mode" in r for p in rep.passes for r in p.skipped.values())
+    assert_same(m, out, b.feeds())
+
+
+@pytest.mark.parametrize("op,extra", [("AveragePool", {"count_include_pad": 0}), ("MaxPool", {})])
+def test_pooling_window_inside_the_padding_alone(op, extra):
+    """Dilation 3 and pads 1 on an axis of 2: the first window reads rows -1 and 2, padding only."""
+    b = Builder(channels=3, spatial=(2, 6), opset=19)
+    w = b.weight(4, 3, 1)
+    w[1] = 0
+    y = b.node("Conv", ["x", b.const(w), b.const(np.array([0.1, 2.0, -0.3, 0.4]))], kernel_shape=[1, 1])
+    p = b.node(op, [y], kernel_shape=[2, 1], dilations=[3, 1], pads=[1, 0, 1, 0], **extra)
+    m = b.model(b.node("Conv", [p, b.const(np.full((2, 4, 1, 1), 0.5))], kernel_shape=[1, 1]))
+    out, rep = optimize(m)
+    assert weight_of(out, "x")[0] == 4
+    feeds = b.feeds()  # MaxPool gives the lowest float there: compare exactly, infinities included
+    np.testing.assert_array_equal(run(m, feeds)[0], run(out, feeds)[0])
+
+
+NONFINITE = {
+    "clip_without_max": (np.inf, lambda b, y: b.node("Clip", [y, b.const(np.array(0.0))])),
+    "global_max_pool": (-np.inf, lambda b, y: b.node("GlobalMaxPool", [y])),
+    "padded_max_pool": (-np.inf, lambda b, y: b.node("MaxPool", [y], kernel_shape=[3, 3], pads=[1, 1, 1, 1])),
+    "exp_overflow": (89.0, lambda b, y: b.node("Exp", [y])),
+    "nan": (np.nan, lambda b, y: b.relu(y)),
+}
+
+
+@pytest.mark.parametrize("case", list(NONFINITE))
+def test_constants_beyond_the_type_keep_their_channel(case):
+    bias1, step = NONFINITE[case]
+    b = Builder(channels=3, spatial=(4, 4))
+    w = b.weight(4, 3, 1)
+    w[1] = 0
+    y = b.node("Conv", ["x", b.const(w), b.const(np.array([0.1, bias1, -0.3, 0.4]))], kernel_shape=[1, 1])
+    m = b.model(b.node("Conv", [step(b, y), b.const(np.full((2, 4, 1, 1), 0.5))], kernel_shape=[1, 1]))
+    out, rep = optimize(m)
+    assert weight_of(out, "x")[0] == 4
+    feeds = b.feeds()
+    np.testing.assert_array_equal(run(m, feeds)[0], run(out, feeds)[0])
+
+
+def test_gemm_with_beta_zero_ignores_its_bias():
+    b = Builder(input_shape=[4, 8])
+    w = b.rng.standard_normal((8, 6))
+    w[:, 1] = 0
+    c = b.rng.standard_normal(6)
+    c[4] = np.inf  # never read: beta = 0
+    y = b.node("Gemm", ["x", b.const(w), b.const(c)], beta=0.0)
+    m = b.model(b.node("Gemm", [y, b.const(b.rng.standard_normal((6, 3)))]))
+    out, rep = optimize(m)
+    assert rewrites(rep, DEAD)
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
+    assert np.all(np.isfinite(run(out, feeds)[0]))
+    assert_same(m, out, feeds)
+
+
+@pytest.mark.parametrize("passes", [(DEAD,), (SAME,)])
+def test_concat_reached_late_by_a_second_path_is_not_duplicated(passes):
+    """Concat(sigmoid(relu(y)), y): the Concat takes the channels twice; it must be declined, not
+    rewritten with the old source kept alive beside the new one."""
+    b = Builder(channels=3, spatial=(7, 7))
+    w = b.weight(6, 3, 1)
+    w[1] = 0
+    w[5] = w[3]
+    y = b.node("Conv", ["x", b.const(w), b.const(np.r_[0.1, 0.0, 0.3, 0.4, 0.5, 0.4])], kernel_shape=[1, 1])
+    s = b.node("Sigmoid", [b.node("Relu", [y])])
+    m = b.model(b.conv(b.node("Concat", [s, y], axis=1), 12, 4, kernel=1, pads=[0] * 4))
+    out, rep = optimize(m, passes=passes)
+    assert rep.cost_after.macs <= rep.cost_before.macs and rep.cost_after.params <= rep.cost_before.params
+    assert widths(out) == widths(m)
+    assert_same(m, out, b.feeds())
+
+
+def test_cast_after_a_pruned_region_still_followed():
+    """The tensors a rewrite creates keep their dtype, so a Cast on them is followed next round."""
+    b = Builder(channels=3, spatial=(6, 6))
+    w = b.weight(6, 3, 1)
+    w[0] = 0
+    w[5] = w[2]
+    y = b.node("Conv", ["x", b.const(w), b.const(np.r_[0.0, 0.1, 0.2, 0.3, 0.4, 0.2])], kernel_shape=[1, 1])
+    y = b.node("Cast", [b.node("Cast", [b.relu(y)], to=10)], to=1)
+    m = b.model(b.conv(y, 6, 3, kernel=1, pads=[0] * 4))
+    out, rep = optimize(m, passes=(DEAD, SAME))
+    assert weight_of(out, "x")[0] == 4
+    assert_same(m, out, b.feeds())
