@@ -370,6 +370,11 @@ class Layer:
     def emit(self, ctx: Context, x: gs.Tensor, weight: np.ndarray, bias: np.ndarray, target: gs.Tensor,
              rank: int | None) -> list[NewNode]:
         name = self.node.name or self.node.op
+        if self.linear and self.linear.is_gemm and rank == 2 and int(self.node.attrs.get("transB", 0)):
+            # keep the layout of a Gemm that stores its weight as (N, K)
+            wc = ctx.constant(f"{name}.weight", np.ascontiguousarray(weight.T).astype(self.dtype))
+            bc = ctx.constant(f"{name}.bias", bias.astype(self.dtype))
+            return [NewNode(ops.GEMM, ctx.fresh_name(name), {"transB": 1}, [x, wc, bc], [target])]
         if self.linear:
             return _linear.emit(ctx, name, x, weight, bias, self.dtype, target, rank)
         attrs = dict(self.node.attrs)
