@@ -552,7 +552,7 @@ PROPERTY_STEPS = ["bn", "relu", "sigmoid", "depthwise", "depthwise_padded", "max
     consumer_stride=st.sampled_from([1, 2]),
     seed=st.integers(0, 1000),
 )
-def test_property_dead_channels_exact(src_kernel, stride, dilation, cout, dead, zero_bias, steps, consumer_kernel,
+def test_random_dead_channels_exact(src_kernel, stride, dilation, cout, dead, zero_bias, steps, consumer_kernel,
                                       consumer_pad, consumer_stride, seed):
     b = Builder(channels=3, spatial=(21, 21), seed=seed)  # room for stride 2 and three unpadded 3x3 steps
     dead = [d for d in dead if d < cout]
@@ -586,7 +586,7 @@ def test_property_dead_channels_exact(src_kernel, stride, dilation, cout, dead, 
     consumer_pad=st.sampled_from([0, 1]),
     seed=st.integers(0, 1000),
 )
-def test_property_identical_filters_exact(cout, labels, steps, consumer_kernel, consumer_pad, seed):
+def test_random_identical_filters_exact(cout, labels, steps, consumer_kernel, consumer_pad, seed):
     b = Builder(channels=3, spatial=(7, 7), seed=seed)
     labels = labels[:cout]
     clusters = [[c for c in range(cout) if labels[c] == lab] for lab in sorted(set(labels))]
