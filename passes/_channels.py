@@ -905,13 +905,32 @@ class Candidate:
     decision: object = None
 
 
-def candidates(view: GraphView, ctx: Context, prefix: str, mark: Callable[[np.ndarray], np.ndarray]):
+def raw_rows(node: gs.Node, view: GraphView) -> np.ndarray | None:
+    """The constant weight of a Conv / Gemm / MatMul as one row per output channel, in its own
+    dtype and without a copy where possible (for a quick look before the float64 work)."""
+    w = view.constant(node.inputs[1])
+    if w is None or w.ndim < 2:
+        return None
+    if is_op(node, ops.CONV):
+        return w.reshape(w.shape[0], -1)
+    if w.ndim != 2:
+        return None
+    return w if is_op(node, ops.GEMM) and int(node.attrs.get("transB", 0)) else w.T
+
+
+def candidates(view: GraphView, ctx: Context, prefix: str, mark: Callable[[np.ndarray], np.ndarray],
+               maybe: Callable[[np.ndarray], bool]):
     """Yield a Match for every Conv or linear layer with constant weights where ``mark`` (given the
-    rows of :meth:`Layer.out_rows`) flags at least one output channel."""
+    rows of :meth:`Layer.out_rows`) flags at least one output channel. ``maybe`` looks at the raw
+    weight rows first (:func:`raw_rows`) and must be True whenever ``mark`` could flag a row: it
+    spares the float64 copy of every layer that cannot qualify."""
     from onnxrep.rewrite import Match
 
     for node in view.graph.nodes:
         if not is_op(node, ops.CONV, ops.GEMM, ops.MATMUL) or len(node.inputs) < 2:
+            continue
+        rows = raw_rows(node, view)
+        if rows is None or not maybe(rows):
             continue
         layer = as_layer(node, view, ctx)
         if layer is None:

@@ -54,6 +54,10 @@ def _zero_rows(rows: np.ndarray) -> np.ndarray:
     return ~np.any(rows[:, :-1], axis=1)
 
 
+def _some_zero_row(raw: np.ndarray) -> bool:
+    return bool(raw.size) and not np.all(np.any(raw, axis=1))
+
+
 def _region_reason(c: Candidate, view: GraphView, ctx: Context) -> Decline | None:
     return c.region if isinstance(c.region, Decline) else None
 
@@ -107,7 +111,7 @@ class DeadChannels:
     summary = "output channels with all-zero weights (ResRep) -> dropped, their constant folded into the next layers"
 
     def match(self, view: GraphView, ctx: Context):
-        return candidates(view, ctx, "dead", _zero_rows)
+        return candidates(view, ctx, "dead", _zero_rows, _some_zero_row)
 
     def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:
         return _check(match.data, view, ctx)

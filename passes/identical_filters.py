@@ -41,6 +41,24 @@ def _clusters(rows: np.ndarray, tolerance: float) -> np.ndarray:
     return refine(np.zeros(rows.shape[0], dtype=np.int64), rows, tolerance)
 
 
+def _some_equal_rows(tolerance: float):
+    """A quick test on the raw weight rows (no float64 copy): are two of them equal, byte for
+    byte once -0.0 is read as 0.0? With a tolerance every layer of two rows or more qualifies."""
+
+    def maybe(raw: np.ndarray) -> bool:
+        if raw.shape[0] < 2:
+            return False
+        if tolerance > 0:
+            return True
+        rows = np.ascontiguousarray(raw)
+        if rows.dtype.kind == "f" and np.any(np.signbit(rows) & (rows == 0)):
+            rows = rows + rows.dtype.type(0)  # -0.0 + 0.0 = 0.0
+        keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+        return len(np.unique(keys)) < rows.shape[0]
+
+    return maybe
+
+
 def _downstream_equal(c: Candidate, view: GraphView, ctx: Context) -> str | None:
     labels = _clusters(c.region.source.out_rows(), ctx.options.tolerance)
     labels = c.region.split_by_params(labels, ctx.options.tolerance)
@@ -65,7 +83,8 @@ class IdenticalFilters:
 
     def match(self, view: GraphView, ctx: Context):
         tolerance = ctx.options.tolerance
-        return candidates(view, ctx, "same", lambda rows: _clusters(rows, tolerance) != np.arange(rows.shape[0]))
+        return candidates(view, ctx, "same", lambda rows: _clusters(rows, tolerance) != np.arange(rows.shape[0]),
+                          _some_equal_rows(tolerance))
 
     def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:
         return _check(match.data, view, ctx)
