@@ -209,8 +209,12 @@ class GraphBuilder:
         inputs = [x, self.constant(f"{name}.weight", weight), self.constant(f"{name}.bias", bias)]
         return self._node("Gemm", name, inputs, transB=1)
 
-    def classifier(self, x: str, channels: int, classes: int = 1000, name: str = "head") -> str:
+    def classifier(self, x: str, channels: int, classes: int = 1000, name: str = "head", live=None) -> str:
+        """GlobalAveragePool, Flatten, Gemm over ``channels`` features; ``live``: the indices of
+        the features ``x`` still has (a pruned deploy form), whose weight columns are kept."""
         w, b = self.linear_params(classes, channels)
+        if live is not None:
+            w = np.ascontiguousarray(w[:, live])
         h = self.global_average_pool(x, f"{name}/gap")
         h = self.flatten(h, f"{name}/flatten")
         return self.gemm(h, w, b, f"{name}/fc")

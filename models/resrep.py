@@ -95,11 +95,7 @@ def resrep_style(
         for i in range(layers):
             x, live = compactor_layer(b, x, cin, cout, 2 if i == 0 else 1, deploy, f"stage{s}.{i}", prune, live)
             cin = cout
-    w, bias = b.linear_params(1000, cin)
-    if deploy:
-        w = np.ascontiguousarray(w[:, live])
-    h = b.flatten(b.global_average_pool(x, "head/gap"), "head/flatten")
-    logits = b.gemm(h, w, bias, "head/fc")
+    logits = b.classifier(x, cin, live=live if deploy else None)
     return b.image_model(logits, batch, resolution)
 
 
