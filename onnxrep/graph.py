@@ -132,6 +132,12 @@ def constant_values(tensor: gs.Constant) -> np.ndarray:
     return np.asarray(tensor.values)
 
 
+#: Constants above this many bytes are not cached by a GraphView, nor any once it holds
+#: CACHE_BUDGET bytes.
+CACHE_LIMIT = 16 << 20
+CACHE_BUDGET = 256 << 20
+
+
 class GraphView:
     """Read-only queries over a graph, built once per matching round."""
 
@@ -142,6 +148,7 @@ class GraphView:
         self._outputs = {id(t) for t in graph.outputs}
         self._input_names = {t.name for t in graph.inputs} | set(input_names or ())
         self._constants: dict[int, np.ndarray | None] = {}
+        self._cached = 0  # bytes held by ``_constants``
         self._users: dict[int, list[gs.Node]] = defaultdict(list)
         for node in graph.nodes:
             for t in node.inputs:
@@ -211,9 +218,16 @@ class GraphView:
         if tensor is None:
             return None
         key = id(tensor)
-        if key not in self._constants:
-            self._constants[key] = self._lookup_constant(tensor)
-        return self._constants[key]
+        if key in self._constants:
+            return self._constants[key]
+        value = self._lookup_constant(tensor)
+        # large weights are decoded again when asked for again rather than held for the whole pass:
+        # a pass over a big model would otherwise keep every input weight it read alive at once
+        size = 0 if value is None else value.nbytes
+        if size <= CACHE_LIMIT and self._cached + size <= CACHE_BUDGET:
+            self._constants[key] = value
+            self._cached += size
+        return value
 
     def _lookup_constant(self, tensor: gs.Tensor) -> np.ndarray | None:
         tensor = self.source(tensor)
