@@ -8,7 +8,7 @@ nodes looked through, constants whether they come from initializers or Constant 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Iterable
 
 import numpy as np
@@ -132,9 +132,7 @@ def constant_values(tensor: gs.Constant) -> np.ndarray:
     return np.asarray(tensor.values)
 
 
-#: Constants above this many bytes are not cached by a GraphView, nor any once it holds
-#: CACHE_BUDGET bytes.
-CACHE_LIMIT = 16 << 20
+#: Bytes of decoded constants a GraphView keeps (the most recently read ones).
 CACHE_BUDGET = 256 << 20
 
 
@@ -147,7 +145,7 @@ class GraphView:
         self.graph = graph
         self._outputs = {id(t) for t in graph.outputs}
         self._input_names = {t.name for t in graph.inputs} | set(input_names or ())
-        self._constants: dict[int, np.ndarray | None] = {}
+        self._constants: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._cached = 0  # bytes held by ``_constants``
         self._users: dict[int, list[gs.Node]] = defaultdict(list)
         for node in graph.nodes:
@@ -219,14 +217,17 @@ class GraphView:
             return None
         key = id(tensor)
         if key in self._constants:
+            self._constants.move_to_end(key)
             return self._constants[key]
         value = self._lookup_constant(tensor)
-        # large weights are decoded again when asked for again rather than held for the whole pass:
-        # a pass over a big model would otherwise keep every input weight it read alive at once
-        size = 0 if value is None else value.nbytes
-        if size <= CACHE_LIMIT and self._cached + size <= CACHE_BUDGET:
-            self._constants[key] = value
-            self._cached += size
+        # the most recently read constants are kept up to CACHE_BUDGET bytes; older ones are
+        # decoded again when asked for again, so that a pass over a big model does not hold every
+        # input weight it read at once
+        self._constants[key] = value
+        self._cached += 0 if value is None else value.nbytes
+        while self._cached > CACHE_BUDGET and len(self._constants) > 1:
+            _, old = self._constants.popitem(last=False)
+            self._cached -= 0 if old is None else old.nbytes
         return value
 
     def _lookup_constant(self, tensor: gs.Tensor) -> np.ndarray | None:
