@@ -74,10 +74,13 @@ def _macs(n: int, exact: bool) -> str:
 
 
 def op_table(report: engine.Report, size_before: int | None = None, size_after: int | None = None) -> str:
-    """The op histogram before and after, with MACs, weights and size, as a text table."""
+    """The op histogram of the main graph before and after, the node count inside If / Loop / Scan
+    bodies when there are any, MACs, weights and size, as a text table."""
     ops = sorted(set(report.ops_before) | set(report.ops_after), key=lambda o: (-report.ops_before.get(o, 0), o))
     rows = [(op, str(report.ops_before.get(op, 0)), str(report.ops_after.get(op, 0))) for op in ops]
     rows.append(("nodes", str(sum(report.ops_before.values())), str(sum(report.ops_after.values()))))
+    if report.body_ops_before or report.body_ops_after:
+        rows.append(("nodes in bodies", str(sum(report.body_ops_before.values())), str(sum(report.body_ops_after.values()))))
     cb, ca = report.cost_before, report.cost_after
     rows.append(("MACs", _macs(cb.macs, cb.exact), _macs(ca.macs, ca.exact)))
     rows.append(("weights", f"{cb.params:,}", f"{ca.params:,}"))

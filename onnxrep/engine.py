@@ -24,7 +24,7 @@ from . import passes as _passes
 from . import scopes
 from .cost import Cost, infer, model_cost
 from .errors import OnnxrepError
-from .graph import GraphView, export_model, finalize, import_model, op_histogram
+from .graph import GraphView, body_histogram, export_model, finalize, import_model, op_histogram
 from .rewrite import Context, Options, Plan
 
 MAX_ROUNDS = 64
@@ -69,6 +69,8 @@ class Report:
     cost_before: Cost
     cost_after: Cost
     verification: dict | None = None
+    body_ops_before: dict[str, int] = field(default_factory=dict)  # inside If / Loop / Scan bodies
+    body_ops_after: dict[str, int] = field(default_factory=dict)
 
     @property
     def rewritten(self) -> int:
@@ -84,6 +86,8 @@ class Report:
             "cost_before": self.cost_before.to_dict(),
             "cost_after": self.cost_after.to_dict(),
             "verification": self.verification,
+            "body_ops_before": self.body_ops_before,
+            "body_ops_after": self.body_ops_after,
         }
 
 
@@ -265,7 +269,8 @@ def run(
         scopes.restore_outer_initializers(out, graph, frozenset(i.name for i in model.graph.initializer), types)
     cost_after = model_cost(out)
     report = Report(
-        list(reports.values()), rounds, op_histogram(model), op_histogram(out), cost_before, cost_after
+        list(reports.values()), rounds, op_histogram(model), op_histogram(out), cost_before, cost_after,
+        body_ops_before=body_histogram(model), body_ops_after=body_histogram(out),
     )
     return out, report
 

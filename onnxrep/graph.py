@@ -292,6 +292,23 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(counts)
 
 
+def body_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    """Count of each op type inside the If / Loop / Scan bodies of the main graph, at any depth."""
+    counts: dict[str, int] = defaultdict(int)
+
+    def bodies(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    for inner in g.node:
+                        key = inner.op_type if inner.domain in ("", "ai.onnx") else f"{inner.domain}::{inner.op_type}"
+                        counts[key] += 1
+                    bodies(g.node)
+
+    bodies(model.graph.node)
+    return dict(counts)
+
+
 def iter_nodes(graph: gs.Graph, op_types: Iterable[str]) -> list[gs.Node]:
     wanted = set(op_types)
     return [n for n in graph.nodes if n.op in wanted and _default_domain(n)]

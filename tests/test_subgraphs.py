@@ -146,8 +146,23 @@ def test_if_branches_are_folded_and_agree_on_both_conditions():
     ]
     for branch, name in (("then_branch", "t_out"), ("else_branch", "e_out")):
         assert [o.name for o in subgraph(out, "the_if", branch).output] == [name]
+    # the report counts the nodes inside the bodies too
+    assert report.body_ops_before == {"Conv": 4, "BatchNormalization": 3, "Add": 4, "Relu": 2}
+    assert report.body_ops_after == {"Conv": 2, "Relu": 2}
     for cond in (True, False):
         assert_same_outputs(model, out, {"x": x_feed(), "cond": np.array(cond)})
+
+
+def test_cli_table_counts_the_nodes_in_bodies(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxrep import cli
+
+    onnx.save(if_model(), tmp_path / "m.onnx")
+    res = CliRunner().invoke(cli.main, ["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx")])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if "nodes in bodies" in line)
+    assert row.split("|")[2].strip() == "13" and row.split("|")[3].strip() == "4"
 
 
 @pytest.mark.parametrize("branch", ["then_branch", "else_branch"])
