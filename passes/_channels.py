@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from math import prod
 from typing import Callable
 
@@ -118,18 +119,15 @@ def _unary_function(node: gs.Node, view: GraphView, ctx: Context) -> Callable[[n
             return f"Cast '{node.name}' does not cast between float types"
         return lambda v: as_f64(np.asarray(v).astype(to))
     if op == ops.CLIP:
-        lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
-        for i, slot in ((1, "lo"), (2, "hi")):
+        bounds = [a.get("min", -np.inf), a.get("max", np.inf)]
+        for i in (1, 2):
             if len(node.inputs) > i and node.inputs[i].name:
                 c = view.constant(node.inputs[i])
                 if c is None or c.size != 1:
                     return f"Clip '{node.name}' bound '{node.inputs[i].name}' is not a constant scalar"
-                if slot == "lo":
-                    lo = float(c.reshape(()))
-                else:
-                    hi = float(c.reshape(()))
+                bounds[i - 1] = float(c.reshape(()))
+        lo, hi = bounds
         return lambda v: np.clip(v, lo, hi)
-    alpha = float(a.get("alpha", 0.0))
     table = {
         "Relu": lambda v: np.maximum(v, 0.0),
         "LeakyRelu": lambda v: np.where(v >= 0, v, float(a.get("alpha", 0.01)) * v),
@@ -154,7 +152,6 @@ def _unary_function(node: gs.Node, view: GraphView, ctx: Context) -> Callable[[n
             else (lambda v: 0.5 * v * (1.0 + _erf(v / math.sqrt(2.0))))
         ),
     }
-    del alpha
     return table[op]
 
 
@@ -191,12 +188,16 @@ class Step:
         return None
 
     def emit(self, ctx: Context, new_in: list[gs.Tensor], out: gs.Tensor, keep: np.ndarray) -> NewNode:
-        """The node with its channel constants sliced to the positions ``keep`` of its output."""
-        return NewNode(self.node.op, ctx.fresh_name(self.node.name or self.node.op), dict(self.node.attrs),
-                       self._inputs(new_in), [out])
+        """The node reading ``new_in`` (the pruned flows), with its channel constants sliced to the
+        positions ``keep`` of its output."""
+        return NewNode(self.node.op, ctx.fresh_name(self.node.name or self.node.op), self._attrs(keep),
+                       self._inputs(ctx, new_in, keep), [out])
 
-    def _inputs(self, new_in: list[gs.Tensor]) -> list[gs.Tensor]:
+    def _inputs(self, ctx: Context, new_in: list[gs.Tensor], keep: np.ndarray) -> list[gs.Tensor]:
         return [new_in[0]] + list(self.node.inputs[1:])
+
+    def _attrs(self, keep: np.ndarray) -> dict:
+        return dict(self.node.attrs)
 
 
 @dataclass
@@ -213,22 +214,21 @@ class AffineStep(Step):
     def params(self):
         return np.stack([self.affine.scale, self.affine.shift], axis=1)
 
-    def emit(self, ctx, new_in, out, keep):
+    def _inputs(self, ctx, new_in, keep):
         node, flow = self.node, self.inputs[0]
+        bn = is_op(node, ops.BATCH_NORM)
         inputs = []
-        for t in node.inputs:
+        for t in node.inputs[:5] if bn else node.inputs:
+            value = self.view.constant(t) if t is not None and t.name else None
             if t is not None and t.name and self.view.source(t) is flow.tensor:
                 inputs.append(new_in[0])
-            elif t is not None and t.name and self.view.is_constant(t):
-                sliced = _slice_along(self.view.constant(t), flow, keep) if not is_op(node, ops.BATCH_NORM) else (
-                    np.take(self.view.constant(t), keep, axis=0) if np.size(self.view.constant(t)) == flow.width else self.view.constant(t)
-                )
+            elif value is not None:
+                # BN parameters are vectors of C; a Mul/Add constant broadcasts against the data
+                sliced = (value[keep] if value.size == flow.width else value) if bn else _slice_along(value, flow, keep)
                 inputs.append(ctx.constant(t.name, np.asarray(sliced)))
             else:
                 inputs.append(t)
-        if is_op(node, ops.BATCH_NORM):
-            inputs = inputs[:5]
-        return NewNode(node.op, ctx.fresh_name(node.name or node.op), dict(node.attrs), inputs, [out])
+        return inputs
 
 
 @dataclass
@@ -243,9 +243,8 @@ class PReluStep(Step):
     def params(self):
         return self.slope[:, None]
 
-    def emit(self, ctx, new_in, out, keep):
-        slope = ctx.constant(self.node.inputs[1].name, _slice_along(self.raw, self.inputs[0], keep))
-        return NewNode(self.node.op, ctx.fresh_name(self.node.name or self.node.op), dict(self.node.attrs), [new_in[0], slope], [out])
+    def _inputs(self, ctx, new_in, keep):
+        return [new_in[0], ctx.constant(self.node.inputs[1].name, _slice_along(self.raw, self.inputs[0], keep))]
 
 
 @dataclass
@@ -265,7 +264,7 @@ class BinaryStep(Step):
         with np.errstate(all="ignore"):
             return self.fn(values[0], values[1]), known[0] & known[1]
 
-    def _inputs(self, new_in):
+    def _inputs(self, ctx, new_in, keep):
         return list(new_in)
 
 
@@ -285,15 +284,16 @@ class DepthwiseStep(Step):
     def params(self):
         return np.concatenate([self.weight.reshape(self.weight.shape[0], -1), self.bias[:, None]], axis=1)
 
-    def emit(self, ctx, new_in, out, keep):
+    def _inputs(self, ctx, new_in, keep):
         node = self.node
-        dtype = self.view.constant(node.inputs[1]).dtype
-        w = ctx.constant(node.inputs[1].name, np.asarray(self.view.constant(node.inputs[1]))[keep])
-        inputs = [new_in[0], w]
+        raw = self.view.constant(node.inputs[1])
+        inputs = [new_in[0], ctx.constant(node.inputs[1].name, np.asarray(raw)[keep])]
         if len(node.inputs) > 2 and node.inputs[2].name:
-            inputs.append(ctx.constant(node.inputs[2].name, self.bias[keep].astype(dtype)))
-        attrs = dict(node.attrs) | {"group": int(len(keep))}
-        return NewNode(node.op, ctx.fresh_name(node.name or node.op), attrs, inputs, [out])
+            inputs.append(ctx.constant(node.inputs[2].name, self.bias[keep].astype(raw.dtype)))
+        return inputs
+
+    def _attrs(self, keep):
+        return dict(self.node.attrs) | {"group": int(len(keep))}
 
 
 @dataclass
@@ -310,21 +310,18 @@ class ReshapeStep(Step):
 
     shape: np.ndarray = None
 
-    def emit(self, ctx, new_in, out, keep):
+    def _inputs(self, ctx, new_in, keep):
         shape = self.shape.copy()
         if shape[1] > 0:
             shape[1] = len(keep)
-        target = ctx.constant(self.node.inputs[1].name, shape.astype(np.int64))
-        return NewNode(self.node.op, ctx.fresh_name(self.node.name or self.node.op), dict(self.node.attrs),
-                       [new_in[0], target], [out])
+        return [new_in[0], ctx.constant(self.node.inputs[1].name, shape.astype(np.int64))]
 
 
 @dataclass
 class ConcatStep(Step):
     slot: int = 0  # which input carries the channels
-    view: GraphView = None
 
-    def _inputs(self, new_in):
+    def _inputs(self, ctx, new_in, keep):
         inputs = list(self.node.inputs)
         inputs[self.slot] = new_in[0]
         return inputs
@@ -333,6 +330,11 @@ class ConcatStep(Step):
 # --------------------------------------------------------------------------------------------
 # Sources and consumers: layers that mix channels with constant weights
 # --------------------------------------------------------------------------------------------
+
+
+def _rows(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``(Cout, -1)``: each output channel's weights (output channels first in ``weight``), bias last."""
+    return np.concatenate([weight.reshape(weight.shape[0], -1), bias[:, None]], axis=1)
 
 
 @dataclass
@@ -362,10 +364,11 @@ class Layer:
     def in_axis(self) -> int:
         return 0 if self.linear else 1
 
+    @cached_property
     def out_rows(self) -> np.ndarray:
         """The weights of every output channel, one row each ``(Cout, -1)``, and its bias last."""
-        w = self.weight.T if self.linear else self.weight
-        return np.concatenate([w.reshape(w.shape[0], -1), self.bias[:, None]], axis=1)
+        return _rows(self.weight.T if self.linear else self.weight, self.bias)
+
 
     def emit(self, ctx: Context, x: gs.Tensor, weight: np.ndarray, bias: np.ndarray, target: gs.Tensor,
              rank: int | None) -> list[NewNode]:
@@ -387,12 +390,17 @@ class Layer:
         return [NewNode(ops.CONV, ctx.fresh_name(name), attrs, inputs, [target])]
 
     def macs(self, out_shape, weight_shape) -> int:
-        """Multiply-accumulates (symbolic dims counted as 1): output positions x weight size."""
-        if out_shape is None:
-            return 0
-        dims = [d if isinstance(d, int) and d > 0 else 1 for d in out_shape]
-        positions = prod(dims[:-1]) if self.linear else prod(dims[:1] + dims[2:])
-        return int(positions * prod(weight_shape))
+        return _macs(out_shape, weight_shape, channel_last=self.linear is not None)
+
+
+def _macs(out_shape, weight_shape, channel_last: bool) -> int:
+    """Multiply-accumulates of a conv or linear layer (symbolic dims counted as 1): output positions
+    (every dim but the channel axis) times the weight's size."""
+    if out_shape is None:
+        return 0
+    dims = [d if isinstance(d, int) and d > 0 else 1 for d in out_shape]
+    positions = prod(dims[:-1]) if channel_last else prod(dims[:1] + dims[2:])
+    return int(positions * algebra.conv_macs_per_position(weight_shape))
 
 
 def as_layer(node: gs.Node, view: GraphView, ctx: Context) -> Layer | str | None:
@@ -518,8 +526,7 @@ def refine(labels: np.ndarray, rows: np.ndarray, tolerance: float) -> np.ndarray
 def follow(source: Layer, view: GraphView, ctx: Context) -> Region | Decline:
     """The region the source's channels flow through, or the named reason they cannot be followed."""
     out = view.source(source.out)
-    rows = source.out_rows()
-    channels = rows.shape[0]
+    channels = source.weight.shape[source.out_axis]
     shape = ctx.shape(out)
     if shape is None:
         return Decline("static_shapes", f"the rank of '{out.name}' is unknown")
@@ -774,7 +781,7 @@ def _concat_step(node: gs.Node, slot: int, flow: Flow, region: Region, view: Gra
     out_shape = ctx.shape(node.outputs[0])
     if out_shape is None or not isinstance(out_shape[axis], int):
         return Decline("static_shapes", f"the channel count of '{node.outputs[0].name}' is unknown")
-    return ConcatStep(node, [flow], _new_flow(node, flow, index=flow.index + offset, width=out_shape[axis]), slot=slot, view=view)
+    return ConcatStep(node, [flow], _new_flow(node, flow, index=flow.index + offset, width=out_shape[axis]), slot=slot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -788,7 +795,7 @@ def _resized(ctx: Context, flow: Flow, width: int, base: str) -> gs.Variable:
         shape = list(shape)
         shape[flow.axis] = width
     dtype = ctx.dtype(flow.tensor)
-    var = gs.Variable(ctx.fresh_name(base), dtype=flow.tensor.dtype if flow.tensor.dtype is not None else dtype, shape=shape)
+    var = gs.Variable(ctx.fresh_name(base), dtype=dtype, shape=shape)
     if shape is not None:
         ctx.shapes[var.name] = tuple(shape)
     if dtype is not None:
@@ -811,24 +818,18 @@ def plans(region: Region, view: GraphView, ctx: Context, dropped: np.ndarray, in
     b = src.bias[keep_src]
     first_flow = region.flows[id(view.source(src.out))]
     new: dict[int, gs.Tensor] = {id(first_flow.tensor): _resized(ctx, first_flow, len(keep_src), f"{first_flow.tensor.name}.pruned")}
-    shared = src.emit(ctx, _source_input(src, view), w, b, new[id(first_flow.tensor)], first_flow.rank)
-    params_before = _size(src.weight) + _size(src.bias)
-    params_after = _size(w) + _size(b)
+    shared = src.emit(ctx, _source_input(src), w, b, new[id(first_flow.tensor)], first_flow.rank)
     macs_before = src.macs(ctx.shape(first_flow.tensor), src.weight.shape)
     macs_after = src.macs(ctx.shape(first_flow.tensor), w.shape)
     for step in region.steps:
         keep = step.out.kept_positions(dropped)
         out = _resized(ctx, step.out, len(keep), f"{step.out.tensor.name}.pruned")
-        spec = step.emit(ctx, [new[id(f.tensor)] for f in step.inputs], out, keep)
+        shared.append(step.emit(ctx, [new[id(f.tensor)] for f in step.inputs], out, keep))
         new[id(step.out.tensor)] = out
-        shared.append(spec)
-        before = _step_params(step.node, view)
-        after = sum(_size(t.values) for t in spec.inputs if isinstance(t, gs.Constant))
-        params_before, params_after = params_before + before, params_after + after
         if isinstance(step, DepthwiseStep):
             shape = ctx.shape(step.out.tensor)
-            macs_before += src.macs(shape, step.weight.shape) if shape else 0
-            macs_after += src.macs(shape, (len(keep),) + step.weight.shape[1:]) if shape else 0
+            macs_before += _macs(shape, step.weight.shape, channel_last=False)
+            macs_after += _macs(shape, (len(keep),) + step.weight.shape[1:], channel_last=False)
     result: list[Plan] = []
     for i, consumer in enumerate(region.consumers):
         layer, flow = consumer.layer, consumer.flow
@@ -842,19 +843,21 @@ def plans(region: Region, view: GraphView, ctx: Context, dropped: np.ndarray, in
         keep = flow.kept_positions(dropped)
         weight = weight.take(keep, axis=layer.in_axis)
         nodes = layer.emit(ctx, new[id(flow.tensor)], weight, bias, layer.out, flow.rank)
-        params_before += _size(layer.weight) + _layer_bias_size(layer, view)
-        params_after += _size(weight) + (_size(bias) if (_layer_bias_size(layer, view) or np.any(bias)) else 0)
         out_shape = ctx.shape(layer.out)
         macs_before += layer.macs(out_shape, layer.weight.shape)
         macs_after += layer.macs(out_shape, weight.shape)
         result.append(Plan(layer.out, (shared if i == 0 else []) + nodes, summary))
-    details = {
+    # weights: the float constants of the nodes replaced, and of the nodes written
+    written = [spec for plan in result for spec in plan.nodes]
+    params_before = sum(_size(view.constant(t)) for n in region.nodes for t in n.inputs if _is_float_constant(t, view))
+    params_after = sum(_size(t.values) for spec in written for t in spec.inputs
+                       if isinstance(t, gs.Constant) and _is_float(t.values.dtype))
+    result[0].details = {
         "layer": src.node.name,
         "channels": [int(region.channels), int(len(keep_src))],
         "params": [int(params_before), int(params_after)],
         "macs": [int(macs_before), int(macs_after)],
     }
-    result[0].details = details
     return result
 
 
@@ -866,7 +869,7 @@ def _position_map(flow: Flow, into: np.ndarray) -> list[int]:
     return pos
 
 
-def _source_input(src: Layer, view: GraphView) -> gs.Tensor:
+def _source_input(src: Layer) -> gs.Tensor:
     return src.linear.head.inputs[0] if src.linear else src.node.inputs[0]
 
 
@@ -874,18 +877,13 @@ def _size(a) -> int:
     return int(np.size(a))
 
 
-def _layer_bias_size(layer: Layer, view: GraphView) -> int:
-    return _size(layer.bias) if _has_bias(layer) else 0
+def _is_float(dtype) -> bool:
+    return np.dtype(dtype).kind == "f" or str(dtype) == "bfloat16"
 
 
-def _has_bias(layer: Layer) -> bool:
-    if layer.linear:
-        return layer.linear.is_gemm and len(layer.node.inputs) > 2 and bool(layer.node.inputs[2].name) or len(layer.linear.nodes) > 1
-    return len(layer.node.inputs) > 2 and bool(layer.node.inputs[2].name)
-
-
-def _step_params(node: gs.Node, view: GraphView) -> int:
-    return sum(_size(view.constant(t)) for t in node.inputs[1:] if t is not None and t.name and view.is_constant(t))
+def _is_float_constant(t: gs.Tensor | None, view: GraphView) -> bool:
+    value = view.constant(t) if t is not None and t.name else None
+    return value is not None and _is_float(value.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -939,12 +937,11 @@ def candidates(view: GraphView, ctx: Context, prefix: str, mark: Callable[[np.nd
             # a grouped conv with constant weights is a candidate to decline by name; others are not candidates
             if not is_op(node, ops.CONV) or conv_constants_reason(node, view):
                 continue
-            w, b = conv_params(node, view)
-            marked = mark(np.concatenate([w.reshape(w.shape[0], -1), b[:, None]], axis=1))
+            marked = mark(_rows(*conv_params(node, view)))
             if marked.any():
                 yield Match(f"{prefix}:{node.name}", [node], Candidate(node, layer, None, marked))
             continue
-        marked = mark(layer.out_rows())
+        marked = mark(layer.out_rows)
         if not marked.any():
             continue
         region = follow(layer, view, ctx)

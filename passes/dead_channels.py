@@ -66,7 +66,7 @@ def _removable(c: Candidate, view: GraphView) -> tuple[np.ndarray, dict, str]:
     """The dead channels that can be dropped, the constants at each consumer, and why others stay."""
     region: Region = c.region
     dead = c.marked
-    values = np.where(dead, region.source.out_rows()[:, -1], 0.0)
+    values = np.where(dead, region.source.bias, 0.0)
     consts = region.constants(values, dead.copy())
     ok = dead.copy()
     why = ""

@@ -73,7 +73,7 @@ def _some_equal_rows(tolerance: float):
 
 
 def _downstream_equal(c: Candidate, view: GraphView, ctx: Context) -> str | None:
-    labels = _clusters(c.region.source.out_rows(), ctx.options.tolerance)
+    labels = _clusters(c.region.source.out_rows, ctx.options.tolerance)
     labels = c.region.split_by_params(labels, ctx.options.tolerance)
     merged = labels != np.arange(len(labels))
     c.decision = labels
