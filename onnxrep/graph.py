@@ -287,9 +287,12 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     """Count of each op type in the main graph (``domain::Op`` for non-default domains)."""
     counts: dict[str, int] = defaultdict(int)
     for node in model.graph.node:
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        counts[key] += 1
+        counts[_op_key(node)] += 1
     return dict(counts)
+
+
+def _op_key(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
 
 
 def body_histogram(model: onnx.ModelProto) -> dict[str, int]:
@@ -301,8 +304,7 @@ def body_histogram(model: onnx.ModelProto) -> dict[str, int]:
             for attr in node.attribute:
                 for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                     for inner in g.node:
-                        key = inner.op_type if inner.domain in ("", "ai.onnx") else f"{inner.domain}::{inner.op_type}"
-                        counts[key] += 1
+                        counts[_op_key(inner)] += 1
                     bodies(g.node)
 
     bodies(model.graph.node)
