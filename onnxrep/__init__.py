@@ -10,6 +10,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import optimize, verify  # noqa: E402
-from .errors import InputError, OnnxrepError, VerificationError  # noqa: E402
+from .errors import InputError, OnnxrepError, UsageError, VerificationError  # noqa: E402
 
-__all__ = ["optimize", "verify", "OnnxrepError", "InputError", "VerificationError", "__version__"]
+__all__ = ["optimize", "verify", "OnnxrepError", "InputError", "UsageError", "VerificationError", "__version__"]

@@ -1,109 +1,324 @@
-"""The Python API: ``optimize`` and ``verify``."""
+"""The Python API: ``optimize`` and ``verify``.
+
+Both check every argument before any work (:class:`onnxrep.UsageError`, a ``ValueError``, names
+the valid values), so that a bad option never costs a model load, and the command line goes
+through the same checks. ``optimize`` runs one sequence for every caller: load, passes, checker,
+verification, and on a mismatch either an error or the bisection that leaves the responsible
+rewrites out.
+"""
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import onnx
 
 from . import engine, io
 from .engine import Report
-from .errors import VerificationError
+from .equivalence import VerifyResult, compare, graph_inputs
+from .errors import UsageError, VerificationError
 from .rewrite import Options
-from .equivalence import VerifyResult, compare
+
+ON_MISMATCH = ("fail", "bisect")
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+Feeds = Mapping[str, np.ndarray]
 
 
-def _as_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+@dataclass(frozen=True)
+class Check:
+    """How a verification runs: random input sets, symbolic dim values, user inputs, tolerances
+    (None: the defaults of each output's dtype, see :mod:`onnxrep.equivalence`)."""
+
+    seeds: int = 3
+    dims: Mapping[str, int] | None = None
+    inputs: Sequence[Feeds] = ()
+    rtol: float | None = None
+    atol: float | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (before any work)
+# --------------------------------------------------------------------------------------------
+
+
+def pass_names(value: str | Iterable[str] | None, what: str) -> list[str]:
+    """Pass names from a comma-separated string or a sequence of them (each item may hold commas)."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(i, str) for i in items):
+        raise UsageError(f"{what} must be pass names (strings), got {value!r}")
+    return [v.strip() for item in items for v in item.split(",") if v.strip()]
+
+
+def check_options(
+    only: Sequence[str], skip: Sequence[str], on_mismatch: str = "fail", tolerance: float = 0.0, check: Check | None = None
+) -> None:
+    """Raise :class:`UsageError` for an unknown pass, mismatch policy, or an out-of-range number."""
+    registry = engine.available_passes()
+    for name in list(only) + list(skip):
+        if name not in registry:
+            raise UsageError(f"unknown pass {name!r}; available: {', '.join(registry)}")
+    if on_mismatch not in ON_MISMATCH:
+        raise UsageError(f"on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}")
+    _non_negative("tolerance", tolerance)
+    if check is not None:
+        if isinstance(check.seeds, bool) or not isinstance(check.seeds, (int, np.integer)) or check.seeds < 1:
+            raise UsageError(f"seeds must be an integer >= 1, got {check.seeds!r}")
+        for name in ("rtol", "atol"):
+            if getattr(check, name) is not None:
+                _non_negative(name, getattr(check, name))
+
+
+def _non_negative(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise UsageError(f"{name} must be a number >= 0, got {value!r}")
+    if not math.isfinite(float(value)) or value < 0:
+        raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def symbolic_dims(model: onnx.ModelProto) -> set[str]:
+    """Names of the symbolic dims of the model's inputs."""
+    return {
+        d.dim_param
+        for vi in graph_inputs(model)
+        for d in vi.type.tensor_type.shape.dim
+        if d.HasField("dim_param") and d.dim_param
+    }
+
+
+def check_model_args(model: onnx.ModelProto, check: Check) -> None:
+    """Raise :class:`UsageError` for dims the model's inputs do not have and for user inputs that
+    do not fit the model's inputs (unknown name, missing input, rank, static dims, element type)."""
+    names = symbolic_dims(model)
+    for name, value in (check.dims or {}).items():
+        if name not in names:
+            available = ", ".join(sorted(names)) or "none"
+            raise UsageError(f"the model's inputs have no symbolic dim {name!r} (symbolic dims: {available})")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise UsageError(f"dim {name!r} must be an integer >= 1, got {value!r}")
+    declared = {vi.name: vi for vi in graph_inputs(model)}
+    for i, feeds in enumerate(check.inputs):
+        where = f"input set {i + 1}"
+        for name in feeds:
+            if name not in declared:
+                raise UsageError(f"{where}: the model has no input {name!r} (inputs: {', '.join(declared)})")
+        for name, vi in declared.items():
+            if name not in feeds:
+                raise UsageError(f"{where}: no value for input {name!r}")
+            _check_feed(where, name, np.asarray(feeds[name]), vi)
+
+
+def _check_feed(where: str, name: str, value: np.ndarray, vi: onnx.ValueInfoProto) -> None:
+    t = vi.type.tensor_type
+    want = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+    if value.dtype != want:
+        raise UsageError(f"{where}: input {name!r} has dtype {value.dtype}, the model expects {want}")
+    dims = list(t.shape.dim)
+    if t.HasField("shape") and len(dims) != value.ndim:
+        raise UsageError(f"{where}: input {name!r} has rank {value.ndim}, the model expects {len(dims)}")
+    for axis, (d, n) in enumerate(zip(dims, value.shape)):
+        if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != n:
+            raise UsageError(f"{where}: input {name!r} has size {n} on axis {axis}, the model expects {d.dim_value}")
+
+
+# --------------------------------------------------------------------------------------------
+# optimize / verify
+# --------------------------------------------------------------------------------------------
+
+
+def _as_model(model_or_path: ModelLike, base_dir: str | os.PathLike | None = None) -> onnx.ModelProto:
     if isinstance(model_or_path, onnx.ModelProto):
+        if hasattr(io, "validate"):  # TEMP until io.validate lands
+            io.validate(model_or_path, base_dir=base_dir)
         return model_or_path
     return io.load(model_or_path)[0]
 
 
 def optimize(
-    model_or_path: onnx.ModelProto | str | os.PathLike,
-    passes: Sequence[str] | None = None,
-    skip: Iterable[str] = (),
+    model_or_path: ModelLike,
+    passes: str | Sequence[str] | None = None,
+    skip: str | Iterable[str] = (),
     allow_cost_increase: bool = False,
     verify: bool = False,
     seeds: int = 3,
-    dims: dict[str, int] | None = None,
+    dims: Mapping[str, int] | None = None,
     progress=None,
     on_mismatch: str = "fail",
     tolerance: float = 0.0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    inputs: Sequence[Feeds] = (),
+    base_dir: str | os.PathLike | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Return the optimized model (the input is not modified) and the report.
 
-    ``passes`` selects passes by name (default: all, in registry order) and ``skip`` leaves some out.
-    With ``verify``, both models run in onnxruntime on ``seeds`` random inputs and a mismatch raises
-    :class:`onnxrep.VerificationError`; the result is stored in ``report.verification``. With
-    ``on_mismatch="bisect"`` the rewrite responsible is found by bisection and left out instead,
-    and named in ``report.verification["bisected"]``. ``tolerance`` (opt-in, not exact) lets
-    ``identical-filters`` merge filters that differ by at most that much.
+    ``passes`` selects passes by name (a list, or one comma-separated string; default: all, in
+    registry order) and ``skip`` leaves some out. With ``verify``, both models run in onnxruntime
+    on several input sets (``seeds`` random seeds at three magnitudes, symbolic batch 1 and 2,
+    ``dims`` for other symbolic dims, and the feed dicts in ``inputs``), compared element by
+    element within ``rtol``/``atol`` (default: from each output's dtype), and every rewritten
+    region is checked on its own (:mod:`onnxrep.regions`); a mismatch raises
+    :class:`onnxrep.VerificationError`. The result is stored in ``report.verification``. With
+    ``on_mismatch="bisect"`` the rewrites responsible are left out instead (the failing regions
+    first, then by bisection of the whole-model mismatch), and named in
+    ``report.verification["bisected"]``. ``tolerance`` (opt-in, not exact) lets
+    ``identical-filters`` merge filters that differ by at most that much. ``base_dir``: the folder
+    external data of a ModelProto is relative to.
     """
+    only, skip = pass_names(passes, "passes"), pass_names(skip, "skip")
+    check = Check(seeds, dims, tuple(inputs), rtol, atol)
+    check_options(only, skip, on_mismatch, tolerance, check if verify else None)
     lazy = not verify and not isinstance(model_or_path, onnx.ModelProto)
     # without verification the input's weights are needed only where a pass reads them: they stay
     # in the file until then, and the result gets the untouched ones from there at the end
-    model = io.load(model_or_path, lazy=True)[0] if lazy else _as_model(model_or_path)
+    model = io.load(model_or_path, lazy=True)[0] if lazy else _as_model(model_or_path, base_dir)
+    if verify:
+        check_model_args(model, check)
     options = Options(allow_cost_increase=allow_cost_increase, tolerance=tolerance)
-    out, report = engine.run(model, passes, skip, options, progress)
-    io.check(out)
+    out, report = run(model, only, skip, options, verify=check if verify else None, on_mismatch=on_mismatch, progress=progress)
     if lazy:
         del model
         io.materialize(out)
-    if verify:
-        result = compare(model, out, seeds=seeds, dims=dims)
-        report.verification = result.to_dict()
-        if not result.ok:
-            if on_mismatch != "bisect":
-                raise mismatch_error(result)
-            out, report = bisect_mismatch(model, passes, skip, options, report, seeds, dims)
     return out, report
+
+
+def run(
+    model: onnx.ModelProto,
+    only: Sequence[str],
+    skip: Sequence[str],
+    options: Options,
+    verify: Check | None = None,
+    on_mismatch: str = "fail",
+    progress=None,
+    verify_progress: Callable[[int], None] | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """The sequence behind :func:`optimize` and the command line, on a loaded model whose
+    arguments were checked: passes, checker, verification and the mismatch policy."""
+    out, report = engine.run(model, only, skip, options, progress)
+    # every tensor of the output is encoded from an array of its shape or comes from the checked input
+    io.check(out, data=False)
+    if verify is None:
+        return out, report
+    result, region_checks = verify_rewrite(model, out, report, verify, verify_progress)
+    if result.ok and all(r.ok for r in region_checks):
+        return out, report
+    if on_mismatch != "bisect":
+        raise mismatch_error(result, region_checks)
+    out, report = bisect_mismatch(model, only, skip, options, report, verify, region_checks)
+    io.check(out, data=False)
+    return out, report
+
+
+def verify_rewrite(
+    original: onnx.ModelProto,
+    optimized: onnx.ModelProto,
+    report: Report,
+    check: Check,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[VerifyResult, list]:
+    """Whole-model comparison and per-region checks of ``report``'s rewrites; both go into
+    ``report.verification``."""
+    result = compare_models(original, optimized, check, progress)
+    try:  # TEMP until onnxrep.regions lands
+        from . import regions
+    except ImportError:
+        regions = None
+    region_checks = [] if regions is None else regions.check_regions(original, optimized, regions.from_report(report), rtol=check.rtol, atol=check.atol)
+    report.verification = result.to_dict() | {"regions": [r.to_dict() for r in region_checks]}
+    return result, region_checks
+
+
+def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, check: Check, progress=None) -> VerifyResult:
+    extra = {k: v for k, v in (("rtol", check.rtol), ("atol", check.atol), ("inputs", list(check.inputs))) if v}  # TEMP
+    return compare(a, b, seeds=check.seeds, dims=dict(check.dims or {}), progress=progress, **extra)
 
 
 def _rewrite_keys(report: Report) -> list[str]:
     return [r["candidate"] for p in report.passes for r in p.rewrites]
 
 
-def bisect_mismatch(model, passes, skip, options: Options, failed: Report, seeds, dims):
-    """Find the rewrite that breaks equivalence by halving the set of rewrites left out, leave
-    it out, and return the verified result; a VerificationError when no single rewrite explains
-    the mismatch."""
+def bisect_mismatch(model, only, skip, options: Options, failed: Report, check: Check, region_checks=()):
+    """Leave out the rewrites that break equivalence and return the verified result.
+
+    Regions that failed their own check are left out first (they name their rewrite). If the
+    whole model still differs, the remaining rewrites are bisected (halving the set left out).
+    A VerificationError says what was tried when no set of rewrites explains the mismatch."""
+    tried: list[str] = []
 
     def attempt(deny: set[str]):
         opts = Options(options.allow_cost_increase, frozenset(deny), options.tolerance)
-        out, report = engine.run(model, passes, skip, opts)
-        result = compare(model, out, seeds=seeds, dims=dims)
-        report.verification = result.to_dict()
-        return out, report, result
+        out, report = engine.run(model, only, skip, opts)
+        result, checks = verify_rewrite(model, out, report, check)
+        tried.append(f"{len(deny)} left out: {'ok' if result.ok and all(c.ok for c in checks) else 'mismatch'}")
+        return out, report, result, checks
 
-    suspects = _rewrite_keys(failed)
+    culprits = [r.key for r in region_checks if not r.ok]
+    if culprits:
+        out, report, result, checks = attempt(set(culprits))
+        if result.ok and all(c.ok for c in checks):
+            return _bisected(out, report, failed, culprits)
+    suspects = [k for k in _rewrite_keys(failed) if k not in culprits]
+    base = set(culprits)
     while len(suspects) > 1:
         half = suspects[: len(suspects) // 2]
-        *_, result = attempt(set(half))
-        suspects = half if result.ok else suspects[len(half):]
-    if not suspects:
-        raise VerificationError("the mismatch remains with no rewrite applied")
-    out, report, result = attempt(set(suspects))
-    if not result.ok:
-        raise mismatch_error(result)
-    culprit = suspects[0]
-    name = next((p.name for p in failed.passes if any(r["candidate"] == culprit for r in p.rewrites)), "?")
-    report.verification["bisected"] = {"culprit": culprit, "pass": name}
+        *_, result, checks = attempt(base | set(half))
+        ok = result.ok and all(c.ok for c in checks)
+        suspects = half if ok else suspects[len(half):]
+    if not suspects and not base:
+        raise VerificationError(
+            "bisect: the mismatch remains with no rewrite applied (the original model does not agree with itself "
+            "under these inputs)"
+        )
+    out, report, result, checks = attempt(base | set(suspects))
+    if not (result.ok and all(c.ok for c in checks)):
+        raise VerificationError(
+            f"bisect could not isolate the rewrites responsible ({len(tried)} runs: {'; '.join(tried)}); "
+            + str(mismatch_error(result, checks))
+        )
+    return _bisected(out, report, failed, sorted(base | set(suspects)))
+
+
+def _bisected(out, report: Report, failed: Report, culprits: list[str]):
+    def pass_of(key: str) -> str:
+        return next((p.name for p in failed.passes if any(r["candidate"] == key for r in p.rewrites)), "?")
+
+    report.verification["bisected"] = {"culprit": culprits[0], "pass": pass_of(culprits[0])}
+    report.verification["left_out"] = [{"candidate": k, "pass": pass_of(k)} for k in culprits]
     return out, report
 
 
 def verify(
-    a: onnx.ModelProto | str | os.PathLike,
-    b: onnx.ModelProto | str | os.PathLike,
+    a: ModelLike,
+    b: ModelLike,
     seeds: int = 3,
-    dims: dict[str, int] | None = None,
+    dims: Mapping[str, int] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    inputs: Sequence[Feeds] = (),
+    progress: Callable[[int], None] | None = None,
 ) -> VerifyResult:
-    """Compare two models' outputs on the same random inputs in onnxruntime."""
-    return compare(_as_model(a), _as_model(b), seeds=seeds, dims=dims)
+    """Compare two models' outputs in onnxruntime on the same input sets (see :func:`optimize`)."""
+    check = Check(seeds, dims, tuple(inputs), rtol, atol)
+    check_options([], [], check=check)
+    ma, mb = _as_model(a), _as_model(b)
+    check_model_args(ma, check)
+    return compare_models(ma, mb, check, progress)
 
 
-def mismatch_error(result: VerifyResult) -> VerificationError:
+def mismatch_error(result: VerifyResult, region_checks=()) -> VerificationError:
+    bad_regions = [r for r in region_checks if not r.ok]
+    if result.ok and bad_regions:
+        r = bad_regions[0]
+        return VerificationError(
+            f"rewrite {r.key} differs on its own: max abs error {r.max_abs_error:.3g} on "
+            f"{r.method} ({len(bad_regions)} region(s) failed)"
+        )
     w = result.worst()
     return VerificationError(
         f"output '{w.name}' differs: max abs error {w.max_abs_error:.3g} > tolerance {w.tolerance:.3g} "

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import click
 
-from . import __version__, engine, io
-from .api import bisect_mismatch, mismatch_error
-from .errors import OnnxrepError, first_line
+import numpy as np
+
+from . import __version__, api, engine, io
+from .api import mismatch_error
+from .errors import InputError, OnnxrepError, UsageError, first_line
 from .rewrite import Options
-from .equivalence import compare
 
 EXIT_ERROR = 1
 
@@ -52,10 +53,10 @@ def _split(values: tuple[str, ...]) -> list[str]:
 
 def _parse_dims(values: tuple[str, ...]) -> dict[str, int]:
     dims = {}
-    for item in values:
+    for item in _split(values):
         name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit() or int(value) <= 0:
-            raise OnnxrepError(f"--dim expects NAME=POSITIVE_INT, got {item!r}")
+        if not sep or not name.strip() or not value.strip().isdigit() or int(value) <= 0:
+            raise UsageError(f"--dim expects NAME=POSITIVE_INT, got {item!r}")
         dims[name.strip()] = int(value)
     return dims
 
@@ -169,10 +170,64 @@ def _pass_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """click's group, with a usage error told in one line (``error: ...``, exit status 2) instead
+    of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            _fail("interrupted", 130)
+        except click.ClickException as err:
+            hint = f" (see '{err.ctx.command_path} --help')" if getattr(err, "ctx", None) is not None else ""
+            _fail(f"{err.format_message()}{hint}", err.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxrep")
 def main() -> None:
     """Fold the training-time branches of re-parameterizable CNNs in ONNX models into single convs."""
+
+
+def _load_inputs(specs: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+    """User input sets: each ``FILE.npz`` is one set (arrays named by input); every ``NAME:FILE.npy``
+    together make one more."""
+    sets: list[dict[str, np.ndarray]] = []
+    pairs: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, path = spec.rpartition(":") if not spec.endswith(".npz") else ("", "", spec)
+        if not path.endswith((".npy", ".npz")) or (path.endswith(".npy") and not (sep and name)):
+            raise UsageError(f"--check-inputs expects NAME:FILE.npy or FILE.npz, got {spec!r}")
+        try:
+            if path.endswith(".npz"):
+                with np.load(path, allow_pickle=False) as data:
+                    sets.append({k: data[k] for k in data.files})
+            else:
+                pairs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise InputError(f"--check-inputs: cannot read {path}: {first_line(err)}") from None
+    if pairs:
+        sets.append(pairs)
+    return sets
+
+
+_CHECK_OPTIONS = [
+    click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Random seeds for verification (each at magnitudes x1, x10, x1000)."),
+    click.option("--dim", "dims", multiple=True, help="Value of a symbolic dim for verification, NAME=INT (repeatable, or comma-separated)."),
+    click.option("--check-inputs", "check_inputs", multiple=True, help="Also verify on these inputs: NAME:FILE.npy (together one set) or FILE.npz (one set each); repeatable."),
+    click.option("--rtol", type=click.FloatRange(min=0.0), default=None, help="Relative tolerance (default: from each output's dtype)."),
+    click.option("--atol", type=click.FloatRange(min=0.0), default=None, help="Absolute tolerance (default: from each output's dtype)."),
+]
+
+
+def _check_options(fn):
+    for opt in reversed(_CHECK_OPTIONS):
+        fn = opt(fn)
+    return fn
 
 
 @main.command()
@@ -181,8 +236,7 @@ def main() -> None:
 @_pass_options
 @click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report here.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
-@click.option("--seeds", default=3, show_default=True, help="Random input sets for verification.")
-@click.option("--dim", "dims", multiple=True, help="Value of a symbolic dim for verification, NAME=INT (repeatable).")
+@_check_options
 @click.option(
     "--external-data/--no-external-data",
     default=None,
@@ -190,38 +244,43 @@ def main() -> None:
 )
 @click.option(
     "--on-mismatch",
-    type=click.Choice(["fail", "bisect"]),
+    type=click.Choice(list(api.ON_MISMATCH)),
     default="fail",
     show_default=True,
-    help="On a verification mismatch: write nothing (fail), or find the rewrite responsible, leave it out and verify again (bisect).",
+    help="On a verification mismatch: write nothing (fail), or leave out the rewrites responsible and verify again (bisect).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="List every rewrite and skip.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_guarded
-def optimize(input_path, output_path, only, skip, allow_cost_increase, tolerance, report_path, no_verify, seeds, dims, external_data, on_mismatch, verbose, quiet):
+def optimize(input_path, output_path, only, skip, allow_cost_increase, tolerance, report_path, no_verify, seeds, dims, check_inputs, rtol, atol, external_data, on_mismatch, verbose, quiet):
     """Optimize IN and write the result to OUT (verified in onnxruntime first)."""
-    dims = _parse_dims(dims)
+    only, skip = _split(only), _split(skip)
+    check = api.Check(seeds, _parse_dims(dims), tuple(_load_inputs(check_inputs)), rtol, atol)
+    api.check_options(only, skip, on_mismatch, tolerance, check)
+    # where the results go is checked before any work: nothing is written when it cannot be
+    if hasattr(io, "check_writable"):  # TEMP
+        io.check_writable(output_path)
+        if report_path:
+            io.check_writable(report_path)
     # without verification the input's weights are read only where a pass needs them; the
     # untouched ones go from the input file to the output when it is written
     model, had_external = io.load(input_path, lazy=no_verify)
+    if not no_verify:
+        api.check_model_args(model, check)
     size_before = io.tensor_bytes(model)
     t0 = time.perf_counter()
     options = Options(allow_cost_increase, tolerance=tolerance)
-    out, report = engine.run(model, _split(only), _split(skip), options)
-    io.check(out, data=False)  # every tensor of the output is encoded from an array of its shape or comes from the checked input
-    if no_verify:
-        del model
+    with _progress(check.seeds * 3, "verifying", quiet or no_verify) as step:
+        out, report = api.run(
+            model, only, skip, options, verify=None if no_verify else check, on_mismatch=on_mismatch, verify_progress=step
+        )
+    del model
     elapsed = time.perf_counter() - t0
-    if not no_verify:
-        result = _verify_with_progress(model, out, seeds, dims, quiet)
-        report.verification = result.to_dict()
-        if not result.ok:
-            if on_mismatch != "bisect":
-                raise mismatch_error(result)
-            out, report = bisect_mismatch(model, _split(only), _split(skip), options, report, seeds, dims)
-            io.check(out, data=False)
-            culprit = report.verification["bisected"]
-            click.echo(f"warning: rewrite {culprit['culprit']} ({culprit['pass']}) broke equivalence and was left out", err=True)
+    left_out = (report.verification or {}).get("left_out")
+    if left_out:
+        names = ", ".join(f"{c['candidate']} ({c['pass']})" for c in left_out)
+        verb = "was" if len(left_out) == 1 else "were"
+        click.echo(f"warning: rewrite{'s' if len(left_out) > 1 else ''} {names} broke equivalence and {verb} left out", err=True)
     size_after = io.tensor_bytes(out)
     io.save(out, output_path, external=had_external if external_data is None else external_data)
     if report_path:
@@ -233,8 +292,25 @@ def optimize(input_path, output_path, only, skip, allow_cost_increase, tolerance
         layers = layer_table(report)
         if layers:
             click.echo(layers)
-        verdict = "skipped" if no_verify else f"ok ({seeds} random input sets)"
+        verdict = "skipped" if no_verify else verification_line(report.verification)
         click.echo(f"verification: {verdict}; written {output_path} in {elapsed:.2f} s")
+
+
+def verification_line(verification: dict) -> str:
+    """One line: the input sets, the worst relative error per output and the regions checked."""
+    sets = verification.get("input_sets", [])
+    outputs = verification.get("outputs", [])
+    worst = ", ".join(f"{o['name']} {o.get('max_rel_error', 0.0):.2g}" for o in outputs)
+    text = f"{'ok' if verification.get('ok') else 'FAILED'} ({len(sets)} input sets"
+    shapes = sorted({", ".join(f"{k} {v}" for k, v in s.get("shapes", {}).items()) for s in sets})
+    if shapes:
+        text += f"; shapes {' | '.join(shapes)}"
+    text += f"; worst relative error {worst})" if worst else ")"
+    regions_ = verification.get("regions", [])
+    if regions_:
+        proven = sum(1 for r in regions_ if r.get("proven"))
+        text += f"; {len(regions_)} rewritten regions checked on their own, {proven} proven"
+    return text
 
 
 @contextmanager
@@ -245,11 +321,6 @@ def _progress(length: int, label: str, quiet: bool = False):
         return
     with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
         yield lambda _: bar.update(1)
-
-
-def _verify_with_progress(a, b, seeds, dims, quiet):
-    with _progress(seeds, "verifying", quiet) as step:
-        return compare(a, b, seeds=seeds, dims=dims, progress=step)
 
 
 @main.command()
@@ -274,20 +345,24 @@ def inspect(input_path, only, skip, allow_cost_increase, tolerance, as_json):
 @main.command()
 @click.argument("model_a", metavar="A", type=click.Path(path_type=str))
 @click.argument("model_b", metavar="B", type=click.Path(path_type=str))
-@click.option("--seeds", default=3, show_default=True, help="Random input sets.")
-@click.option("--dim", "dims", multiple=True, help="Value of a symbolic dim, NAME=INT (repeatable).")
+@_check_options
 @_guarded
-def verify(model_a, model_b, seeds, dims):
+def verify(model_a, model_b, seeds, dims, check_inputs, rtol, atol):
     """Check that B computes the same outputs as A in onnxruntime (exit 1 if not)."""
-    dims = _parse_dims(dims)
+    check = api.Check(seeds, _parse_dims(dims), tuple(_load_inputs(check_inputs)), rtol, atol)
+    api.check_options([], [], check=check)
     a, _ = io.load(model_a)
     b, _ = io.load(model_b)
-    result = _verify_with_progress(a, b, seeds, dims, quiet=False)
+    api.check_model_args(a, check)
+    with _progress(check.seeds * 3, "verifying") as step:
+        result = api.compare_models(a, b, check, step)
     for o in result.outputs:
         click.echo(
-            f"{'ok  ' if o.ok else 'FAIL'} {o.name}: max abs error {o.max_abs_error:.3g} "
-            f"(tolerance {o.tolerance:.3g}, max magnitude {o.max_magnitude:.3g})"
+            f"{'ok  ' if o.ok else 'FAIL'} {o.name}: max abs error {o.max_abs_error:.3g}, "
+            f"max relative error {getattr(o, 'max_rel_error', 0.0):.3g} (tolerance {o.tolerance:.3g}, "
+            f"max magnitude {o.max_magnitude:.3g})"
         )
+    click.echo(f"verification: {verification_line(result.to_dict())}")
     if not result.ok:
         raise mismatch_error(result)
 
@@ -295,10 +370,10 @@ def verify(model_a, model_b, seeds, dims):
 @main.command()
 @click.argument("paths", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Execution provider.")
-@click.option("--batch", default=1, show_default=True, help="Value of symbolic batch dims.")
-@click.option("--threads", default=2, show_default=True, help="Intra-op threads (CPU).")
-@click.option("--rounds", default=50, show_default=True, help="Timed interleaved rounds.")
-@click.option("--warmup", default=5, show_default=True, help="Untimed runs of each model first.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Value of symbolic batch dims.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="Intra-op threads (CPU).")
+@click.option("--rounds", default=50, show_default=True, type=click.IntRange(min=1), help="Timed interleaved rounds.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0), help="Untimed runs of each model first.")
 @click.option("--dim", "dims", multiple=True, help="Value of a symbolic dim, NAME=INT (repeatable).")
 @click.option("--json", "json_path", type=click.Path(path_type=str), help="Write the timings as JSON here.")
 @_guarded
@@ -307,6 +382,8 @@ def bench(paths, ep, batch, threads, rounds, warmup, dims, json_path):
     from . import bench as bench_mod
 
     dims = _parse_dims(dims)
+    if json_path and hasattr(io, "check_writable"):  # TEMP
+        io.check_writable(json_path)
     provider = bench_mod.provider_for(ep)
     models = {}
     for path in paths:
@@ -343,10 +420,10 @@ def list_passes():
 
 @main.command()
 @click.option("--family", default="repvgg-a0", show_default=True, help="Which network from onnxrep.models.")
-@click.option("--resolution", default=224, show_default=True)
-@click.option("--width-scale", default=1.0, show_default=True)
-@click.option("--rounds", default=20, show_default=True, help="Timed rounds per model.")
-@click.option("--threads", default=2, show_default=True)
+@click.option("--resolution", default=224, show_default=True, type=click.IntRange(min=8))
+@click.option("--width-scale", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True))
+@click.option("--rounds", default=20, show_default=True, type=click.IntRange(min=1), help="Timed rounds per model.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--save-dir", type=click.Path(file_okay=False, path_type=str), help="Also save the three models here.")
 @_guarded
 def demo(family, resolution, width_scale, rounds, threads, save_dir):
@@ -362,10 +439,10 @@ def demo(family, resolution, width_scale, rounds, threads, save_dir):
     t0 = time.perf_counter()
     optimized, report = engine.run(train)
     elapsed = time.perf_counter() - t0
-    result = _verify_with_progress(train, optimized, 3, {}, quiet=False)
-    report.verification = result.to_dict()
-    if not result.ok:
-        raise mismatch_error(result)
+    with _progress(9, "verifying") as step:
+        api.verify_rewrite(train, optimized, report, api.Check(), step)
+    if not report.verification["ok"]:
+        raise OnnxrepError(f"verification failed: {verification_line(report.verification)}")
     click.echo(op_table(report, io.tensor_bytes(train), io.tensor_bytes(optimized)))
     click.echo(pass_summary(report, details=False))
     click.echo(f"optimized in {elapsed:.2f} s; verified against the training graph: ok")

@@ -17,3 +17,7 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+class UsageError(OnnxrepError, ValueError):
+    """An argument or option out of its range; the message names the valid values."""
