@@ -36,3 +36,53 @@ SUM_OPS = frozenset({ADD, SUB})
 AFFINE_BINARY_OPS = frozenset({ADD, SUB, MUL, DIV})
 
 DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
+
+SHAPE = "Shape"
+SIZE = "Size"
+#: Ops whose output is drawn at random (Dropout: its mask), never folded into a constant.
+NONDETERMINISTIC = frozenset({
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout",
+})
+
+# Ops of the decompositions that runtimes fuse into one kernel (passes/_fusions.py), and the
+# fused ops' names (for messages).
+ERF = "Erf"
+TANH = "Tanh"
+SIGMOID = "Sigmoid"
+HARD_SIGMOID = "HardSigmoid"
+RELU = "Relu"
+POW = "Pow"
+SQRT = "Sqrt"
+EXP = "Exp"
+NEG = "Neg"
+REDUCE_MEAN = "ReduceMean"
+FUSED_GELU = "Gelu"
+FUSED_FAST_GELU = "FastGelu"
+FUSED_QUICK_GELU = "QuickGelu"
+FUSED_LAYER_NORM = "LayerNormalization"
+FUSED_SIMPLIFIED_LAYER_NORM = "SimplifiedLayerNormalization"
+FUSED_HSWISH = "HSwish"
+FUSED_HSIGMOID = "HSigmoid"
+FUSED_SWISH = "Swish"
+
+# region checks (onnxrep/regions.py): ops that are affine maps of their data inputs, and the ops
+# whose output does not depend on their inputs' values
+CONV_TRANSPOSE = "ConvTranspose"
+PAD = "Pad"
+TRANSPOSE = "Transpose"
+SQUEEZE = "Squeeze"
+UNSQUEEZE = "Unsqueeze"
+SLICE = "Slice"
+SPLIT = "Split"
+EXPAND = "Expand"
+TILE = "Tile"
+GATHER = "Gather"
+REDUCE_SUM = "ReduceSum"
+SUM = "Sum"
+MEAN = "Mean"
+CONSTANT_OF_SHAPE = "ConstantOfShape"
+DEPTH_TO_SPACE = "DepthToSpace"
+SPACE_TO_DEPTH = "SpaceToDepth"
+IF = "If"
+LOOP = "Loop"
+SCAN = "Scan"
