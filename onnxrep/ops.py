@@ -86,3 +86,6 @@ SPACE_TO_DEPTH = "SpaceToDepth"
 IF = "If"
 LOOP = "Loop"
 SCAN = "Scan"
+
+# spellings that the normalize-* passes rewrite into the forms the folds match
+CAST_LIKE = "CastLike"
