@@ -27,6 +27,9 @@ from . import (  # noqa: E402,F401  (each registers itself)
     linear_affine,
     linear_chain,
     linear_merge,
+    normalize_castlike,
+    normalize_pads,
+    normalize_sums,
     parallel_merge,
     token_bn,
 )
@@ -35,6 +38,9 @@ from . import (  # noqa: E402,F401  (each registers itself)
 #: branch along (one fold per weight); then single-conv folds and chains. Every pass runs to the
 #: fixed point, so the order only saves work.
 ORDER = [
+    "normalize-castlike",
+    "normalize-sums",
+    "normalize-pads",
     "constant-fold",
     "parallel-merge",
     "affine-fold",
