@@ -17,7 +17,9 @@ Large models are read and written tensor by tensor, so that memory holds the mod
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from math import prod
@@ -45,10 +47,6 @@ _BATCH = 1 << 23
 _EXTERNAL_MIN = 1024 - 33
 
 
-def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model))
-
-
 # --------------------------------------------------------------------------------------------
 # file references (lazy initializers)
 # --------------------------------------------------------------------------------------------
@@ -62,26 +60,36 @@ class Source(NamedTuple):
     length: int
 
 
-def lazy_source(tensor: onnx.TensorProto) -> Source | None:
-    """The file range holding ``tensor``'s raw data if it is a lazy reference made by
-    ``load(..., lazy=True)`` (external data whose location is an absolute path, which no saved
-    model may hold), else None."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    info = {e.key: e.value for e in tensor.external_data}
-    location = info.get("location", "")
-    if not os.path.isabs(location) or "offset" not in info or "length" not in info:
-        return None
-    return Source(location, int(info["offset"]), int(info["length"]))
+#: External data keys that onnxrep uses on its own file references. A model read from a file or
+#: given to the API may not hold them (:func:`validate`), so no file can make onnxrep read a path.
+RESERVED_PREFIX = "onnxrep."
 
+#: Marks a file reference made by this process: its value is a random token that no file holds.
+_LAZY = RESERVED_PREFIX + "lazy"
+_TOKEN = secrets.token_hex(16)
 
 #: Marks a file reference made from external data: read back in, such a tensor keeps an explicit
 #: ``data_location: DEFAULT``, as ``onnx.external_data_helper.load_external_data_for_tensor`` leaves it.
-_FROM_EXTERNAL = "onnxrep.from_external"
+_FROM_EXTERNAL = RESERVED_PREFIX + "from_external"
+
+
+def lazy_source(tensor: onnx.TensorProto) -> Source | None:
+    """The file range holding ``tensor``'s raw data if it is a lazy reference made by
+    ``load(..., lazy=True)`` in this process, else None. A reference carries a private key whose
+    value is a random token of this process (its location is an absolute path, which onnxruntime
+    refuses); external data written in a file is never taken for one."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in tensor.external_data}
+    if info.get(_LAZY) != _TOKEN:
+        return None
+    return Source(info["location"], int(info["offset"]), int(info["length"]))
 
 
 def _make_lazy(tensor: onnx.TensorProto, source: Source, from_external: bool = False) -> None:
     _set_reference(tensor, source.path, source.offset, source.length)
+    entry = tensor.external_data.add()
+    entry.key, entry.value = _LAZY, _TOKEN
     if from_external:
         entry = tensor.external_data.add()
         entry.key, entry.value = _FROM_EXTERNAL, "1"
@@ -117,8 +125,14 @@ def read_source(source: Source) -> bytes:
     return data
 
 
-def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Read the data of every lazy initializer of ``model`` into it (in place); returns it."""
+def materialize(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """Read the data of every lazy initializer of ``model`` into it (in place); returns it.
+
+    With ``base_dir``, external data references (a model loaded with ``load_external_data=False``)
+    are read in too, from files inside ``base_dir``: every reference is checked first
+    (:func:`validate`), and an :class:`InputError` leaves the model unchanged."""
+    if base_dir is not None:
+        _read_external(model, Path(base_dir), "model", lazy=False)
     for tensor in external_data_helper._get_all_tensors(model):
         source = lazy_source(tensor)
         if source is not None:
@@ -274,11 +288,14 @@ _GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, RAW_DATA_FIELD  # ModelProto.graph, Grap
 _DATA_LOCATION, _EXTERNAL_DATA = 14, 13
 
 
-def _read_model(path: Path, lazy: bool) -> tuple[onnx.ModelProto, dict[int, int]]:
-    """Parse a binary ONNX file piece by piece; returns the model and the raw data length of each
-    large main-graph initializer (by index), measured on the way."""
+def _read_model(path: Path, lazy: bool) -> tuple[onnx.ModelProto, dict[int, int], dict[int, Source]]:
+    """Parse a binary ONNX file piece by piece; returns the model, the raw data length of each
+    large main-graph initializer (by index), measured on the way, and with ``lazy`` where the raw
+    data of those initializers lies in the file (by index: the tensors are left without it, and
+    become file references only once the whole model was checked)."""
     model = onnx.ModelProto()
     lengths: dict[int, int] = {}
+    refs: dict[int, Source] = {}
     size = path.stat().st_size
     with open(path, "rb", buffering=0) as f:
         r = _Reader(f, size)
@@ -290,16 +307,16 @@ def _read_model(path: Path, lazy: bool) -> tuple[onnx.ModelProto, dict[int, int]
                 if n > size - r.pos:
                     raise _Malformed("truncated")
                 _merge(model, top)
-                _read_graph(r, model.graph, r.pos + n, lazy, lengths, str(path.resolve()))
+                _read_graph(r, model.graph, r.pos + n, lazy, lengths, refs, str(path.resolve()))
             else:
                 top += _varint(key) + r.payload(key & 7)
                 if len(top) > _BATCH:
                     _merge(model, top)
         _merge(model, top)
-    return model, lengths
+    return model, lengths, refs
 
 
-def _read_graph(r: _Reader, graph: onnx.GraphProto, end: int, lazy: bool, lengths: dict, path: str) -> None:
+def _read_graph(r: _Reader, graph: onnx.GraphProto, end: int, lazy: bool, lengths: dict, refs: dict, path: str) -> None:
     pending = bytearray()
     while r.pos < end:
         key = r.varint()
@@ -312,7 +329,9 @@ def _read_graph(r: _Reader, graph: onnx.GraphProto, end: int, lazy: bool, length
                 index = len(graph.initializer)
                 tensor = graph.initializer.add()
                 if lazy:
-                    length = _read_tensor_lazy(r, tensor, r.pos + n, path)
+                    length, source = _read_tensor_lazy(r, tensor, r.pos + n, path)
+                    if source is not None:
+                        refs[index] = source
                 else:
                     data = r.take_view(n)
                     tensor.ParseFromString(data)
@@ -368,10 +387,10 @@ def _decode_varint(view, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _read_tensor_lazy(r: _Reader, tensor: onnx.TensorProto, end: int, path: str) -> int | None:
-    """Parse a TensorProto ending at ``end`` without reading its raw data, which becomes a file
-    reference; a tensor that already describes external data, or holds raw data twice, is read
-    whole instead."""
+def _read_tensor_lazy(r: _Reader, tensor: onnx.TensorProto, end: int, path: str) -> tuple[int | None, Source | None]:
+    """Parse a TensorProto ending at ``end`` without reading its raw data; returns its length and
+    where it lies in the file. A tensor that already describes external data, or holds raw data
+    twice, is read whole instead (no source)."""
     start = r.pos
     fields = bytearray()
     raw: list[tuple[int, int]] = []
@@ -393,11 +412,10 @@ def _read_tensor_lazy(r: _Reader, tensor: onnx.TensorProto, end: int, path: str)
         r.seek(start)
         data = r.take(end - start)
         tensor.ParseFromString(data)
-        return _raw_length(data)
+        return _raw_length(data), None
     tensor.ParseFromString(bytes(fields))
     offset, length = raw[0]
-    _make_lazy(tensor, Source(path, offset, length))
-    return length
+    return length, Source(path, offset, length)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +436,10 @@ def load(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelProto, 
     By default every tensor is in memory. With ``lazy`` the data of the main graph's large
     initializers (inline or external) stays in its file as a reference (:func:`lazy_source`):
     the model then costs little memory, and the files must stay unchanged until it is saved.
+
+    What the file holds is checked (:func:`validate`) before any external data file is opened:
+    external data must lie in regular files inside the model's folder (no absolute location, no
+    ``..`` or symbolic link out of it), within their size; sparse tensors are refused.
     """
     p = Path(path)
     if not p.exists():
@@ -430,16 +452,16 @@ def load(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelProto, 
         raise InputError(f"{p}: cannot read ({first_line(err)})") from None
     if size == 0:
         raise InputError(f"{p}: empty file, not an ONNX model")
-    model, lengths = None, {}
+    model, lengths, refs = None, {}, {}
     if _binary(p):
         try:
-            model, lengths = _read_model(p, lazy)
+            model, lengths, refs = _read_model(p, lazy)
         except (_Malformed, DecodeError, RuntimeWarning, ValueError, TypeError):
             model = None  # onnx.load gives the error message below
         except OSError as err:
             raise InputError(f"{p}: cannot read ({first_line(err)})") from None
     if model is None:
-        lengths = {}
+        lengths, refs = {}, {}
         try:
             model = onnx.load(str(p), load_external_data=False)
         except (DecodeError, RuntimeWarning, ValueError, TypeError) as err:
@@ -448,12 +470,12 @@ def load(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelProto, 
             raise InputError(f"{p}: cannot read ({first_line(err)})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise InputError(f"{p}: not a valid ONNX model (no graph, IR version or opset)")
-    external = any(
-        external_data_helper.uses_external_data(t) and lazy_source(t) is None
-        for t in external_data_helper._get_all_tensors(model)
-    )
+    _validate(model, p.parent, str(p), {}, trusted=False)
+    external = uses_external_data(model)
+    for index, source in refs.items():
+        _make_lazy(model.graph.initializer[index], source)
     if external:
-        _load_external(p, model, lazy, lengths)
+        _read_external(model, p.parent, str(p), lazy, lengths)
     try:
         check(model, _lengths=lengths)
     except onnx.checker.ValidationError as err:
@@ -463,49 +485,231 @@ def load(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelProto, 
     return model, external
 
 
-def _load_external(p: Path, model: onnx.ModelProto, lazy: bool, lengths: dict[int, int]) -> None:
-    """Read the external data of ``model`` (one tensor at a time), or with ``lazy`` turn the main
-    graph's external initializers into file references."""
-    base = p.parent
-    for tensor in external_data_helper._get_all_tensors(model):
-        if not external_data_helper.uses_external_data(tensor) or lazy_source(tensor) is not None:
-            continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        data = base / info.location
-        if not data.is_file():
-            raise InputError(f"{p}: external data file '{info.location}' is missing")
-    for index, tensor in enumerate(model.graph.initializer):
-        if not lazy or not external_data_helper.uses_external_data(tensor) or lazy_source(tensor) is not None:
-            continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        data = _inside(base, info.location)
-        if data is None:
-            raise InputError(f"{p}: external data location '{info.location}' is outside the model's folder")
-        offset = info.offset or 0
-        file_size = data.stat().st_size
-        length = info.length if info.length is not None else file_size - offset
-        if offset < 0 or length < 0 or offset + length > file_size:
-            raise InputError(f"{p}: external data cannot be read (tensor '{tensor.name}' lies past the end of '{info.location}')")
-        tensor.ClearField("raw_data")
-        _make_lazy(tensor, Source(str(data), offset, length), from_external=True)
-        lengths[index] = length
+def from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """The API's front door for a ModelProto: :func:`validate` it, check it (an :class:`InputError`
+    with one line for either), and return the model to optimize: ``model`` itself, or, when it
+    holds external data references (relative to ``base_dir``), a copy in which the main graph's
+    external initializers are lazy references (:func:`lazy_source`, read when needed; call
+    :func:`materialize` on the result of the passes) and every other external tensor is read in.
+    ``model`` is not changed."""
+    validate(model, base_dir)
+    if uses_external_data(model):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        _read_external(copy, Path(base_dir), "model", lazy=True)
+        model = copy
     try:
-        for tensor in external_data_helper._get_all_tensors(model):
-            if external_data_helper.uses_external_data(tensor) and lazy_source(tensor) is None:
-                external_data_helper.load_external_data_for_tensor(tensor, str(base))
-    except Exception as err:  # a short or unreadable data file
-        raise InputError(f"{p}: external data cannot be read ({first_line(err)})") from None
+        check(model)
+    except onnx.checker.ValidationError as err:
+        raise InputError(f"model: invalid ONNX model ({first_line(err)})") from None
+    except UnicodeDecodeError:
+        raise InputError("model: invalid ONNX model (a name or string is not valid UTF-8)") from None
+    return model
 
 
-def _inside(base: Path, location: str) -> Path | None:
-    """``base / location`` resolved, if it stays inside ``base`` (no absolute or ``..`` escape)."""
-    if not location or os.path.isabs(location):
-        return None
-    root = base.resolve()
-    target = (root / location).resolve()
-    if target != root and root not in target.parents:
-        return None
-    return target
+# --------------------------------------------------------------------------------------------
+# what a model may hold
+# --------------------------------------------------------------------------------------------
+
+
+def validate(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> None:
+    """Raise :class:`InputError` (one line) if ``model`` holds what onnxrep refuses to read:
+
+    * external data (``data_location: EXTERNAL``) whose location is empty, absolute, or resolves
+      outside ``base_dir`` (``..``, or a symbolic link anywhere on the way; like ``onnx.load``, a
+      location that is itself a symbolic link is refused), or is not a regular file; an offset or
+      length that is not an integer, is negative, or reaches past the end of the file; and any
+      external data at all when ``base_dir`` is None (there is no folder it could be relative to);
+    * an external data key of onnxrep's own (:data:`RESERVED_PREFIX`), except on lazy references
+      made by :func:`load` in this process;
+    * a sparse tensor in the main graph or an If / Loop / Scan body: a sparse initializer, or a
+      Constant node's ``sparse_value`` (the passes read dense constants only).
+
+    Only file metadata is looked at (no external data file is opened). Tensors anywhere are
+    checked: graphs, bodies, node attributes, local functions, training info, sparse tensors."""
+    _validate(model, None if base_dir is None else Path(base_dir), "model", {}, trusted=True)
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of ``model`` keeps its data in an external file (lazy references made by
+    :func:`load` do not count)."""
+    return any(_is_external(t) and lazy_source(t) is None for t in _all_tensors(model))
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for a in node.attribute:
+        if a.HasField("t"):
+            yield a.t
+        yield from a.tensors
+        for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+            yield sparse.values
+            yield sparse.indices
+        if a.HasField("g"):
+            yield from _graph_tensors(a.g)
+        for g in a.graphs:
+            yield from _graph_tensors(g)
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model, wherever it is."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+    for info in model.training_info:
+        yield from _graph_tensors(info.initialization)
+        yield from _graph_tensors(info.algorithm)
+
+
+def _bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _bodies(a.g)
+            for g in a.graphs:
+                yield from _bodies(g)
+
+
+def _validate(model: onnx.ModelProto, base: Path | None, where: str, cache: dict, trusted: bool) -> None:
+    for graph in _bodies(model.graph):
+        for sparse in graph.sparse_initializer:
+            name = sparse.values.name
+            raise InputError(
+                f"{where}: sparse initializer '{name}' is not supported (onnxrep reads dense constants only; "
+                "store it as a dense initializer)"
+            )
+        for node in graph.node:
+            for a in node.attribute:
+                if a.HasField("sparse_tensor") or len(a.sparse_tensors):
+                    label = f"node '{node.name}'" if node.name else f"the node making '{node.output[0] if node.output else ''}'"
+                    raise InputError(
+                        f"{where}: {label} ({node.op_type}) holds a sparse tensor in attribute '{a.name}', "
+                        "which is not supported (onnxrep reads dense constants only)"
+                    )
+    for tensor in _all_tensors(model):
+        if not len(tensor.external_data) and not _is_external(tensor):
+            continue
+        if trusted and lazy_source(tensor) is not None:
+            continue
+        for entry in tensor.external_data:
+            if entry.key.startswith(RESERVED_PREFIX):
+                raise InputError(f"{where}: tensor '{tensor.name}' holds the external data key '{entry.key}', reserved to onnxrep")
+        if _is_external(tensor):
+            _external_source(tensor, base, where, cache)
+
+
+def _external_source(tensor: onnx.TensorProto, base: Path | None, where: str, cache: dict) -> Source:
+    """The file range of an external tensor, after every check of :func:`validate` (an InputError
+    names the tensor and what is wrong). ``cache`` keeps each location's file and size."""
+    name = tensor.name
+    info: dict[str, str] = {}
+    for entry in tensor.external_data:
+        info[entry.key] = entry.value  # the last one wins, as in onnx
+    location = info.get("location", "")
+    if base is None:
+        raise InputError(
+            f"{where}: tensor '{name}' keeps its data in external file '{location}'; give the folder it "
+            "is relative to (base_dir) or load the model with its external data"
+        )
+    if not location:
+        raise InputError(f"{where}: tensor '{name}' has external data without a location")
+    if location not in cache:
+        cache[location] = _data_file(base, location, where)
+    data, size = cache[location]
+
+    def integer(key: str) -> int | None:
+        value = info.get(key)
+        if value is None:
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            raise InputError(f"{where}: external data {key} '{value}' of tensor '{name}' is not an integer") from None
+        if number < 0:
+            raise InputError(f"{where}: external data {key} {number} of tensor '{name}' is negative")
+        return number
+
+    offset, length = integer("offset") or 0, integer("length")
+    if offset > size:
+        raise InputError(
+            f"{where}: external data cannot be read (tensor '{name}' starts at offset {offset}, past the end "
+            f"of '{location}', {size} bytes)"
+        )
+    if length is None:
+        length = size - offset
+    if length > size - offset:
+        raise InputError(
+            f"{where}: external data cannot be read (tensor '{name}' needs {length} bytes at offset {offset}, "
+            f"past the end of '{location}', {size} bytes)"
+        )
+    return Source(str(data), offset, length)
+
+
+def _data_file(base: Path, location: str, where: str) -> tuple[Path, int]:
+    """The external data file at ``location`` in ``base``, and its size; an InputError unless it is
+    a regular file inside ``base`` reached without a symbolic link out of it."""
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or os.path.splitdrive(location)[0]:
+        raise InputError(f"{where}: external data location '{location}' is an absolute path (it must be relative to the model's folder)")
+    try:
+        root = base.resolve()
+        joined = root / location
+        target = joined.resolve()
+        if target != root and root not in target.parents:
+            raise InputError(f"{where}: external data location '{location}' is outside the model's folder")
+        if joined.is_symlink():
+            raise InputError(f"{where}: external data location '{location}' is a symbolic link")
+        if not target.exists():
+            raise InputError(f"{where}: external data file '{location}' is missing")
+        info = target.stat()
+    except (OSError, ValueError) as err:
+        raise InputError(f"{where}: external data location '{location}' cannot be used ({first_line(err)})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{where}: external data location '{location}' is not a regular file")
+    return target, info.st_size
+
+
+def _read_external(model: onnx.ModelProto, base: Path, where: str, lazy: bool, lengths: dict[int, int] | None = None) -> None:
+    """Check every external data reference of ``model`` (nothing is changed or opened when one is
+    refused), then read the data in (one tensor at a time), or with ``lazy`` turn the main graph's
+    external initializers into file references."""
+    cache: dict = {}
+    _validate(model, base, where, cache, trusted=True)
+    if lazy:
+        for index, tensor in enumerate(model.graph.initializer):
+            if _is_external(tensor) and lazy_source(tensor) is None:
+                source = _external_source(tensor, base, where, cache)
+                tensor.ClearField("raw_data")
+                _make_lazy(tensor, source, from_external=True)
+                if lengths is not None:
+                    lengths[index] = source.length
+    for tensor in _all_tensors(model):
+        if _is_external(tensor) and lazy_source(tensor) is None:
+            source = _external_source(tensor, base, where, cache)
+            try:
+                data = read_source(source)
+            except OSError as err:
+                raise InputError(f"{where}: external data cannot be read ({first_line(err)})") from None
+            except OnnxrepError:
+                raise InputError(f"{where}: external data cannot be read (tensor '{tensor.name}' lies past the end of its file)") from None
+            tensor.raw_data = data
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+            del data
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,7 +735,10 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             small.append(init)
         elif init.name not in names:
             inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    light = helper.make_graph(list(graph.node), graph.name, inputs, list(graph.output), small, value_info=list(graph.value_info))
+    light = helper.make_graph(
+        list(graph.node), graph.name, inputs, list(graph.output), small, value_info=list(graph.value_info),
+        sparse_initializer=list(graph.sparse_initializer),
+    )
     out = helper.make_model(light, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     out.functions.extend(model.functions)
     return out
@@ -768,20 +975,43 @@ def _write_external(model: onnx.ModelProto, path: str) -> None:
     onnx.save_model(head, path)
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise :class:`OnnxrepError` (one line naming ``path`` and the reason) unless a file can be
+    written at ``path``: its folder exists and takes new files, and ``path`` is not a folder. Meant
+    to be called before any work; writes nothing that stays (a temporary folder, removed)."""
+    out = Path(path)
+    parent = out.parent
+    if str(out) in ("", ".") or out.name in ("", ".", ".."):
+        raise OnnxrepError(f"{out}: not a file name")
+    try:
+        if out.is_dir():
+            raise OnnxrepError(f"{out}: cannot write (is a directory)")
+        if not parent.exists():
+            raise OnnxrepError(f"{out}: cannot write (folder '{parent}' does not exist)")
+        if not parent.is_dir():
+            raise OnnxrepError(f"{out}: cannot write ('{parent}' is not a folder)")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OnnxrepError(f"{out}: cannot write (folder '{parent}' is not writable)")
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as err:
+        raise OnnxrepError(f"{out}: cannot write in folder '{parent}' ({err.strerror or first_line(err)})") from None
+
+
 def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool = False) -> None:
     """Write ``model`` to ``path`` atomically: into a temporary folder beside it, then renamed.
 
     With ``external`` (or when the tensors reach 2 GiB) the weights go to ``<name>.data`` beside the
     model, which is renamed into place before the model file. ``model`` is not changed; lazy
-    initializers are copied from their files.
+    initializers are copied from their files. Every failure is an :class:`OnnxrepError` with one
+    line naming ``path`` (:func:`check_writable` first), and leaves nothing behind.
     """
     out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OnnxrepError(f"{out}: folder '{parent}' does not exist")
+    check_writable(out)
+    parent = out.parent
     external = external or tensor_bytes(model) >= EXTERNAL_THRESHOLD
-    tmp = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
+    tmp = None
     try:
+        tmp = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
         tmp_model = os.path.join(tmp, out.name)
         _write(model, tmp_model, external)
         for name in os.listdir(tmp):
@@ -792,8 +1022,11 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool = False
         os.replace(tmp_model, out)
     except OSError as err:
         raise OnnxrepError(f"{out}: cannot write ({first_line(err)})") from None
+    except OnnxrepError as err:
+        raise OnnxrepError(f"{out}: cannot write ({first_line(err)})") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fsync(path: str) -> None:
