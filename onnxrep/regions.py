@@ -1,0 +1,1086 @@
+"""Region and body checks: each rewrite verified on its own, with probes chosen to expose it.
+
+A whole-model check feeds random inputs to both models and compares their outputs; a rewrite that is
+wrong only at the border of a feature map, only for large values, or only in a branch the random
+inputs never take can pass it. Here every rewritten *region* is checked in isolation:
+
+* **Regions.** A region is the subgraph that computes some tensors (``Region.output``, names the
+  rewrite kept) from others (``Region.inputs``: the non-constant tensors the new nodes read). It is
+  cut out of the original model and out of the optimized one (every node on a path from the inputs
+  and constants to the outputs; the inputs become graph inputs, with the shapes and element types
+  they have when the original model runs, not the declared ones, which may be stale), and both are
+  fed the same probes. A region whose outputs no longer exist in the optimized model, or whose
+  optimized subgraph now reads past its inputs, was consumed by a later rewrite: it is reported
+  ``superseded`` (the later region, or the whole model, covers it) rather than failed.
+* **Probes** (:data:`PROBES`), for every float input at once: zeros; standard normal values (per
+  seed) at x1 and x1000; an index ramp (every position a distinct value, so that a position mix-up
+  shows); the border of the spatial axes (axes 2 and up; the last axis of a matrix) set to large
+  distinct values (:data:`BORDER_MAGNITUDE`), over zeros and over normal noise, and each spatial
+  corner alone at that magnitude (a one-hot: what only a corner pixel sets off shows); and the values the original model computes there on seeded random inputs.
+  Integer and bool inputs keep the value the original model computes (shape tensors, indices).
+* **Proof.** When every node of both subgraphs is affine in the region inputs (:func:`affine_reason`:
+  Conv, Gemm and MatMul by constants, BatchNormalization in inference, sums, products and quotients
+  by constants, pooling by averages, padding, and the ops that only move elements) and the inputs
+  hold at most ``max_proof_elems`` float elements, both subgraphs are affine maps ``x -> A x + c``;
+  the zero probe and every basis vector (``N + 1`` spanning probes) then give ``c`` and each column
+  of ``A``, so outputs that agree on all of them agree everywhere, up to the rounding the tolerance
+  admits. Such a region is ``proven`` (method ``spanning probes (N+1)``).
+* **Bodies.** A rewritten If / Loop / Scan body (a report entry with a ``scope``) is checked as a
+  graph of its own, whether or not the model's inputs ever reach it: the body graph of each model,
+  found by its label (owner node name + attribute, nested labels joined with ``/``, as
+  :mod:`onnxrep.scopes` names them), with the values it reads from enclosing scopes turned into
+  graph inputs (initializers of enclosing graphs stay constants), is fed the same probes.
+
+Comparison. Every output element must satisfy ``|got - ref| <= atol + rtol * |ref|``. ``rtol``
+defaults to the element type's tolerance from :mod:`onnxrep.equivalence` (float32 1e-5, float64
+1e-12, float16 and bfloat16 1e-2, at least the latter when the subgraph computes in them anywhere);
+``atol`` defaults to ``rtol`` times the largest magnitude of that output on that probe, since the
+rounding of a re-associated sum scales with its terms, not with its result (an explicit ``atol`` is
+absolute, on every probe). Integer and bool outputs must be equal. ``max_rel_error`` is the largest
+error over the output's largest magnitude, on the probe where it was largest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from . import equivalence, ops
+from .errors import first_line
+from .io import skeleton
+
+#: The probe kinds, in the order they run.
+PROBES = ("zeros", "normal", "large", "index", "border", "model")
+#: Magnitude of the border and corner probes: above what the x1000 normal probes reach.
+BORDER_MAGNITUDE = 1e4
+#: Scale of the ``large`` probes.
+LARGE_SCALE = 1e3
+
+EQUAL, DIFFERS, SUPERSEDED, UNCHECKED = "equal", "differs", "superseded", "unchecked"
+
+
+@dataclass
+class Region:
+    """The tensors ``output`` as computed from ``inputs`` (non-constant tensor names); ``scope``
+    labels the If / Loop / Scan body a rewrite was made in (then the body is checked as a whole and
+    ``output`` and ``inputs`` may be empty); ``key`` names the rewrite (its report candidate)."""
+
+    output: list[str]
+    inputs: list[str]
+    scope: str | None = None
+    key: str = ""
+
+
+@dataclass
+class RegionCheck:
+    """The outcome for one region or body. ``status``: ``equal``, ``differs``, ``superseded``
+    (consumed by a later rewrite) or ``unchecked`` (the original subgraph could not be run: see
+    ``note``). ``ok`` is false only when the outputs differ."""
+
+    key: str
+    scope: str | None
+    outputs: list[str]
+    inputs: list[str]
+    ok: bool
+    proven: bool
+    method: str
+    probes: int
+    max_abs_error: float
+    max_rel_error: float
+    note: str = ""
+    status: str = EQUAL
+
+    def to_dict(self) -> dict:
+        return {
+            "key": self.key,
+            "scope": self.scope,
+            "outputs": list(self.outputs),
+            "inputs": list(self.inputs),
+            "ok": self.ok,
+            "status": self.status,
+            "proven": self.proven,
+            "method": self.method,
+            "probes": self.probes,
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "note": self.note,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# regions from a report, or from the difference of two models
+# --------------------------------------------------------------------------------------------
+
+
+def _names(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _entries(report) -> list[dict]:
+    if isinstance(report, dict):
+        passes = report.get("passes", [])
+        return [e for p in passes for e in p.get("rewrites", [])]
+    if hasattr(report, "passes"):
+        return [e for p in report.passes for e in p.rewrites]
+    return list(report)
+
+
+def regions_from_report(report) -> tuple[list[Region], list[str]]:
+    """Regions of the rewrites in ``report`` (an :class:`onnxrep.engine.Report`, its ``to_dict()``,
+    or a list of rewrite entries): a body region for each entry with a ``scope``, a main-graph
+    region for each entry with ``output`` and ``inputs``; and the candidates of main-graph entries
+    that have neither (written before the report carried them: see :func:`regions_for`)."""
+    regions, missing = [], []
+    for entry in _entries(report):
+        key = str(entry.get("candidate", ""))
+        if entry.get("scope"):
+            regions.append(Region(_names(entry.get("output")), _names(entry.get("inputs")), entry["scope"], key))
+        elif "output" in entry and "inputs" in entry:
+            regions.append(Region(_names(entry["output"]), _names(entry["inputs"]), None, key))
+        else:
+            missing.append(key)
+    return regions, missing
+
+
+def regions_for(report, original: onnx.ModelProto, optimized: onnx.ModelProto) -> list[Region]:
+    """The regions of ``report``; when some main-graph entries do not name their tensors, the
+    main-graph regions are found from the two models instead (:func:`changed_regions`)."""
+    regions, missing = regions_from_report(report)
+    if missing:
+        regions = [r for r in regions if r.scope] + [r for r in changed_regions(original, optimized) if not r.scope]
+    return regions
+
+
+def changed_regions(original: onnx.ModelProto, optimized: onnx.ModelProto) -> list[Region]:
+    """Regions found by comparing the models: the main-graph nodes of ``optimized`` that
+    ``original`` does not have (same op, attributes, inputs, outputs and constant values), split at
+    the tensors that exist in ``original`` (the names rewrites keep) into connected groups, each a
+    region from the non-constant tensors it reads to the original tensors it computes; and a body
+    region for each If / Loop / Scan body whose own nodes differ."""
+    a, b = _Graph(original.graph), _Graph(optimized.graph)
+    known = {_node_signature(n, a.consts) for n in original.graph.node}
+    new = [n for n in optimized.graph.node if _node_signature(n, b.consts) not in known]
+    values_a = a.values()
+    parent = list(range(len(new)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    made = {out: i for i, n in enumerate(new) for out in n.output if out}
+    for i, n in enumerate(new):
+        for name in _reads(n):
+            j = made.get(name)
+            if j is not None and name not in values_a:
+                parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(new)):
+        groups.setdefault(find(i), []).append(i)
+    regions = []
+    for members in groups.values():
+        nodes = [new[i] for i in members]
+        produced = {o for n in nodes for o in n.output if o}
+        outputs = [o for n in nodes for o in n.output if o and o in values_a]
+        inputs: list[str] = []
+        for n in nodes:
+            for name in _reads(n):
+                if name and name not in produced and name not in b.consts and name not in inputs:
+                    inputs.append(name)
+        if outputs:
+            regions.append(Region(outputs, inputs, None, "changed:" + ",".join(outputs)))
+    bodies_a, bodies_b = body_graphs(original), body_graphs(optimized)
+    for label, body in bodies_b.items():
+        if label in bodies_a and _shallow(bodies_a[label].graph) != _shallow(body.graph):
+            regions.append(Region([], [], label, label))
+    return regions
+
+
+def _node_signature(node: onnx.NodeProto, consts: dict) -> bytes:
+    """The node with the constants it reads; bodies left out (they are compared on their own)."""
+    shallow = node
+    if any(True for _ in _subgraphs(node)):
+        shallow = onnx.NodeProto()
+        shallow.CopyFrom(node)
+        _clear_bodies(shallow)
+    parts = [shallow.SerializeToString(deterministic=True)]
+    for name in node.input:
+        t = consts.get(name)
+        if t is not None:
+            parts.append(name.encode() + b"=" + t.SerializeToString(deterministic=True))
+    return b"\0".join(parts)
+
+
+def _shallow(graph: onnx.GraphProto) -> bytes:
+    """``graph`` serialized without the bodies nested in it (they are compared on their own)."""
+    g = onnx.GraphProto()
+    g.CopyFrom(graph)
+    del g.value_info[:]
+    for node in g.node:
+        _clear_bodies(node)
+    return g.SerializeToString(deterministic=True)
+
+
+def _clear_bodies(node: onnx.NodeProto) -> None:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            attr.g.Clear()
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for sub in attr.graphs:
+                sub.Clear()
+
+
+# --------------------------------------------------------------------------------------------
+# graphs, walks and bodies
+# --------------------------------------------------------------------------------------------
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, None, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(attr.graphs):
+                yield attr.name, i, g
+
+
+def free_names(graph: onnx.GraphProto) -> list[str]:
+    """Names that ``graph`` (or a body nested in it) reads without defining them: the values it
+    takes from enclosing scopes, in order of first use."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    defined |= {o for n in graph.node for o in n.output}
+    out: dict[str, None] = {}
+    for node in graph.node:
+        for name in _reads(node):
+            if name and name not in defined:
+                out.setdefault(name)
+    for o in graph.output:
+        if o.name not in defined:
+            out.setdefault(o.name)
+    return list(out)
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """What ``node`` reads: its inputs and the outer values its bodies read."""
+    out = [i for i in node.input if i]
+    for _, _, sub in _subgraphs(node):
+        out.extend(n for n in free_names(sub) if n not in out)
+    return out
+
+
+class _Graph:
+    """A graph with its producers and the constants visible in it (its initializers over those of
+    the enclosing graphs)."""
+
+    def __init__(self, graph: onnx.GraphProto, outer: dict | None = None):
+        self.graph = graph
+        self.producer = {o: n for n in graph.node for o in n.output if o}
+        own = {t.name: t for t in graph.initializer}
+        self.consts = {**(outer or {}), **own}
+        self.inputs = [i.name for i in graph.input if i.name not in own]
+
+    def values(self) -> set[str]:
+        """Non-constant tensors: graph inputs and node outputs."""
+        return set(self.producer) | set(self.inputs)
+
+    def walk(self, outputs: Iterable[str], stop: set[str]):
+        """Nodes on the paths from ``stop`` and the constants to ``outputs`` (graph order), the
+        names of ``stop`` reached, the constants read and the other names reached that no node
+        computes (graph inputs or undefined)."""
+        seen: set[int] = set()
+        reached, consts, free = [], [], []
+        visited: set[str] = set()
+        stack = list(reversed(list(outputs)))
+        while stack:
+            name = stack.pop()
+            if not name or name in visited:
+                continue
+            visited.add(name)
+            if name in stop:
+                reached.append(name)
+                continue
+            node = self.producer.get(name)
+            if node is not None:
+                if id(node) not in seen:
+                    seen.add(id(node))
+                    stack.extend(reversed(_reads(node)))
+            elif name in self.consts:
+                consts.append(name)
+            else:
+                free.append(name)
+        nodes = _toposort([n for n in self.graph.node if id(n) in seen])
+        return nodes, reached, consts, free
+
+
+def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    order: list[int] = []
+    state: dict[int, int] = {}
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            i, done = stack.pop()
+            if done:
+                state[i] = 2
+                order.append(i)
+                continue
+            if state.get(i):
+                continue
+            state[i] = 1
+            stack.append((i, True))
+            for name in _reads(nodes[i]):
+                j = made.get(name)
+                if j is not None and not state.get(j):
+                    stack.append((j, False))
+    return [nodes[i] for i in order]
+
+
+@dataclass
+class BodyRef:
+    """A body graph, the node that holds it, and the graphs around it (outermost first)."""
+
+    graph: onnx.GraphProto
+    owner: onnx.NodeProto
+    attr: str
+    enclosing: list[onnx.GraphProto] = field(default_factory=list)
+
+
+def body_graphs(model: onnx.ModelProto) -> dict[str, BodyRef]:
+    """Every If / Loop / Scan body of ``model`` by label, named as :func:`onnxrep.scopes.body_types`
+    names them (``owner.attr``, ``[i]`` in a list of graphs, ``#k`` for a repeated label, nested
+    labels joined with ``/``)."""
+    out: dict[str, BodyRef] = {}
+    used: set[str] = set()
+
+    def visit(graph: onnx.GraphProto, prefix: str, chain: list) -> None:
+        for node in graph.node:
+            for attr, index, sub in _subgraphs(node):
+                label = base = f"{prefix}{node.name or node.op_type}.{attr}" + ("" if index is None else f"[{index}]")
+                k = 1
+                while label in used:
+                    k += 1
+                    label = f"{base}#{k}"
+                used.add(label)
+                out[label] = BodyRef(sub, node, attr, chain + [graph])
+                visit(sub, label + "/", chain + [graph])
+
+    visit(model.graph, "", [])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# affine subgraphs
+# --------------------------------------------------------------------------------------------
+
+_ANY = frozenset({ops.ADD, ops.SUB, ops.SUM, ops.MEAN, ops.NEG, ops.IDENTITY, ops.CONCAT})
+_FIRST = frozenset({
+    ops.CONV, ops.CONV_TRANSPOSE, ops.BATCH_NORM, ops.TRANSPOSE, ops.FLATTEN, ops.RESHAPE, ops.SQUEEZE,
+    ops.UNSQUEEZE, ops.SLICE, ops.SPLIT, ops.EXPAND, ops.TILE, ops.GATHER, ops.PAD, ops.AVERAGE_POOL,
+    ops.GLOBAL_AVERAGE_POOL, ops.REDUCE_SUM, ops.REDUCE_MEAN, ops.DEPTH_TO_SPACE, ops.SPACE_TO_DEPTH, ops.DIV,
+})
+_ONE = frozenset({ops.MUL, ops.MATMUL})
+#: Ops whose output depends on the shapes of their inputs only.
+_SHAPE_ONLY = frozenset({ops.SHAPE, ops.SIZE})
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def affine_reason(nodes: Sequence[onnx.NodeProto], inputs: Iterable[str]) -> str | None:
+    """None when every node of ``nodes`` (in topological order) is an affine map of the tensors that
+    depend on ``inputs`` (the nodes that read none of them compute constants); else why not."""
+    dep = set(inputs)
+    for node in nodes:
+        at = [i for i, name in enumerate(node.input) if name in dep]
+        inner = [n for _, _, sub in _subgraphs(node) for n in free_names(sub) if n in dep]
+        if not at and not inner:
+            continue
+        op = node.op_type
+        where = f"{op} '{node.name or node.output[0]}'"
+        if node.domain not in ops.DEFAULT_DOMAINS:
+            return f"{where} is not a standard op"
+        if inner:
+            return f"{where} reads the inputs in a body"
+        if op in _SHAPE_ONLY:
+            continue
+        if op in _ANY:
+            pass
+        elif op in _FIRST:
+            if at != [0]:
+                return f"{where} reads the inputs in a parameter"
+            if op == ops.BATCH_NORM and (_attr(node, "training_mode", 0) or any(node.output[1:])):
+                return f"{where} is in training mode"
+        elif op in _ONE:
+            if len(at) > 1:
+                return f"{where} multiplies two values that depend on the inputs"
+        elif op == ops.GEMM:
+            if len(set(at) & {0, 1}) != 1 or 2 in at:
+                return f"{where} is not linear in the inputs"
+        else:
+            return f"{where} is not affine"
+        dep.update(o for o in node.output if o)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# probes and comparison
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Input:
+    name: str
+    dtype: np.dtype
+    shape: tuple
+    fixed: np.ndarray | None = None  # a runtime value (used for the "model" probe and non-float inputs)
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype.kind == "f" or str(self.dtype) == "bfloat16"
+
+    @property
+    def size(self) -> int:
+        return int(prod(self.shape))
+
+
+def _spatial_axes(rank: int) -> list[int]:
+    if rank >= 3:
+        return list(range(2, rank))
+    return [rank - 1] if rank else []
+
+
+def _border_mask(shape: tuple) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    for axis in _spatial_axes(len(shape)):
+        if shape[axis] == 0:
+            continue
+        for pos in {0, shape[axis] - 1}:
+            index = [slice(None)] * len(shape)
+            index[axis] = pos
+            mask[tuple(index)] = True
+    if not shape:
+        mask = np.ones((), dtype=bool)
+    return mask
+
+
+def _corners(shape: tuple) -> list[np.ndarray]:
+    axes = _spatial_axes(len(shape))[-3:]
+    if not axes or any(shape[a] == 0 for a in axes):
+        return []
+    out = []
+    for bits in range(2 ** len(axes)):
+        mask = np.zeros(shape, dtype=bool)
+        index = [slice(None)] * len(shape)
+        for k, axis in enumerate(axes):
+            index[axis] = shape[axis] - 1 if bits >> k & 1 else 0
+        mask[tuple(index)] = True
+        out.append(mask)
+    # corners coincide on axes of length 1
+    unique = []
+    for m in out:
+        if not any(np.array_equal(m, u) for u in unique):
+            unique.append(m)
+    return unique
+
+
+def _other_value(spec: _Input, rng: np.random.Generator) -> np.ndarray:
+    if spec.fixed is not None:
+        return spec.fixed
+    if spec.dtype.kind == "b":
+        return np.ones(spec.shape, dtype=bool) if spec.size == 1 else rng.integers(0, 2, spec.shape).astype(bool)
+    return rng.integers(0, 4, size=spec.shape).astype(spec.dtype)
+
+
+def _cast(values: np.ndarray, spec: _Input) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).astype(spec.dtype)
+
+
+def probe_sets(specs: Sequence[_Input], kinds: Sequence[str] = PROBES, seeds: int = 2) -> list[tuple[str, dict]]:
+    """``(label, feeds)`` for each probe of ``kinds`` (see :data:`PROBES` and the module doc)."""
+    floats = [s for s in specs if s.floating]
+    out: list[tuple[str, dict]] = []
+
+    def feeds(values: dict[str, np.ndarray], seed: int = 0) -> dict:
+        rng = np.random.default_rng(1000 + seed)
+        f = {s.name: _other_value(s, rng) for s in specs if not s.floating}
+        f.update({s.name: _cast(values[s.name], s) for s in floats})
+        return f
+
+    for kind in kinds:
+        if kind == "zeros":
+            out.append(("zeros", feeds({s.name: np.zeros(s.shape) for s in floats})))
+        elif kind in ("normal", "large"):
+            scale = 1.0 if kind == "normal" else LARGE_SCALE
+            for seed in range(seeds):
+                rng = np.random.default_rng(seed)
+                values = {s.name: rng.standard_normal(s.shape) * scale for s in floats}
+                label = f"normal seed {seed}" + ("" if kind == "normal" else f" x{LARGE_SCALE:g}")
+                out.append((label, feeds(values, seed)))
+        elif kind == "index":
+            values = {s.name: k + (np.arange(s.size) + 1.0).reshape(s.shape) / max(s.size, 1) for k, s in enumerate(floats)}
+            out.append(("index", feeds(values)))
+        elif kind == "border":
+            rng = np.random.default_rng(7)
+            ramp = {s.name: BORDER_MAGNITUDE * (1 + (np.arange(s.size) / max(s.size, 1)).reshape(s.shape)) for s in floats}
+            masks = {s.name: _border_mask(s.shape) for s in floats}
+            out.append(("border", feeds({n: np.where(masks[n], ramp[n], 0.0) for n in ramp})))
+            noise = {s.name: rng.standard_normal(s.shape) for s in floats}
+            out.append(("border over noise", feeds({n: np.where(masks[n], ramp[n], noise[n]) for n in ramp})))
+            corners = {s.name: _corners(s.shape) for s in floats}
+            for c in range(max((len(v) for v in corners.values()), default=0)):
+                values = {
+                    s.name: (corners[s.name][c] * BORDER_MAGNITUDE if c < len(corners[s.name]) else np.zeros(s.shape))
+                    for s in floats
+                }
+                out.append((f"border corner {c}", feeds(values)))
+        elif kind == "model":
+            if all(s.fixed is not None for s in specs) and specs:
+                out.append(("model", {s.name: s.fixed for s in specs}))
+        else:
+            raise ValueError(f"unknown probe kind {kind!r}; known: {', '.join(PROBES)}")
+    return out
+
+
+@dataclass
+class _Diff:
+    ok: bool
+    abs_error: float
+    rel_error: float
+    reason: str = ""
+
+
+def compare_arrays(ref: np.ndarray, got: np.ndarray, rtol: float | None, atol: float | None) -> _Diff:
+    """The element-wise rule of the module doc; ``rtol`` None: integers and bools, equal."""
+    ref, got = np.asarray(ref), np.asarray(got)
+    if ref.shape != got.shape:
+        return _Diff(False, float("inf"), float("inf"), f"shape {got.shape} instead of {ref.shape}")
+    if ref.dtype != got.dtype:
+        return _Diff(False, float("inf"), float("inf"), f"type {got.dtype} instead of {ref.dtype}")
+    if rtol is None:
+        same = bool(np.array_equal(ref, got))
+        return _Diff(same, 0.0 if same else float("inf"), 0.0 if same else float("inf"), "" if same else "values differ")
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    nan_r = np.isnan(r)
+    if not np.array_equal(nan_r, np.isnan(g)):
+        return _Diff(False, float("nan"), float("nan"), "NaN at other positions")
+    inf_r = np.isinf(r)
+    if not np.array_equal(inf_r, np.isinf(g)) or not np.array_equal(r[inf_r], g[inf_r]):
+        return _Diff(False, float("inf"), float("inf"), "infinities differ")
+    finite = ~(nan_r | inf_r)
+    r, g = r[finite], g[finite]
+    err = np.abs(r - g)
+    mag = float(np.max(np.abs(r), initial=0.0))
+    floor = rtol * mag if atol is None else atol
+    ok = bool(np.all(err <= floor + rtol * np.abs(r)))
+    abs_error = float(np.max(err, initial=0.0))
+    rel_error = abs_error / mag if mag > 0 else (0.0 if abs_error == 0 else float("inf"))
+    return _Diff(ok, abs_error, rel_error)
+
+
+def _rtol(dtype: np.dtype, floor: float) -> float | None:
+    if str(dtype) == "bfloat16":
+        return max(equivalence.BF16_TOLERANCE, floor)
+    own = equivalence.RELATIVE_TOLERANCE.get(np.dtype(dtype)) if np.dtype(dtype).kind == "f" else None
+    return None if own is None else max(own, floor)
+
+
+_LOW = {onnx.TensorProto.FLOAT16: equivalence.RELATIVE_TOLERANCE[np.dtype(np.float16)], onnx.TensorProto.BFLOAT16: equivalence.BF16_TOLERANCE}
+
+
+# --------------------------------------------------------------------------------------------
+# the check
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """A region or body made ready to run: the two extracted models and their inputs."""
+
+    key: str
+    scope: str | None
+    outputs: list[str]
+    inputs: list[_Input] = field(default_factory=list)
+    model_a: onnx.ModelProto | None = None
+    model_b: onnx.ModelProto | None = None
+    nodes_a: list = field(default_factory=list)
+    nodes_b: list = field(default_factory=list)
+    status: str = ""
+    note: str = ""
+    source_a: tuple = ()  # (model, constant names) a region is cut from
+    source_b: tuple = ()
+
+
+def _value_info(spec: _Input) -> onnx.ValueInfoProto:
+    if str(spec.dtype) == "bfloat16":
+        elem = onnx.TensorProto.BFLOAT16
+    else:
+        elem = helper.np_dtype_to_tensor_dtype(spec.dtype)
+    return helper.make_tensor_value_info(spec.name, elem, list(spec.shape))
+
+
+def _make_model(src: onnx.ModelProto, nodes, inputs: list[_Input], outputs: list[str], consts: list) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        list(nodes), "region", [_value_info(s) for s in inputs],
+        [helper.make_empty_tensor_value_info(o) for o in outputs], list(consts),
+    )
+    model = helper.make_model(graph, opset_imports=list(src.opset_import), functions=list(src.functions))
+    model.ir_version = max(src.ir_version, 4)
+    return model
+
+
+def _superseded(plan: _Plan, why: str) -> _Plan:
+    plan.status, plan.note = SUPERSEDED, why
+    return plan
+
+
+def _plan_region(region: Region, a: _Graph, b: _Graph, original, optimized) -> tuple[_Plan, list[str]]:
+    """Extract the region from both models; the names whose runtime values are needed."""
+    plan = _Plan(region.key or ",".join(region.output), None, list(region.output))
+    if not region.output:
+        return _superseded(plan, "the rewrite names no output"), []
+    values_a, values_b = a.values(), b.values()
+    gone = [o for o in region.output if o not in values_b]
+    if gone:
+        return _superseded(plan, f"'{gone[0]}' is no longer in the optimized model (a later rewrite consumed it)"), []
+    later = [o for o in region.output if o not in values_a]
+    if later:
+        return _superseded(plan, f"'{later[0]}' is not in the original model: checked with the rewrite that made it"), []
+    inputs: list[str] = []
+    for name in region.inputs:
+        if name in a.consts and name not in values_a:
+            continue
+        if name in values_a:
+            inputs.append(name)
+        elif name in values_b:  # made by an earlier rewrite: the region starts where that one did
+            _, reached, _, free = b.walk([name], values_a)
+            inputs.extend(n for n in reached + free if n not in inputs)
+        else:
+            return _superseded(plan, f"input '{name}' is no longer in the optimized model"), []
+    inputs = list(dict.fromkeys(inputs))
+    nodes_a, _, consts_a, free_a = a.walk(region.output, set(inputs))
+    undefined = [n for n in free_a if n not in values_a]
+    if undefined:
+        plan.status, plan.note = UNCHECKED, f"'{undefined[0]}' is not defined in the original model"
+        return plan, []
+    inputs += [n for n in free_a if n not in inputs]
+    nodes_b, _, consts_b, free_b = b.walk(region.output, set(inputs))
+    if free_b:
+        return _superseded(plan, f"the optimized region reads '{free_b[0]}' past its inputs (a later rewrite moved its start)"), []
+    plan.nodes_a, plan.nodes_b = nodes_a, nodes_b
+    plan.source_a, plan.source_b = (original, consts_a), (optimized, consts_b)
+    return plan, inputs
+
+
+def _plan_body(label: str, keys: list[str], bodies_a: dict, bodies_b: dict) -> tuple[_Plan, list[str], list[str]]:
+    """The body ``label`` of both models; the outer names whose runtime values would help, and
+    the body's input names."""
+    plan = _Plan(label, label, [])
+    if keys and keys != [label]:
+        plan.note = "rewrites: " + ", ".join(keys)
+    ref_a, ref_b = bodies_a.get(label), bodies_b.get(label)
+    if ref_a is None:
+        plan.status, plan.note = UNCHECKED, f"no body labelled '{label}' in the original model"
+        return plan, [], []
+    if ref_b is None:
+        return _superseded(plan, f"no body labelled '{label}' in the optimized model any more"), [], []
+    plan.outputs = [o.name for o in ref_a.graph.output]
+    own = [i.name for i in ref_a.graph.input]
+    outer = list(dict.fromkeys(free_names(ref_a.graph) + free_names(ref_b.graph)))
+    return plan, outer, own
+
+
+def _outer_consts(chain: list[onnx.GraphProto]) -> dict:
+    consts: dict = {}
+    for g in chain:
+        consts.update({t.name: t for t in g.initializer})
+    return consts
+
+
+def check_regions(
+    original: onnx.ModelProto,
+    optimized: onnx.ModelProto,
+    regions=None,
+    *,
+    max_proof_elems: int = 4096,
+    rtol: float | None = None,
+    atol: float | None = None,
+    probes: Sequence[str] = PROBES,
+    seeds: int = 2,
+) -> list[RegionCheck]:
+    """Check every region of ``regions`` (a list of :class:`Region`, a report as
+    :func:`regions_for` takes it, or None: :func:`changed_regions`) between the two models; one
+    :class:`RegionCheck` per region, body regions merged per body. See the module doc."""
+    if regions is None:
+        regions = changed_regions(original, optimized)
+    elif not (isinstance(regions, (list, tuple)) and all(isinstance(r, Region) for r in regions)):
+        regions = regions_for(regions, original, optimized)
+    a, b = _Graph(original.graph), _Graph(optimized.graph)
+    plans: list[_Plan] = []
+    wanted: list[str] = []
+    region_inputs: dict[int, list[str]] = {}
+    body_keys: dict[str, list[str]] = {}
+    seen: set[tuple] = set()
+    for region in regions:
+        if region.scope:
+            body_keys.setdefault(region.scope, [])
+            if region.key and region.key not in body_keys[region.scope]:
+                body_keys[region.scope].append(region.key)
+            continue
+        sig = (tuple(region.output), tuple(region.inputs))
+        if sig in seen:
+            continue
+        seen.add(sig)
+        plan, inputs = _plan_region(region, a, b, original, optimized)
+        plans.append(plan)
+        region_inputs[id(plan)] = inputs
+        wanted.extend(inputs)
+    bodies_a = body_graphs(original) if body_keys else {}
+    bodies_b = body_graphs(optimized) if body_keys else {}
+    body_plans = []
+    for label, keys in body_keys.items():
+        plan, outer, own = _plan_body(label, keys, bodies_a, bodies_b)
+        plans.append(plan)
+        body_plans.append((plan, outer, own))
+        if not plan.status:
+            owner = bodies_a[label].owner
+            wanted.extend(outer + [i for i in owner.input if i])
+    runtime, run_note = _runtime(original, list(dict.fromkeys(wanted)), a)
+    declared = _declared_types(original) if body_plans else {}
+    for plan in plans:
+        if plan.status:
+            continue
+        if plan.scope is None:
+            original_model, consts_a = plan.source_a
+            optimized_model, consts_b = plan.source_b
+            specs = []
+            for name in region_inputs[id(plan)]:
+                value = runtime.get(name)
+                if value is None:
+                    plan.status = UNCHECKED
+                    plan.note = f"no runtime value of '{name}'" + (f": {run_note}" if run_note else "")
+                    break
+                specs.append(_Input(name, value.dtype, tuple(value.shape), value))
+            if plan.status:
+                continue
+            plan.inputs = specs
+            plan.model_a = _make_model(original_model, plan.nodes_a, specs, plan.outputs, [a.consts[c] for c in consts_a])
+            plan.model_b = _make_model(optimized_model, plan.nodes_b, specs, plan.outputs, [b.consts[c] for c in consts_b])
+    for plan, outer, own in body_plans:
+        if plan.status:
+            continue
+        _build_body(plan, outer, bodies_a[plan.scope], bodies_b[plan.scope], original, optimized, runtime, declared)
+    return [_check(plan, max_proof_elems, rtol, atol, probes, seeds) for plan in plans]
+
+
+def _runtime(model: onnx.ModelProto, names: list[str], graph: _Graph) -> tuple[dict[str, np.ndarray], str]:
+    """Values of ``names`` (main-graph tensors; others are left out) when ``model`` runs on seeded
+    random inputs (seed 0 of :func:`onnxrep.equivalence.random_inputs`)."""
+    if not names:
+        return {}, ""
+    try:
+        feeds = equivalence.random_inputs(model, 0)
+    except Exception as err:  # noqa: BLE001
+        return {}, first_line(err)
+    out = {n: feeds[n] for n in names if n in feeds}
+    extra = [n for n in names if n in graph.producer and n not in out]
+    if not extra:
+        return out, ""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    present = {o.name for o in m.graph.output}
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in extra if n not in present)
+    try:
+        sess = equivalence.reference_session(m)
+        run_feeds = feeds
+    except Exception as err:  # noqa: BLE001 - a model onnxruntime runs only widened to float32
+        try:
+            sess = equivalence.reference_session(equivalence.widen(m))
+            run_feeds = {k: equivalence._widen_array(v) for k, v in feeds.items()}
+        except Exception:  # noqa: BLE001
+            return out, f"the original model does not run: {first_line(err)}"
+    try:
+        results = sess.run(extra, run_feeds)
+    except Exception as err:  # noqa: BLE001
+        return out, f"the original model fails: {first_line(err)}"
+    out.update(dict(zip(extra, (np.asarray(r) for r in results))))
+    return out, ""
+
+
+def _declared_types(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, tuple]]:
+    """Element types and shapes onnx infers for the tensors of every graph of ``model`` (for body
+    values the runtime run cannot see); symbolic dims as None."""
+    try:
+        inferred = shape_inference.infer_shapes(skeleton(model), strict_mode=False)
+    except Exception:  # noqa: BLE001
+        inferred = model
+    out: dict = {}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            t = vi.type.tensor_type
+            if vi.type.WhichOneof("value") != "tensor_type" or not t.elem_type:
+                continue
+            try:
+                dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type))
+            except Exception:  # noqa: BLE001
+                continue
+            shape = None
+            if t.HasField("shape"):
+                shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+            out.setdefault(vi.name, (dtype, shape))
+        for node in graph.node:
+            for _, _, sub in _subgraphs(node):
+                visit(sub)
+
+    visit(inferred.graph)
+    return out
+
+
+def _concrete(shape, default_batch: int = 1) -> tuple | None:
+    if shape is None:
+        return None
+    return tuple(
+        (d if d else (default_batch if i == 0 else equivalence.DEFAULT_DIM)) for i, d in enumerate(shape)
+    )
+
+
+def _body_inputs(ref, runtime: dict, declared: dict) -> tuple[list[_Input], str]:
+    """Specs of the body's own inputs, with shapes from the owner's runtime inputs where known."""
+    owner, graph = ref.owner, ref.graph
+    sources: dict[int, tuple[str, int | None]] = {}  # body input index -> (owner input, removed axis)
+    if owner.op_type == ops.LOOP:
+        for k in range(2, len(graph.input)):
+            if k < len(owner.input):
+                sources[k] = (owner.input[k], None)
+    elif owner.op_type == ops.SCAN:
+        m = int(_attr(owner, "num_scan_inputs", 0))
+        n_state = len(owner.input) - m
+        axes = list(_attr(owner, "scan_input_axes", []) or [0] * m)
+        for k in range(len(graph.input)):
+            if k < n_state:
+                sources[k] = (owner.input[k], None)
+            elif k - n_state < m:
+                sources[k] = (owner.input[k], axes[k - n_state])
+    specs = []
+    for k, vi in enumerate(graph.input):
+        dtype, shape = declared.get(vi.name, (None, None))
+        t = vi.type.tensor_type
+        if t.elem_type:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type))
+            if t.HasField("shape"):
+                shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        src = sources.get(k)
+        if src is not None and src[0] in runtime:
+            value = runtime[src[0]]
+            dims = list(value.shape)
+            if src[1] is not None:
+                del dims[src[1] % max(len(dims), 1)]
+            shape, dtype = tuple(dims), value.dtype
+        if owner.op_type == ops.LOOP and k < 2:
+            shape = ()
+        if dtype is None or shape is None:
+            return [], f"the shape of body input '{vi.name}' is unknown"
+        specs.append(_Input(vi.name, np.dtype(dtype), _concrete(shape)))
+    return specs, ""
+
+
+def _build_body(plan: _Plan, outer: list[str], ref_a, ref_b, original, optimized, runtime, declared) -> None:
+    specs, note = _body_inputs(ref_a, runtime, declared)
+    if note:
+        plan.status, plan.note = UNCHECKED, note
+        return
+    consts_a = _outer_consts(ref_a.enclosing)
+    consts_b = _outer_consts(ref_b.enclosing)
+    own_names = {s.name for s in specs}
+    for name in outer:
+        if name in own_names or (name in consts_a and name in consts_b):
+            continue
+        value = runtime.get(name)
+        if value is not None:
+            specs.append(_Input(name, value.dtype, tuple(value.shape), value))
+            continue
+        dtype, shape = declared.get(name, (None, None))
+        if dtype is None or shape is None:
+            plan.status, plan.note = UNCHECKED, f"the shape of outer value '{name}' is unknown"
+            return
+        specs.append(_Input(name, dtype, _concrete(shape)))
+    fed = {s.name for s in specs}
+    plan.inputs = specs
+
+    def body_model(src, ref, consts):
+        g = ref.graph
+        reads = free_names(g)
+        extra = [consts[n] for n in reads if n not in fed and n in consts]
+        own = {t.name for t in g.initializer}
+        inits = [t for t in g.initializer] + [t for t in extra if t.name not in own]
+        nodes = list(g.node)
+        return _make_model(src, nodes, specs, [o.name for o in g.output], inits)
+
+    plan.model_a = body_model(original, ref_a, consts_a)
+    plan.model_b = body_model(optimized, ref_b, consts_b)
+    plan.nodes_a, plan.nodes_b = list(ref_a.graph.node), list(ref_b.graph.node)
+    if [o.name for o in ref_b.graph.output] != plan.outputs and len(ref_b.graph.output) == len(plan.outputs):
+        plan.note = (plan.note + "; " if plan.note else "") + "outputs compared by position"
+
+
+def _sessions(model_a: onnx.ModelProto, model_b: onnx.ModelProto):
+    """Sessions of both models, widened to float32 together when one does not load as it is (or
+    reads or writes bfloat16); and whether they were widened."""
+    types = equivalence.elem_types(model_a) | equivalence.elem_types(model_b)
+    io_types = {vi.type.tensor_type.elem_type for m in (model_a, model_b) for vi in list(m.graph.input) + list(m.graph.output)}
+    if onnx.TensorProto.BFLOAT16 not in io_types:
+        try:
+            sess_a = equivalence.reference_session(model_a)
+        except Exception as err:  # noqa: BLE001
+            if not types & set(equivalence.WIDENED_TYPES):
+                raise _NotRun(f"the original subgraph does not load: {first_line(err)}") from None
+        else:
+            try:
+                return sess_a, equivalence.reference_session(model_b), False
+            except Exception as err:  # noqa: BLE001
+                if not types & set(equivalence.WIDENED_TYPES):
+                    raise _Broken(f"the optimized subgraph does not load: {first_line(err)}") from None
+    try:
+        sess_a = equivalence.reference_session(equivalence.widen(model_a))
+    except Exception as err:  # noqa: BLE001
+        raise _NotRun(f"the original subgraph does not load: {first_line(err)}") from None
+    try:
+        sess_b = equivalence.reference_session(equivalence.widen(model_b))
+    except Exception as err:  # noqa: BLE001
+        raise _Broken(f"the optimized subgraph does not load: {first_line(err)}") from None
+    return sess_a, sess_b, True
+
+
+class _NotRun(Exception):
+    pass
+
+
+class _Broken(Exception):
+    pass
+
+
+def _spanning(specs: list[_Input]):
+    """The zero probe and each basis vector of the float inputs (the others at their fixed value)."""
+    zero = {s.name: np.zeros(s.shape, dtype=s.dtype) for s in specs}
+    yield "zeros (spanning)", zero
+    for s in specs:
+        for i in range(s.size):
+            flat = np.zeros(s.size, dtype=s.dtype)
+            flat[i] = 1
+            f = dict(zero)
+            f[s.name] = flat.reshape(s.shape)
+            yield f"basis {s.name}[{i}]", f
+
+
+def _check(plan: _Plan, max_proof_elems: int, rtol, atol, kinds, seeds) -> RegionCheck:
+    names = [s.name for s in plan.inputs]
+    result = RegionCheck(plan.key, plan.scope, plan.outputs, names, True, False, "", 0, 0.0, 0.0, plan.note)
+    if plan.status:
+        result.status = plan.status
+        result.method = plan.status
+        result.ok = plan.status != DIFFERS
+        return result
+    try:
+        sess_a, sess_b, widened = _sessions(plan.model_a, plan.model_b)
+    except _NotRun as err:
+        result.status, result.method = UNCHECKED, UNCHECKED
+        result.note = _join(plan.note, str(err))
+        return result
+    except _Broken as err:
+        result.status, result.method, result.ok = DIFFERS, "load", False
+        result.max_abs_error = result.max_rel_error = float("inf")
+        result.note = _join(plan.note, str(err))
+        return result
+    inner = equivalence.elem_types(plan.model_a, io=False) | equivalence.elem_types(plan.model_b, io=False)
+    floor = max((t for k, t in _LOW.items() if k in inner), default=0.0)
+    if widened:
+        plan.note = _join(plan.note, "compared widened to float32")
+    outs_a = [o.name for o in sess_a.get_outputs()]
+    outs_b = [o.name for o in sess_b.get_outputs()]
+    if len(outs_a) != len(outs_b):
+        result.status, result.ok, result.method = DIFFERS, False, "outputs"
+        result.note = _join(plan.note, f"{len(outs_b)} outputs instead of {len(outs_a)}")
+        return result
+
+    probes = probe_sets(plan.inputs, kinds, seeds)
+    reason = None
+    floats = all(s.floating for s in plan.inputs) and plan.inputs
+    n = sum(s.size for s in plan.inputs)
+    if floats and n <= max_proof_elems:
+        reason = affine_reason(plan.nodes_a, names) or affine_reason(plan.nodes_b, names)
+        spanning = reason is None
+    else:
+        spanning = False
+        reason = "integer or bool inputs" if not floats else f"{n} input elements > {max_proof_elems}"
+    runs = list(_spanning(plan.inputs)) if spanning else []
+
+    def widen_feeds(f):
+        return {k: equivalence._widen_array(v) for k, v in f.items()} if widened else f
+
+    count = 0
+    worst_label = ""
+    for label, feeds in runs + probes:
+        feeds = widen_feeds(feeds)
+        try:
+            ref = sess_a.run(outs_a, feeds)
+        except Exception as err:  # noqa: BLE001
+            result.status, result.method = UNCHECKED, UNCHECKED
+            result.note = _join(plan.note, f"the original subgraph fails on probe '{label}': {first_line(err)}")
+            result.probes = count
+            return result
+        try:
+            got = sess_b.run(outs_b, feeds)
+        except Exception as err:  # noqa: BLE001
+            return _differs(result, plan, count + 1, f"the optimized subgraph fails on probe '{label}': {first_line(err)}")
+        count += 1
+        for out_name, r, g in zip(plan.outputs or outs_a, ref, got):
+            r = np.asarray(r)
+            tol = _rtol(r.dtype, floor)
+            if tol is not None and rtol is not None:
+                tol = rtol
+            diff = compare_arrays(r, np.asarray(g), tol, atol)
+            if diff.rel_error > result.max_rel_error or (diff.abs_error > result.max_abs_error and not diff.ok):
+                worst_label = label
+            result.max_abs_error = max(result.max_abs_error, diff.abs_error)
+            result.max_rel_error = max(result.max_rel_error, diff.rel_error)
+            if not diff.ok:
+                detail = f": {diff.reason}" if diff.reason else f": max error {diff.abs_error:.3g} ({diff.rel_error:.3g} of the output's magnitude)"
+                return _differs(result, plan, count, f"output '{out_name}' differs on probe '{label}'{detail}")
+    result.probes = count
+    result.status = EQUAL
+    if spanning:
+        result.proven = True
+        result.method = f"spanning probes ({len(runs)})"
+        result.note = _join(plan.note, f"affine: equal on {len(runs)} spanning probes and {count - len(runs)} others")
+    else:
+        result.method = f"probes ({count})"
+        result.note = _join(plan.note, f"not proven: {reason}" if reason else "")
+    if worst_label:
+        result.note = _join(result.note, f"largest relative error on probe '{worst_label}'")
+    return result
+
+
+def _differs(result: RegionCheck, plan: _Plan, count: int, why: str) -> RegionCheck:
+    result.status, result.ok, result.probes = DIFFERS, False, count
+    result.method = f"probes ({count})"
+    result.note = _join(plan.note, why)
+    if result.max_abs_error == 0:
+        result.max_abs_error = result.max_rel_error = float("inf")
+    return result
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)

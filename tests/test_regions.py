@@ -1,0 +1,381 @@
+"""Region and body checks (onnxrep.regions): each rewrite the engine writes is cut out of both models
+and probed on its own; affine regions are proven by spanning probes; wrong rewrites are caught
+where whole-model random inputs miss them (a corner pixel, a branch never taken)."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphs import Builder, run
+from onnxrep import engine, equivalence, regions
+from onnxrep.regions import Region, check_regions
+
+C = 4
+SHAPE = [1, C, 8, 8]
+
+
+def repvgg(b: Builder, x: str, c: int = C) -> str:
+    return b.sum([b.bn(b.conv(x, c, c, 3, bias=False), c), b.bn(b.conv(x, c, c, 1, bias=False), c), b.bn(x, c)])
+
+
+def repvgg_model():
+    b = Builder(C, spatial=SHAPE[2:], seed=3)
+    y = b.relu(repvgg(b, b.relu(repvgg(b, "x"))))
+    return b.model(y)
+
+
+@pytest.fixture(scope="module")
+def folded():
+    model = repvgg_model()
+    out, report = engine.run(model)
+    return model, out, report
+
+
+def by_key(checks):
+    return {c.key: c for c in checks}
+
+
+def only_conv(model: onnx.ModelProto, output: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if output in n.output)
+
+
+def initializer(graph: onnx.GraphProto, name: str) -> onnx.TensorProto:
+    return next(t for t in graph.initializer if t.name == name)
+
+
+def copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# correct folds are proven
+# --------------------------------------------------------------------------------------------
+
+
+def test_repvgg_fold_is_proven_by_spanning_probes(folded):
+    model, out, report = folded
+    regs = regions.regions_for(report, model, out)
+    assert len(regs) == 2 and all(not r.scope for r in regs)
+    checks = check_regions(model, out, regs)
+    assert len(checks) == 2
+    for c in checks:
+        assert c.ok and c.status == "equal" and c.proven, c.to_dict()
+        assert c.method == "spanning probes (257)"  # 1 x 4 x 8 x 8 inputs + the zero probe
+        assert c.probes > 257 and c.max_rel_error < 1e-5
+        assert c.to_dict()["proven"] is True
+
+
+def test_changed_regions_match_the_report(folded):
+    model, out, report = folded
+    found = regions.changed_regions(model, out)
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert sorted((r.output, r.inputs) for r in found) == sorted(([n.output[0]], [n.input[0]]) for n in convs)
+    assert regions.changed_regions(model, model) == []
+
+
+def test_regions_from_report_entries():
+    entries = [
+        {"candidate": "a", "round": 1, "summary": "", "output": "y", "inputs": ["x"]},
+        {"candidate": "b", "round": 1, "summary": "", "output": ["u", "v"], "inputs": ["x", "w"]},
+        {"candidate": "body/c", "round": 1, "summary": "", "scope": "the_if.then_branch"},
+        {"candidate": "d", "round": 1, "summary": ""},
+    ]
+    regs, missing = regions.regions_from_report(entries)
+    assert regs == [
+        Region(["y"], ["x"], None, "a"),
+        Region(["u", "v"], ["x", "w"], None, "b"),
+        Region([], [], "the_if.then_branch", "body/c"),
+    ]
+    assert missing == ["d"]
+
+
+def test_region_above_max_proof_elems_is_checked_but_not_proven(folded):
+    model, out, report = folded
+    checks = check_regions(model, out, regions.regions_for(report, model, out), max_proof_elems=255)
+    for c in checks:
+        assert c.ok and not c.proven
+        assert c.method == f"probes ({c.probes})" and 0 < c.probes < 257
+        assert "256 input elements > 255" in c.note
+
+
+# --------------------------------------------------------------------------------------------
+# wrong rewrites are caught
+# --------------------------------------------------------------------------------------------
+
+
+def test_one_wrong_border_weight_is_caught(folded):
+    model, out, report = folded
+    bad = copy(out)
+    conv = bad.graph.node[0]
+    w = initializer(bad.graph, conv.input[1])
+    values = numpy_helper.to_array(w).copy()
+    values[0, 0, 0, 0] *= 1.001  # a corner tap: reads the padding at the top-left border
+    w.CopyFrom(numpy_helper.from_array(values, w.name))
+    checks = check_regions(model, bad, regions.regions_for(report, model, bad))
+    [wrong] = [c for c in checks if conv.output[0] in c.outputs]
+    assert not wrong.ok and wrong.status == "differs" and not wrong.proven
+    assert "differs on probe" in wrong.note
+    [other] = [c for c in checks if c is not wrong]
+    assert other.ok and other.proven  # the other block is still proven
+
+
+def test_dropped_padding_is_caught(folded):
+    model, out, report = folded
+    bad = copy(out)
+    for attr in bad.graph.node[2].attribute:
+        if attr.name == "pads":
+            attr.ints[:] = [0, 0, 0, 0]
+    bad.graph.ClearField("value_info")
+    # the second block's output shrinks to 6 x 6 (the model's output too)
+    bad.graph.output[0].type.tensor_type.ClearField("shape")
+    checks = check_regions(model, bad, regions.regions_for(report, model, bad))
+    wrong = [c for c in checks if not c.ok]
+    assert len(wrong) == 1 and wrong[0].outputs == [bad.graph.node[2].output[0]]
+    assert "shape (1, 4, 6, 6) instead of (1, 4, 8, 8)" in wrong[0].note
+
+
+def corner_trigger(out: onnx.ModelProto, target: str, x: str = "x", factor: float = 4.0) -> onnx.ModelProto:
+    """``out`` with ``relu(|x[:, :, 0, 0]| - factor * max|x elsewhere|)`` added at the top-left
+    pixel of ``target``: wrong only when that corner pixel dominates the whole input."""
+    bad = copy(out)
+    g = bad.graph
+    conv = only_conv(bad, target)
+    conv.output[0] = target + ".pre"
+    mask = np.ones(SHAPE, np.float32)
+    mask[:, :, 0, 0] = 0
+    g.initializer.extend([
+        numpy_helper.from_array(mask, "corner.mask"),
+        numpy_helper.from_array(np.array([0, 0], np.int64), "corner.starts"),
+        numpy_helper.from_array(np.array([1, 1], np.int64), "corner.ends"),
+        numpy_helper.from_array(np.array([2, 3], np.int64), "corner.axes"),
+        numpy_helper.from_array(np.array(factor, np.float32), "corner.factor"),
+        numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 7, 7], np.int64), "corner.pads"),
+    ])
+    extra = [
+        helper.make_node("Abs", [x], ["corner.abs"]),
+        helper.make_node("Slice", ["corner.abs", "corner.starts", "corner.ends", "corner.axes"], ["corner.value"]),
+        helper.make_node("Mul", ["corner.abs", "corner.mask"], ["corner.rest"]),
+        helper.make_node("ReduceMax", ["corner.rest"], ["corner.rest_max"], keepdims=1),
+        helper.make_node("Mul", ["corner.rest_max", "corner.factor"], ["corner.bound"]),
+        helper.make_node("Sub", ["corner.value", "corner.bound"], ["corner.excess"]),
+        helper.make_node("Relu", ["corner.excess"], ["corner.trigger"]),
+        helper.make_node("Pad", ["corner.trigger", "corner.pads"], ["corner.full"]),
+        helper.make_node("Add", [target + ".pre", "corner.full"], [target]),
+    ]
+    at = list(g.node).index(conv) + 1
+    nodes = list(g.node[:at]) + extra + list(g.node[at:])
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(bad)
+    return bad
+
+
+def test_error_only_the_border_probe_sets_off(folded):
+    model, out, report = folded
+    target = out.graph.node[0].output[0]
+    bad = corner_trigger(out, target)
+    # the error is real: a lone bright corner pixel changes the output there
+    probe = np.zeros(SHAPE, np.float32)
+    probe[0, 0, 0, 0] = 1.0
+    assert not np.allclose(run(model, {"x": probe})[0], run(bad, {"x": probe})[0], rtol=1e-3)
+    # whole-model verification on random inputs does not see it
+    assert equivalence.compare(model, bad).ok
+    regs = regions.regions_for(report, model, bad)
+    # nor does any probe but the border ones (zeros, normal x1 and x1000, index, the model's values)
+    blind = by_key(check_regions(model, bad, regs, probes=("zeros", "normal", "large", "index", "model")))
+    assert all(c.ok for c in blind.values())
+    assert not any(c.proven for c in blind.values() if target in c.outputs)  # Abs, ReduceMax, Relu: not affine
+    checks = by_key(check_regions(model, bad, regs))
+    wrong = [c for c in checks.values() if not c.ok]
+    assert len(wrong) == 1 and wrong[0].outputs == [target]
+    assert "on probe 'border corner 0'" in wrong[0].note, wrong[0].note
+
+
+def test_superseded_region():
+    """conv-chain folds 1x1 -> 3x3 into the tensor that parallel-merge then folds into the sum."""
+    b = Builder(C, spatial=SHAPE[2:], seed=5)
+    chain = b.conv(b.conv("x", C, C, 1, bias=False), C, C, 3)
+    y = b.add(chain, b.conv("x", C, C, 3))
+    model = b.model(y)
+    out, report = engine.run(model)
+    passes = {p.name: p for p in report.passes}
+    assert passes["conv-chain"].rewritten == 1 and passes["parallel-merge"].rewritten == 1
+    regs = [
+        Region([chain], ["x"], None, "conv-chain"),
+        Region([y], ["x"], None, "parallel-merge"),
+    ]
+    checks = by_key(check_regions(model, out, regs))
+    gone = checks["conv-chain"]
+    assert gone.ok and gone.status == "superseded" and not gone.proven and gone.probes == 0
+    assert f"'{chain}' is no longer in the optimized model" in gone.note
+    assert checks["parallel-merge"].proven and checks["parallel-merge"].status == "equal"
+
+
+def test_region_whose_start_a_later_rewrite_moved_is_superseded():
+    """A region from h to y, where the optimized model now computes y from x directly."""
+    b = Builder(C, spatial=SHAPE[2:], seed=6)
+    h = b.bn("x", C)
+    y = b.conv(h, C, C, 1)
+    model = b.model(y)
+    out, _ = engine.run(model)
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+    [check] = check_regions(model, out, [Region([y], [h], None, "late")])
+    assert check.status == "superseded" and check.ok
+    assert "past its inputs" in check.note
+
+
+# --------------------------------------------------------------------------------------------
+# If / Loop / Scan bodies
+# --------------------------------------------------------------------------------------------
+
+
+def branch(seed: int, offset: int, name: str) -> onnx.GraphProto:
+    b = Builder(C, spatial=SHAPE[2:], seed=seed)
+    b._n = offset
+    y = repvgg(b, "x")
+    return helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, SHAPE)], b.inits), y
+
+
+def if_model() -> onnx.ModelProto:
+    """``If(sum(x * x) >= -1)``: always the then branch; the else branch is never run."""
+    then_g, then_y = branch(1, 100, "then")
+    else_g, else_y = branch(2, 200, "else")
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["sq"], name="square"),
+        helper.make_node("ReduceSum", ["sq"], ["ssum"], name="sum", keepdims=0),
+        helper.make_node("GreaterOrEqual", ["ssum", "minus_one"], ["cond"], name="cmp"),
+        helper.make_node("If", ["cond"], ["y"], name="the_if", then_branch=then_g, else_branch=else_g),
+    ]
+    graph = helper.make_graph(
+        nodes, "main", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)],
+        [numpy_helper.from_array(np.array(-1.0, np.float32), "minus_one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def folded_if():
+    model = if_model()
+    out, report = engine.run(model)
+    return model, out, report
+
+
+def test_rewritten_bodies_are_proven(folded_if):
+    model, out, report = folded_if
+    regs = regions.regions_for(report, model, out)
+    assert {r.scope for r in regs} == {"the_if.then_branch", "the_if.else_branch"}
+    checks = by_key(check_regions(model, out, regs))
+    assert set(checks) == {"the_if.then_branch", "the_if.else_branch"}
+    for label, c in checks.items():
+        assert c.scope == label and c.inputs == ["x"]  # the outer value the body reads
+        assert c.ok and c.proven and c.method == "spanning probes (257)", c.to_dict()
+
+
+def test_wrong_rewrite_in_a_branch_never_taken_is_caught(folded_if):
+    model, out, report = folded_if
+    bad = copy(out)
+    body = regions.body_graphs(bad)["the_if.else_branch"].graph
+    [conv] = [n for n in body.node if n.op_type == "Conv"]
+    w = next(t for g in (body, bad.graph) for t in g.initializer if t.name == conv.input[1])
+    values = numpy_helper.to_array(w).copy()
+    values[1, 2, 1, 1] += 0.25
+    w.CopyFrom(numpy_helper.from_array(values, w.name))
+    assert equivalence.compare(model, bad, seeds=4).ok  # the else branch never runs on the model's inputs
+    checks = by_key(check_regions(model, bad, regions.regions_for(report, model, bad)))
+    assert checks["the_if.then_branch"].ok and checks["the_if.then_branch"].proven
+    wrong = checks["the_if.else_branch"]
+    assert not wrong.ok and wrong.status == "differs" and wrong.scope == "the_if.else_branch"
+    assert "differs on probe" in wrong.note
+
+
+def test_body_regions_without_a_report(folded_if):
+    model, out, _ = folded_if
+    found = regions.changed_regions(model, out)
+    assert sorted(r.scope for r in found) == ["the_if.else_branch", "the_if.then_branch"]
+    assert all(c.ok and c.proven for c in check_regions(model, out))
+
+
+def test_loop_body_with_an_integer_input_is_checked_not_proven():
+    b = Builder(C, spatial=SHAPE[2:], seed=9)
+    b._n = 300
+    y = repvgg(b, "v_in")
+    b.nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+    body = helper.make_graph(
+        b.nodes, "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info(y, TensorProto.FLOAT, SHAPE)],
+        b.inits,
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x"], ["y"], name="the_loop", body=body)], "main",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)],
+        [numpy_helper.from_array(np.array(2, np.int64), "trips")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, report = engine.run(model)
+    [check] = check_regions(model, out, regions.regions_for(report, model, out))
+    assert check.scope == "the_loop.body" and check.ok and check.status == "equal"
+    assert not check.proven and "integer or bool inputs" in check.note
+    assert check.inputs == ["i", "cond_in", "v_in"]
+
+
+# --------------------------------------------------------------------------------------------
+# pieces
+# --------------------------------------------------------------------------------------------
+
+
+def test_affine_reason():
+    b = Builder(C, spatial=SHAPE[2:])
+    y = b.relu(b.conv("x", C, C, 3))
+    nodes = list(b.model(y).graph.node)
+    assert regions.affine_reason(nodes[:1], ["x"]) is None
+    assert "Relu" in regions.affine_reason(nodes, ["x"])
+    square = helper.make_node("Mul", ["x", "x"], ["sq"])
+    assert "two values" in regions.affine_reason([square], ["x"])
+    training = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"])
+    assert "training" in regions.affine_reason([training], ["x"])
+    weight_input = helper.make_node("Conv", ["w", "x"], ["y"])
+    assert "parameter" in regions.affine_reason([weight_input], ["x"])
+    shape = helper.make_node("Shape", ["x"], ["s"])
+    reshape = helper.make_node("Reshape", ["x", "s"], ["r"])
+    assert regions.affine_reason([shape, reshape], ["x"]) is None  # a shape is no value
+
+
+def test_compare_arrays_rule():
+    ref = np.array([1000.0, 1.0, 0.0], np.float32)
+    # default atol: rtol x the largest magnitude, so rounding at 1000 is allowed at the zero too
+    assert regions.compare_arrays(ref, ref + np.float32(5e-3), 1e-5, None).ok
+    assert not regions.compare_arrays(ref, ref + np.float32(2e-2), 1e-5, None).ok
+    # an explicit atol is absolute
+    assert not regions.compare_arrays(ref, ref + np.float32(5e-3), 1e-5, 0.0).ok
+    nan = np.array([np.nan, 1.0], np.float32)
+    assert not regions.compare_arrays(nan, np.array([1.0, 1.0], np.float32), 1e-5, None).ok
+    assert regions.compare_arrays(nan, nan.copy(), 1e-5, None).ok
+    assert not regions.compare_arrays(np.array([1, 2]), np.array([1, 3]), None, None).ok
+    assert not regions.compare_arrays(ref, ref[:2], 1e-5, None).ok
+
+
+def test_probes_hit_every_border_position():
+    spec = regions._Input("x", np.dtype(np.float32), (1, 2, 5, 6))
+    probes = dict(regions.probe_sets([spec]))
+    border = probes["border"]["x"]
+    assert np.all(border[:, :, [0, -1], :] >= regions.BORDER_MAGNITUDE)
+    assert np.all(border[:, :, :, [0, -1]] >= regions.BORDER_MAGNITUDE)
+    assert np.all(border[:, :, 1:-1, 1:-1] == 0)
+    assert len(np.unique(border[border != 0])) == np.count_nonzero(border)  # distinct values
+    corners = [v["x"] for k, v in probes.items() if k.startswith("border corner")]
+    assert len(corners) == 4 and all(np.count_nonzero(c) == 2 for c in corners)  # one pixel, both channels
+    index = probes["index"]["x"]
+    assert len(np.unique(index)) == index.size
+    assert np.abs(probes["normal seed 0 x1000"]["x"]).max() > 100
+    assert not np.any(probes["zeros"]["x"])
