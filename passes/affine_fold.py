@@ -20,6 +20,11 @@ Exactness conditions (checked in this order):
   5. ``no_padding``        an affine with a shift before the conv: the conv has no padding.
   6. ``single_use``        the tensor between the two nodes is read by nothing else and is not a
                            graph output.
+Cost condition (``--allow-cost-increase`` lifts it):
+  7. ``runtime_fusion``    the affine node is not part of a decomposition that onnxruntime or
+                           OpenVINO fuse into one kernel (TorchScript's GELU ends in ``Mul(0.5)``
+                           before the next Conv): folding it would leave the rest unfused, several
+                           kernels instead of one (see :mod:`passes._fusions`).
 Folding never adds multiply-accumulates or weights.
 """
 
@@ -35,6 +40,7 @@ from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Decline, Match, NewNode, Plan, run_checks
 
 from . import register
+from ._fusions import breaks_fusion
 from ._common import (
     affine_data_input,
     bn_inference_reason,
@@ -127,6 +133,12 @@ def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None
     return outside_reader_reason(c.between, [c.affine if c.side == AFTER else c.conv], view)
 
 
+def _check_runtime_fusion(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if ctx.options.allow_cost_increase:
+        return None
+    return breaks_fusion([c.conv, c.affine], view)
+
+
 CONDITIONS = [
     ("inference_bn", _check_bn),
     ("constant_weights", _check_constants),
@@ -134,6 +146,7 @@ CONDITIONS = [
     ("per_channel", _check_per_channel),
     ("no_padding", _check_padding),
     ("single_use", _check_single_use),
+    ("runtime_fusion", _check_runtime_fusion),
 ]
 
 

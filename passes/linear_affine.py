@@ -18,6 +18,11 @@ Exactness conditions (checked in this order):
                            tensors) with a scalar or one value per feature, and before the layer it
                            does not broadcast the input to more features.
   4. ``single_use``        the tensor between the two is read by nothing else.
+Cost condition (``--allow-cost-increase`` lifts it):
+  5. ``runtime_fusion``    the affine node is not part of a decomposition that onnxruntime or
+                           OpenVINO fuse into one kernel (the ``Mul(0.5)`` of TorchScript's GELU,
+                           the scale and bias of a decomposed LayerNorm before a linear layer):
+                           folding it would leave the rest unfused (see :mod:`passes._fusions`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Decline, Match, Plan, run_checks
 
 from . import _linear, register
+from ._fusions import breaks_fusion
 from ._common import affine_data_input, bn_inference_reason, is_op, node_affine, outside_reader_reason
 
 AFTER, BEFORE = "after", "before"
@@ -88,11 +94,18 @@ def _check_single_use(c, view, ctx):
     return outside_reader_reason(c.between, [c.affine if c.side == AFTER else c.lin.head], view)
 
 
+def _check_runtime_fusion(c, view, ctx):
+    if ctx.options.allow_cost_increase:
+        return None
+    return breaks_fusion([c.affine] + c.lin.nodes, view)
+
+
 CONDITIONS = [
     ("inference_bn", _check_bn),
     ("layout", _check_layout),
     ("per_feature", _check_per_feature),
     ("single_use", _check_single_use),
+    ("runtime_fusion", _check_runtime_fusion),
 ]
 
 

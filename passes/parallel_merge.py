@@ -33,6 +33,10 @@ Exactness conditions (checked in this order; each fails with its name and a reas
  10. ``cost``              the merged conv has no more MACs and no more weights than the branches
                            (``--allow-cost-increase`` lifts this; HetConv-style groupwise + pointwise
                            branches would densify).
+ 11. ``runtime_fusion``    no node the merge absorbs (a branch's or the sum's affine node) is part
+                           of a decomposition that onnxruntime or OpenVINO fuse into one kernel
+                           unless the whole decomposition goes (``--allow-cost-increase`` lifts
+                           this; see :mod:`passes._fusions`).
 Same input tensor, and every tap landing on the merged grid, hold by construction (grouping by
 ``X``; gcd grid).
 """
@@ -51,6 +55,7 @@ from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Decline, Match, Plan, run_checks
 
 from . import _sums, register
+from ._fusions import breaks_fusion
 from ._sums import SumCandidate
 from ._common import (
     Geometry,
@@ -282,6 +287,12 @@ def _check_cost(cand, view, ctx):
     return None
 
 
+def _check_runtime_fusion(cand: SumCandidate, view: GraphView, ctx: Context) -> str | None:
+    if ctx.options.allow_cost_increase:
+        return None
+    return breaks_fusion(cand.nodes, view)
+
+
 CONDITIONS = [
     ("inference_bn", _check_bn),
     ("constant_weights", _check_constants),
@@ -293,6 +304,7 @@ CONDITIONS = [
     ("same_output_size", _check_output_size),
     ("single_use", _check_single_use),
     ("cost", _check_cost),
+    ("runtime_fusion", _check_runtime_fusion),
 ]
 
 

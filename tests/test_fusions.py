@@ -1,0 +1,392 @@
+"""Runtime fusions (passes/_fusions.py): the catalogue of decompositions onnxruntime and OpenVINO
+fuse into one kernel, checked against onnxruntime's own optimizer where onnxruntime fuses them,
+and the ``runtime_fusion`` condition of the passes that absorb affine nodes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from graphs import Builder, histogram
+from test_parallel_merge import assert_equivalent
+
+import onnxrep
+from onnxrep.graph import GraphView, import_model
+from onnxrep.passes import _fusions, parallel_merge
+from onnxrep.rewrite import Context, Options
+
+SQRT2 = math.sqrt(2.0)
+
+
+def ort_optimized(model: onnx.ModelProto, tmp_path, name="ort.onnx", level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED):
+    """onnxruntime's own optimized graph of ``model`` (CPU)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    opts.optimized_model_filepath = str(tmp_path / name)
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / name))
+
+
+def fusions(model: onnx.ModelProto):
+    return _fusions.find_fusions(GraphView(import_model(model)))
+
+
+def pair(b: Builder, op: str, data: str, const: str, swap: bool) -> str:
+    return b.node(op, [const, data] if swap else [data, const])
+
+
+def scalar(b: Builder, value: float, shape=()) -> str:
+    return b.const(np.full(shape, value))
+
+
+# --------------------------------------------------------------------------------------------
+# the catalogue, pattern by pattern, every operand order
+# --------------------------------------------------------------------------------------------
+
+C, H, W = 4, 5, 6
+
+
+def gelu_erf(form: str, swaps, sqrt2=SQRT2, half=0.5, one=1.0, const_shape=()):
+    """GELU with erf; ``form`` 1: (x*0.5)*a, 2: (x*a)*0.5, 3: x*(a*0.5), 4: OpenVINO's
+    x*(0.5 + 0.5*erf(x/sqrt2)) with a Mul by 1/sqrt2."""
+    b = Builder(C, (H, W))
+    s = iter(swaps)
+    if form == 4:
+        d = pair(b, "Mul", "x", scalar(b, 1 / sqrt2, const_shape), next(s))
+        e = b.node("Erf", [d])
+        m = pair(b, "Mul", e, scalar(b, half, const_shape), next(s))
+        a = pair(b, "Add", m, scalar(b, half, const_shape), next(s))
+        y = pair(b, "Mul", a, "x", next(s))
+        return b.model(y)
+    d = b.node("Div", ["x", scalar(b, sqrt2, const_shape)])
+    e = b.node("Erf", [d])
+    a = pair(b, "Add", e, scalar(b, one, const_shape), next(s))
+    if form == 1:
+        h = pair(b, "Mul", "x", scalar(b, half, const_shape), next(s))
+        y = pair(b, "Mul", h, a, next(s))
+    elif form == 2:
+        m = pair(b, "Mul", a, "x", next(s))
+        y = pair(b, "Mul", m, scalar(b, half, const_shape), next(s))
+    else:
+        m = pair(b, "Mul", a, scalar(b, half, const_shape), next(s))
+        y = pair(b, "Mul", m, "x", next(s))
+    return b.model(y)
+
+
+SWAPS3 = list(itertools.product([False, True], repeat=3))
+SWAPS4 = list(itertools.product([False, True], repeat=4))
+
+
+def count_fused(model, tmp_path, op):
+    return sum(1 for n in ort_optimized(model, tmp_path).graph.node if n.op_type == op)
+
+
+@pytest.mark.parametrize("swaps", SWAPS3)
+@pytest.mark.parametrize("form", [1, 2])
+@pytest.mark.parametrize("sqrt2", [SQRT2, 1.4142099618911743])
+def test_gelu_erf_forms_onnxruntime_fuses(form, swaps, sqrt2, tmp_path):
+    model = gelu_erf(form, swaps, sqrt2)
+    (f,) = fusions(model)
+    assert (f.pattern, f.fused_op, f.runtimes, len(f.nodes)) == ("GELU (erf)", "Gelu", ("onnxruntime", "OpenVINO"), 5)
+    assert f.x.name == "x" and f.protected
+    assert count_fused(model, tmp_path, "Gelu") == 1  # the catalogue agrees with onnxruntime
+
+
+@pytest.mark.parametrize("swaps", SWAPS4)
+@pytest.mark.parametrize("form", [3, 4])
+def test_gelu_erf_openvino_forms(form, swaps, tmp_path):
+    model = gelu_erf(form, swaps)
+    (f,) = fusions(model)
+    assert (f.pattern, f.runtimes, len(f.nodes)) == ("GELU (erf)", ("OpenVINO",), 5)
+    assert count_fused(model, tmp_path, "Gelu") == 0  # onnxruntime does not fuse these spellings
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(sqrt2=1.5), dict(half=0.6), dict(one=1.1), dict(const_shape=(1, C, 1, 1))],
+    ids=["div", "half", "one", "not-scalar"],
+)
+def test_gelu_erf_wrong_constants(kw, tmp_path):
+    model = gelu_erf(2, (False, False, False), **kw)
+    assert fusions(model) == []
+    assert count_fused(model, tmp_path, "Gelu") == 0
+
+
+def test_gelu_erf_bert_sqrt2_openvino_tolerance():
+    # 1.4143 is within OpenVINO's 0.001 of sqrt(2) but not within onnxruntime's 1e-5
+    (f,) = fusions(gelu_erf(2, (False, False, False), sqrt2=1.4143))
+    assert f.runtimes == ("OpenVINO",)
+
+
+def test_gelu_erf_intermediate_read_twice():
+    b = Builder(C, (H, W))
+    e = b.node("Erf", [b.node("Div", ["x", scalar(b, SQRT2)])])
+    a = b.node("Add", [e, scalar(b, 1.0)])
+    y = b.node("Mul", [b.node("Mul", ["x", a]), scalar(b, 0.5)])
+    assert fusions(b.model(y, e)) == []  # Erf's output escapes
+
+
+def gelu_tanh(formula: int, swaps, ov_last=False, pow_exp=3.0):
+    b = Builder(C, (H, W))
+    s = iter(swaps)
+    if formula == 1:
+        m1 = pair(b, "Mul", "x", scalar(b, 0.044715), next(s))
+        m2 = pair(b, "Mul", m1, "x", next(s))
+        a1 = pair(b, "Add", m2, scalar(b, 1.0), next(s))
+        m4 = pair(b, "Mul", "x", scalar(b, 0.7978845834732056), next(s))
+        u = pair(b, "Mul", a1, m4, next(s))
+    else:
+        p = b.node("Pow", ["x", scalar(b, pow_exp)])
+        m0 = pair(b, "Mul", p, scalar(b, 0.044715), next(s))
+        a0 = pair(b, "Add", m0, "x", next(s))
+        u = pair(b, "Mul", a0, scalar(b, 0.7978845834732056), next(s))
+    t = b.node("Tanh", [u])
+    a2 = pair(b, "Add", t, scalar(b, 1.0), next(s))
+    if ov_last:
+        m = pair(b, "Mul", a2, scalar(b, 0.5), next(s))
+        y = pair(b, "Mul", "x", m, next(s))
+    else:
+        h = pair(b, "Mul", "x", scalar(b, 0.5), next(s))
+        y = pair(b, "Mul", a2, h, next(s))
+    return b.model(b.relu(y))  # onnxruntime does not fuse a FastGelu whose output is a graph output
+
+
+@pytest.mark.parametrize("swaps", [s for s in itertools.product([False, True], repeat=8) if sum(s) in (0, 1, 8)])
+@pytest.mark.parametrize("formula", [1, 2])
+def test_gelu_tanh_forms(formula, swaps, tmp_path):
+    model = gelu_tanh(formula, swaps)
+    (f,) = fusions(model)
+    assert (f.pattern, f.fused_op, f.runtimes) == ("GELU (tanh)", "FastGelu", ("onnxruntime", "OpenVINO"))
+    assert len(f.nodes) == (9 if formula == 1 else 8)
+    assert count_fused(model, tmp_path, "FastGelu") == 1
+
+
+def test_gelu_tanh_openvino_last_half(tmp_path):
+    model = gelu_tanh(2, [False] * 8, ov_last=True)
+    (f,) = fusions(model)
+    assert f.runtimes == ("OpenVINO",)
+    assert count_fused(model, tmp_path, "FastGelu") == 0
+
+
+def test_gelu_tanh_wrong_power():
+    assert fusions(gelu_tanh(2, [False] * 8, pow_exp=2.0)) == []
+
+
+def test_torchscript_tanh_gelu_is_fused_by_neither(tmp_path):
+    # TorchScript's spelling: x*x*x, and the 0.5 applied last
+    b = Builder(C, (H, W))
+    cube = b.node("Mul", [b.node("Mul", ["x", "x"]), "x"])
+    inner = b.node("Mul", [b.node("Add", ["x", b.node("Mul", [cube, scalar(b, 0.044715)])]), scalar(b, 0.7978845834732056)])
+    a = b.node("Add", [b.node("Tanh", [inner]), scalar(b, 1.0)])
+    y = b.node("Mul", [b.node("Mul", ["x", a]), scalar(b, 0.5)])
+    model = b.model(y)
+    assert fusions(model) == []
+    assert count_fused(model, tmp_path, "FastGelu") == 0
+
+
+def clamp(b: Builder, t: str, kind: str, swap: bool) -> str:
+    a = pair(b, "Add", t, scalar(b, 3.0), swap)
+    if kind == "clip":
+        return b.node("Clip", [a, scalar(b, 0.0), scalar(b, 6.0)])
+    low = b.node("Relu", [a]) if kind == "relu" else pair(b, "Max", a, scalar(b, 0.0), swap)
+    return pair(b, "Min", low, scalar(b, 6.0), swap)
+
+
+def scale_sixth(b: Builder, t: str, by: str, swap: bool) -> str:
+    return b.node("Div", [t, scalar(b, 6.0)]) if by == "div" else pair(b, "Mul", t, scalar(b, 1 / 6), swap)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("kind,by", [("relu", "div"), ("relu", "mul"), ("clip", "div"), ("clip", "mul"), ("max", "div")])
+def test_hard_sigmoid(kind, by, swap):
+    b = Builder(C, (H, W))
+    model = b.model(scale_sixth(b, clamp(b, "x", kind, swap), by, swap))
+    (f,) = fusions(model)
+    assert (f.pattern, f.fused_op, f.runtimes, f.protected) == ("HardSigmoid decomposition", "HSigmoid", ("OpenVINO",), False)
+    assert len(f.nodes) == (3 if kind == "clip" else 4)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("by", ["div", "mul"])
+def test_hard_swish_relu(by, swap):
+    b = Builder(C, (H, W))
+    y = scale_sixth(b, pair(b, "Mul", clamp(b, "x", "relu", swap), "x", swap), by, swap)
+    (f,) = fusions(b.model(y))
+    assert (f.pattern, f.fused_op, f.runtimes, len(f.nodes), f.protected) == ("HardSwish decomposition", "HSwish", ("OpenVINO",), 5, True)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_hard_swish_clip_and_hardsigmoid(swap):
+    b = Builder(C, (H, W))
+    y1 = pair(b, "Mul", clamp(b, "x", "clip", swap), "x", swap)
+    y2 = pair(b, "Mul", b.node("HardSigmoid", ["x"], alpha=1 / 6, beta=0.5), "x", swap)
+    y3 = pair(b, "Mul", b.node("HardSigmoid", ["x"]), "x", swap)  # default alpha 0.2: not HardSwish
+    found = fusions(b.model(y1, y2, y3))
+    assert [(f.pattern, len(f.nodes)) for f in found] == [("HardSwish decomposition", 3), ("HardSwish decomposition", 2)]
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("alpha", [None, 1.702])
+def test_silu(alpha, swap, tmp_path):
+    b = Builder(C, (H, W))
+    s_in = "x" if alpha is None else pair(b, "Mul", "x", scalar(b, alpha), swap)
+    y = pair(b, "Mul", b.node("Sigmoid", [s_in]), "x", swap)
+    model = b.model(y)
+    (f,) = fusions(model)
+    assert (f.pattern, f.runtimes, len(f.nodes)) == ("SiLU / Swish", ("onnxruntime", "OpenVINO"), 2 if alpha is None else 3)
+    assert count_fused(model, tmp_path, "QuickGelu") == 1
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("beta", [None, 1.5])
+def test_swish_exp(beta, swap):
+    b = Builder(C, (H, W))
+    n_in = "x" if beta is None else pair(b, "Mul", "x", scalar(b, beta), swap)
+    a = pair(b, "Add", b.node("Exp", [b.node("Neg", [n_in])]), scalar(b, 1.0), swap)
+    (f,) = fusions(b.model(b.node("Div", ["x", a])))
+    assert (f.pattern, f.fused_op, f.runtimes, len(f.nodes)) == ("SiLU / Swish", "Swish", ("OpenVINO",), 4 if beta is None else 5)
+
+
+def layer_norm(b: Builder, x: str, dim: int, swaps, dup_sub=False, axes=(-1,), with_bias=True) -> str:
+    s = iter(swaps)
+    mean = b.node("ReduceMean", [x], axes=list(axes))
+    d = b.node("Sub", [x, mean])
+    d2 = b.node("Sub", [x, mean]) if dup_sub else d
+    var = b.node("ReduceMean", [b.node("Pow", [d, scalar(b, 2.0)])], axes=list(axes))
+    std = b.node("Sqrt", [pair(b, "Add", var, scalar(b, 1e-5), next(s))])
+    q = b.node("Div", [d2, std])
+    rng = np.random.default_rng(3)
+    y = pair(b, "Mul", q, b.const(rng.uniform(0.5, 1.5, dim)), next(s))
+    if with_bias:
+        y = pair(b, "Add", y, b.const(rng.standard_normal(dim)), next(s))
+    return y
+
+
+TOKENS = [2, 7, 16]
+
+
+@pytest.mark.parametrize("dup_sub", [False, True])
+@pytest.mark.parametrize("swaps", SWAPS3)
+def test_layer_norm(swaps, dup_sub, tmp_path):
+    b = Builder(input_shape=TOKENS)
+    model = b.model(layer_norm(b, "x", 16, swaps, dup_sub))
+    (f,) = fusions(model)
+    assert (f.pattern, f.fused_op, f.runtimes, len(f.nodes)) == ("LayerNorm", "LayerNormalization", ("onnxruntime",), 9 + dup_sub)
+    assert count_fused(model, tmp_path, "LayerNormalization") == 1
+
+
+def test_layer_norm_not_last_axis(tmp_path):
+    b = Builder(input_shape=[2, 16, 7])
+    model = b.model(b.node("Transpose", [layer_norm(b, "x", 7, [False] * 3, axes=(1,))], perm=[0, 2, 1]))
+    assert fusions(model) == []
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_rms_norm(swap, tmp_path):
+    b = Builder(input_shape=TOKENS)
+    var = b.node("ReduceMean", [b.node("Pow", ["x", scalar(b, 2.0)])], axes=[-1])
+    q = b.node("Div", ["x", b.node("Sqrt", [b.node("Add", [var, scalar(b, 1e-6)])])])
+    model = b.model(pair(b, "Mul", q, b.const(np.linspace(0.5, 1.5, 16)), swap))
+    (f,) = fusions(model)
+    assert (f.pattern, f.fused_op, len(f.nodes)) == ("RMSNorm", "SimplifiedLayerNormalization", 6)
+    assert count_fused(model, tmp_path, "SimplifiedLayerNormalization") == 1
+
+
+def test_breaks_fusion_only_when_part_is_taken():
+    view = GraphView(import_model(gelu_erf(2, (False, False, False))))
+    (f,) = _fusions.find_fusions(view)
+    last = f.nodes[-1]
+    reason = _fusions.breaks_fusion([last], view)
+    assert reason == (
+        f"Mul '{last.name}' is the last step of a GELU (erf) that onnxruntime and OpenVINO fuse into one "
+        "Gelu kernel; folding it breaks the fusion"
+    )
+    assert _fusions.breaks_fusion(list(f.nodes), view) is None  # the whole pattern goes
+    assert _fusions.breaks_fusion([n for n in view.graph.nodes if n not in f.nodes], view) is None
+
+
+# --------------------------------------------------------------------------------------------
+# the runtime_fusion condition in the passes
+# --------------------------------------------------------------------------------------------
+
+
+def gelu_between_convs(act="gelu"):
+    """Conv -> TorchScript's GELU (or Relu -> Mul(0.5)) -> Conv."""
+    b = Builder(C, (H, W))
+    t = b.conv("x", C, 8, 3)
+    if act == "gelu":
+        a = b.node("Add", [b.node("Erf", [b.node("Div", [t, scalar(b, SQRT2)])]), scalar(b, 1.0)])
+        y = b.node("Mul", [b.node("Mul", [t, a]), scalar(b, 0.5)])
+    else:
+        y = b.node("Mul", [b.relu(t), scalar(b, 0.5)])
+    return b, b.model(b.conv(y, 8, C, 1)), y
+
+
+def test_affine_fold_keeps_gelu(tmp_path):
+    b, model, half = gelu_between_convs()
+    out, report = onnxrep.optimize(model, passes=["affine-fold"])
+    assert histogram(out) == histogram(model)
+    (reason,) = report.passes[0].skipped.values()
+    assert reason.startswith("runtime_fusion: Mul '") and "last step of a GELU (erf)" in reason, reason
+    assert count_fused(out, tmp_path, "Gelu") == 1
+    # allowed to cost more: the Mul(0.5) folds into the second Conv, exactly
+    folded, report = onnxrep.optimize(model, passes=["affine-fold"], allow_cost_increase=True)
+    assert histogram(folded)["Mul"] == histogram(model)["Mul"] - 1 and report.rewritten == 1
+    assert_equivalent(model, folded, b.feeds())
+    assert count_fused(folded, tmp_path, "Gelu") == 0
+
+
+def test_affine_fold_plain_half_still_folds():
+    b, model, _ = gelu_between_convs("relu")
+    out, report = onnxrep.optimize(model, passes=["affine-fold"])
+    assert histogram(out) == {"Conv": 2, "Relu": 1} and report.rewritten == 1
+    assert_equivalent(model, out, b.feeds())
+
+
+def mlp(norm: bool):
+    """[LayerNorm ->] MatMul -> TorchScript's GELU -> MatMul on tokens."""
+    b = Builder(input_shape=TOKENS)
+    rng = np.random.default_rng(5)
+    t = layer_norm(b, "x", 16, [False] * 3) if norm else "x"
+    h = b.node("Add", [b.node("MatMul", [t, b.const(rng.standard_normal((16, 32)) / 4)]), b.const(rng.standard_normal(32))])
+    a = b.node("Add", [b.node("Erf", [b.node("Div", [h, scalar(b, SQRT2)])]), scalar(b, 1.0)])
+    g = b.node("Mul", [b.node("Mul", [h, a]), scalar(b, 0.5)])
+    y = b.node("MatMul", [g, b.const(rng.standard_normal((32, 16)) / 6)])
+    return b, b.model(y)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_linear_affine_keeps_gelu_and_layer_norm(norm, tmp_path):
+    b, model = mlp(norm)
+    out, report = onnxrep.optimize(model, passes=["linear-affine"])
+    assert histogram(out) == histogram(model) and report.rewritten == 0
+    reasons = list(report.passes[0].skipped.values())
+    assert reasons and all(r.startswith("runtime_fusion: ") for r in reasons), reasons
+    assert any("GELU (erf)" in r for r in reasons)
+    assert any("LayerNorm that onnxruntime fuses into one LayerNormalization kernel" in r for r in reasons) == norm
+    ort_out = ort_optimized(out, tmp_path)
+    assert sum(n.op_type == "Gelu" for n in ort_out.graph.node) == 1
+    assert sum(n.op_type == "LayerNormalization" for n in ort_out.graph.node) == norm
+    folded, report = onnxrep.optimize(model, passes=["linear-affine"], allow_cost_increase=True)
+    assert report.rewritten >= 1 and len(folded.graph.node) < len(model.graph.node)
+    assert_equivalent(model, folded, b.feeds())
+
+
+def test_parallel_merge_condition():
+    """The sums parallel-merge absorbs never hold a protected member in practice (a pattern's
+    intermediate results are read once); its condition still declines a candidate that would
+    take part of one."""
+    view = GraphView(import_model(gelu_erf(2, (False, False, False))))
+    (f,) = _fusions.find_fusions(view)
+    ctx = Context(Options())
+    assert ("runtime_fusion", parallel_merge._check_runtime_fusion) in parallel_merge.CONDITIONS
+    part = SimpleNamespace(nodes=[f.nodes[-1]])
+    assert "GELU (erf)" in parallel_merge._check_runtime_fusion(part, view, ctx)
+    assert parallel_merge._check_runtime_fusion(SimpleNamespace(nodes=list(f.nodes)), view, ctx) is None
+    assert parallel_merge._check_runtime_fusion(part, view, Context(Options(allow_cost_increase=True))) is None
