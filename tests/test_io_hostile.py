@@ -179,6 +179,7 @@ BAD_RANGES = {
     "no-location": (dict(location=None), "tensor 'w' has external data without a location"),
     "missing-file": (dict(location="nowhere.bin"), "external data file 'nowhere.bin' is missing"),
     "a-folder": (dict(location="."), "external data location '.' is not a regular file"),
+    "nul-byte": (dict(location="w.bin\0x"), "cannot be used (embedded null byte)"),
 }
 
 
@@ -289,6 +290,61 @@ def test_a_symbolic_link_inside_the_folder_is_refused_like_onnx_refuses_it(case,
         onnx.load(case.path)
     for way in WAYS:
         _refused(case, way, tmp_path, "external data location 'alias.bin' is a symbolic link", opened)
+
+
+def _hostile(name: str, outside) -> onnx.TensorProto:
+    tensor = numpy_helper.from_array(_B, name)
+    tensor.ClearField("raw_data")
+    _set(tensor, location=str(outside), offset=0, length=_B.nbytes)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    return tensor
+
+
+def _in_a_constant(outside):
+    model = _model()
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["c"], value=_hostile("c", outside)))
+    model.graph.node[-1].input[1] = "c"
+    return model
+
+
+def _in_a_body(outside):
+    def branch(name):
+        return helper.make_graph(
+            [helper.make_node("Add", ["y0", name], [name + "_out"])], name, [],
+            [helper.make_tensor_value_info(name + "_out", onnx.TensorProto.FLOAT, [1, 64])], [_hostile(name, outside)],
+        )
+
+    model = _model()
+    model.graph.node[-1].output[0] = "y0"
+    model.graph.node.append(helper.make_node("Greater", ["one", "two"], ["cond"]))
+    model.graph.node.append(helper.make_node("If", ["cond"], ["y"], then_branch=branch("t"), else_branch=branch("e")))
+    return model
+
+
+def _in_a_function(outside):
+    model = _model()
+    body = [helper.make_node("Constant", [], ["k"], value=_hostile("k", outside)), helper.make_node("Add", ["a", "k"], ["z"])]
+    model.functions.append(helper.make_function("local", "addk", ["a"], ["z"], body, [helper.make_opsetid("", 17)]))
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.graph.node[-1].output[0] = "y0"
+    model.graph.node.append(helper.make_node("addk", ["y0"], ["y"], domain="local"))
+    return model
+
+
+@pytest.mark.parametrize("build", [_in_a_constant, _in_a_body, _in_a_function])
+def test_external_data_outside_the_folder_is_refused_wherever_the_tensor_is(tmp_path, opened, build):
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(_B.tobytes())
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "model" / "m.onnx"
+    onnx.save(build(outside), path)
+    opened.clear()
+    for lazy in (False, True):
+        with pytest.raises(InputError, match=f"external data location '{outside}' is an absolute path"):
+            io.load(path, lazy=lazy)
+    with pytest.raises(InputError, match="is an absolute path"):
+        io.validate(onnx.load(path, load_external_data=False), base_dir=path.parent)
+    assert os.path.realpath(outside) not in opened
 
 
 def test_a_location_through_a_subfolder_inside_is_read(case, tmp_path):
