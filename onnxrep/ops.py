@@ -89,3 +89,12 @@ SCAN = "Scan"
 
 # spellings that the normalize-* passes rewrite into the forms the folds match
 CAST_LIKE = "CastLike"
+
+#: Discrete selections (verification): a rounding-level difference in their inputs can flip their
+#: result where two candidates tie.
+TOPK = "TopK"
+ARGMAX = "ArgMax"
+ARGMIN = "ArgMin"
+NON_MAX_SUPPRESSION = "NonMaxSuppression"
+COMPARISONS = frozenset({"Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual"})
+SELECTION_OPS = frozenset({TOPK, ARGMAX, ARGMIN, NON_MAX_SUPPRESSION}) | COMPARISONS
