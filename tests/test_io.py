@@ -75,6 +75,19 @@ def _bytes(model):
     return model.SerializeToString()
 
 
+def _content(report) -> dict:
+    """A report's dict without its timings (which differ from run to run)."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if "seconds" not in k}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(report.to_dict())
+
+
 @pytest.mark.parametrize("fixture", ["rich_path", "repvgg_path"])
 def test_load_is_onnx_load(fixture, request, monkeypatch):
     path = request.getfixturevalue(fixture)
@@ -159,7 +172,7 @@ def test_optimizing_a_lazy_model_gives_the_same_model(repvgg_path, tmp_path):
     assert any(io.lazy_source(t) for t in lazy.graph.initializer)
     out_eager, report_eager = engine.run(eager)
     out_lazy, report_lazy = engine.run(lazy)
-    assert report_lazy.to_dict() == report_eager.to_dict()
+    assert _content(report_lazy) == _content(report_eager)
     io.check(out_lazy)
     io.save(out_lazy, tmp_path / "lazy.onnx")
     io.save(out_eager, tmp_path / "eager.onnx")
@@ -263,7 +276,7 @@ def test_optimize_from_a_path_gives_a_whole_model_equal_to_optimizing_the_loaded
     from_model, report_b = onnxrep.optimize(onnx.load(repvgg_path))
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in from_path.graph.initializer)
     assert _bytes(from_path) == _bytes(from_model)
-    assert report_a.to_dict() == report_b.to_dict()
+    assert _content(report_a) == _content(report_b)
 
 
 def test_a_lazy_tensor_moved_into_a_subgraph_is_written_with_its_data(rich_path, tmp_path):
