@@ -10,16 +10,32 @@ its own, after the graph that holds them (see :mod:`onnxrep.scopes` for what a b
 its enclosing scopes); their rewrites and declines are reported with the body's label as a prefix
 (``the_if.then_branch/<candidate>``). When a body changed, the model is gone over again, since the
 enclosing graph may now read less of it. Local functions are left as they are.
+
+Cost. Every rewrite is charged what its new nodes cost (multiply-accumulates of Conv, ConvTranspose,
+Gemm and MatMul, counted like :func:`onnxrep.cost.model_cost`, and elements of new float
+initializers and Constant nodes) less what the nodes it leaves dead cost; the report gives these per rewrite and per
+pass (``macs_delta``, ``params_delta``). A pass may accept a dearer intermediate that a later pass
+takes in (conv-chain before parallel-merge), but the run as a whole may not end dearer than its
+input: unless ``Options.allow_cost_increase``, a run whose output has more MACs or more weights
+than its input (the main graph by :func:`onnxrep.cost.model_cost` plus the values of its Constant
+nodes, :func:`model_weights`; each subgraph body by the sum of its rewrites' charges) is run again with the rewrites responsible left out (condition
+``net_cost``): first those that added cost and whose nodes are still in the output, then any that
+added cost, and as a last resort all of them.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from math import prod
 from typing import Callable, Iterable, Sequence
+
+import numpy as np
 
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import ops
 from . import passes as _passes
 from . import scopes
 from .cost import Cost, infer, model_cost
@@ -28,6 +44,10 @@ from .graph import GraphView, body_histogram, export_model, finalize, import_mod
 from .rewrite import Context, Options, Plan
 
 MAX_ROUNDS = 64
+#: Runs of the pipeline at most, each leaving out more of the rewrites that raised the cost; the
+#: last one leaves out every rewrite.
+MAX_COST_RUNS = 6
+NET_COST = "net_cost"
 
 
 @dataclass
@@ -36,6 +56,9 @@ class PassReport:
     rewritten: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # candidate key -> "condition: reason"
     rewrites: list[dict] = field(default_factory=list)
+    macs_delta: int = 0  # net multiply-accumulates the pass's rewrites added (negative: removed)
+    params_delta: int = 0  # net float weight elements the pass's rewrites added
+    seconds: float = 0.0  # time spent in the pass (matching, checks, rewrites, applying them)
 
     @property
     def matched(self) -> int:
@@ -57,6 +80,9 @@ class PassReport:
             "skipped_by_condition": self.skipped_by_condition(),
             "rewrites": self.rewrites,
             "skips": [{"candidate": k, "reason": v} for k, v in self.skipped.items()],
+            "macs_delta": self.macs_delta,
+            "params_delta": self.params_delta,
+            "seconds": round(self.seconds, 6),
         }
 
 
@@ -71,10 +97,17 @@ class Report:
     verification: dict | None = None
     body_ops_before: dict[str, int] = field(default_factory=dict)  # inside If / Loop / Scan bodies
     body_ops_after: dict[str, int] = field(default_factory=dict)
+    #: candidate key -> reason, for rewrites left out because the run would have cost more
+    left_out_for_cost: dict[str, str] = field(default_factory=dict)
+    runs: int = 1  # pipeline runs (more than one when rewrites were left out for cost)
 
     @property
     def rewritten(self) -> int:
         return sum(p.rewritten for p in self.passes)
+
+    @property
+    def passes_seconds(self) -> float:
+        return sum(p.seconds for p in self.passes)
 
     def to_dict(self) -> dict:
         return {
@@ -88,6 +121,9 @@ class Report:
             "verification": self.verification,
             "body_ops_before": self.body_ops_before,
             "body_ops_after": self.body_ops_after,
+            "passes_seconds": round(self.passes_seconds, 6),
+            "left_out_for_cost": sorted(self.left_out_for_cost),
+            "runs": self.runs,
         }
 
 
@@ -116,16 +152,168 @@ def _all_names(graph: gs.Graph) -> set[str]:
     return names
 
 
-def _apply(graph: gs.Graph, plan: Plan) -> None:
+def _apply(graph: gs.Graph, plan: Plan, ctx: Context) -> tuple[list[gs.Node], list[gs.Node]]:
+    """Apply ``plan``; returns (the nodes created, the nodes that used to produce the target)."""
     # detach the target from its old producer in place: a placeholder takes its slot, so that the
-    # producer's other outputs (Split, BatchNormalization statistics) keep their positions
-    for node in list(plan.target.inputs):
+    # producer's other outputs (Split, BatchNormalization statistics) keep their positions; it has
+    # the target's shape, so that the old producer's cost can still be counted
+    old = list(plan.target.inputs)
+    shape = ctx.shape(plan.target)
+    for node in old:
         slot = next(i for i, t in enumerate(node.outputs) if t is plan.target)
-        node.outputs[slot] = gs.Variable(f"{plan.target.name}.detached.{id(node)}", dtype=plan.target.dtype)
+        node.outputs[slot] = gs.Variable(
+            f"{plan.target.name}.detached.{id(node)}", dtype=plan.target.dtype,
+            shape=list(shape) if shape is not None else None,
+        )
     if plan.constant is not None:
         plan.target.to_constant(plan.constant)
+    created = []
     for spec in plan.nodes:
-        graph.nodes.append(gs.Node(spec.op, spec.name, spec.attrs, list(spec.inputs), list(spec.outputs)))
+        node = gs.Node(spec.op, spec.name, spec.attrs, list(spec.inputs), list(spec.outputs))
+        graph.nodes.append(node)
+        created.append(node)
+    return created, old
+
+
+# --------------------------------------------------------------------------------------------
+# cost of a rewrite
+# --------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def _weight_count(tensor: gs.Tensor) -> int:
+    """Elements of ``tensor`` when it is a float initializer (what ``model_cost`` counts), else 0."""
+    if not isinstance(tensor, gs.Constant):
+        return 0
+    values = tensor._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        proto = values.tensor
+        return prod(proto.dims) if proto.data_type in _FLOAT_TYPES else 0
+    if isinstance(values, np.ndarray):
+        floating = values.dtype in _FLOAT_DTYPES or str(values.dtype) == "bfloat16"
+        return int(values.size) if floating else 0
+    return 0  # sparse initializers are not counted
+
+
+def _constant_node_weights(node: gs.Node) -> int:
+    """Float elements a Constant node holds (weights, though ``model_cost`` counts initializers only)."""
+    if node.op != ops.CONSTANT or (node.domain or "") not in ops.DEFAULT_DOMAINS:
+        return 0
+    value = node.attrs.get("value")
+    if isinstance(value, gs.Constant):
+        return _weight_count(value)
+    if "value_float" in node.attrs:
+        return 1
+    return len(node.attrs.get("value_floats", []))
+
+
+def model_weights(model: onnx.ModelProto, cost: Cost) -> int:
+    """Float weight elements of ``model``'s main graph: ``cost.params`` (its float initializers)
+    and the float values of its Constant nodes."""
+    total = cost.params
+    for node in model.graph.node:
+        if node.op_type != ops.CONSTANT or node.domain not in ops.DEFAULT_DOMAINS:
+            continue
+        for attr in node.attribute:
+            if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
+                total += prod(attr.t.dims)
+            elif attr.name == "value_float":
+                total += 1
+            elif attr.name == "value_floats":
+                total += len(attr.floats)
+    return total
+
+
+def _positions(shape) -> int:
+    if shape is None:
+        return 0
+    return prod(d if isinstance(d, int) and d > 0 else 1 for d in shape)
+
+
+def _node_macs(node: gs.Node, ctx: Context) -> int:
+    """Multiply-accumulates of one node, counted as :func:`onnxrep.cost.model_cost` does."""
+    if (node.domain or "") not in ops.DEFAULT_DOMAINS or len(node.inputs) < 2:
+        return 0
+    if node.op in (ops.CONV, ops.CONV_TRANSPOSE):
+        w = ctx.shape(node.inputs[1])
+        n = _positions(ctx.shape(node.outputs[0] if node.op == ops.CONV else node.inputs[0]))
+        return n * prod(w[1:]) if w is not None and n else 0
+    if node.op in (ops.GEMM, ops.MATMUL):
+        a, b = ctx.shape(node.inputs[0]), ctx.shape(node.inputs[1])
+        n = _positions(ctx.shape(node.outputs[0]))
+        if not a or b is None or not n:
+            return 0
+        trans_a = node.op == ops.GEMM and int(node.attrs.get("transA", 0))
+        k = a[0] if trans_a else a[-1]
+        return n * (k if isinstance(k, int) else 1)
+    return 0
+
+
+@dataclass
+class _Charge:
+    """What one rewrite added and removed, and the names it left in the graph."""
+
+    macs: int = 0
+    params: int = 0
+    names: tuple[str, ...] = ()
+
+
+def _charge(created: list[gs.Node], old: list[gs.Node], plans: list[Plan], ctx: Context, view: GraphView,
+            dead: set[int], counted: set[int]) -> _Charge:
+    """The cost of a just-applied group of plans: its new nodes and new float initializers, less the
+    nodes that are now dead (nothing live reads them, and they are no graph output) and the
+    initializers only dead nodes read. ``dead`` and ``counted`` (initializers charged or refunded)
+    carry over between the groups of one pass, so a node is refunded once."""
+    new_ids = {id(n) for n in created}
+    macs = sum(_node_macs(n, ctx) for n in created)
+    params = sum(_constant_node_weights(n) for n in created)
+    for node in created:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) and id(t) not in counted and all(id(u) in new_ids for u in t.outputs):
+                counted.add(id(t))
+                params += _weight_count(t)
+    for plan in plans:
+        if plan.constant is not None and id(plan.target) not in counted:
+            counted.add(id(plan.target))
+            params += _weight_count(plan.target)
+    stack = list(old)
+    while stack:
+        node = stack.pop()
+        if id(node) in dead or id(node) in new_ids:
+            continue
+        if any(view.escapes(t) or any(id(u) not in dead for u in t.outputs) for t in node.outputs):
+            continue
+        dead.add(id(node))
+        macs -= _node_macs(node, ctx)
+        params -= _constant_node_weights(node)
+        for t in node.inputs:
+            if isinstance(t, gs.Constant):
+                if id(t) not in counted and not view.escapes(t) and all(id(u) in dead for u in t.outputs):
+                    counted.add(id(t))
+                    params -= _weight_count(t)
+            else:
+                stack.extend(t.inputs)
+    names = tuple(n.name for n in created) + tuple(p.target.name for p in plans if p.constant is not None)
+    return _Charge(macs, params, names)
+
+
+def _region(plans: list[Plan], view: GraphView) -> tuple[str | list[str], list[str]]:
+    """("output", "inputs") of a rewrite entry: the target name(s), and the names of the
+    non-constant tensors its new nodes read that none of them computes."""
+    targets = [p.target.name for p in plans]
+    made = {id(t) for p in plans for spec in p.nodes for t in spec.outputs}
+    inputs: list[str] = []
+    for p in plans:
+        for spec in p.nodes:
+            for t in spec.inputs:
+                if t is None or not t.name or id(t) in made or t.name in inputs:
+                    continue
+                if isinstance(t, gs.Constant) or view.is_constant(t):
+                    continue
+                inputs.append(t.name)
+    return (targets[0] if len(targets) == 1 else targets), inputs
 
 
 @dataclass
@@ -143,16 +331,27 @@ def _outside_target(plan: Plan, graph: gs.Graph) -> bool:
     return not plan.target.inputs or any(id(n) not in local for n in plan.target.inputs)
 
 
+@dataclass
+class _Run:
+    """State of one pipeline run shared by its scopes."""
+
+    reports: dict[str, PassReport]
+    skipped: dict[tuple[str, str], dict[str, str]]  # (scope, pass) -> the declines of the last round
+    held: dict[str, str]  # candidate key -> reason: left out for cost
+    hold_all: str | None = None  # a reason to leave out every rewrite (the last resort)
+    charges: dict[str, _Charge] = field(default_factory=dict)  # candidate key -> its last charge
+    body_cost: dict[str, list[int]] = field(default_factory=dict)  # body label -> [macs, params] added
+
+
 def _optimize_scope(
     scope: _Scope,
     selected: list,
     input_names: set[str],
-    reports: dict[str, PassReport],
-    skipped: dict[tuple[str, str], dict[str, str]],
+    state: _Run,
     progress: Callable[[int, str], None] | None,
 ) -> tuple[int, bool]:
     """Run the passes on one graph to a fixed point; returns the rounds run and whether anything
-    changed. ``skipped[(scope, pass)]`` holds the declines of the last round."""
+    changed. ``state.skipped[(scope, pass)]`` holds the declines of the last round."""
     graph, ctx, label = scope.graph, scope.ctx, scope.label
     options = ctx.options
     prefix = f"{label}/" if label else ""
@@ -160,9 +359,10 @@ def _optimize_scope(
     for rounds in range(1, MAX_ROUNDS + 1):
         changed = False
         for p in selected:
-            rep = reports[p.name]
+            start = time.perf_counter()
+            rep = state.reports[p.name]
             skips: dict[str, str] = {}  # the last round, which changes nothing, holds every standing decline
-            skipped[(label, p.name)] = skips
+            state.skipped[(label, p.name)] = skips
             view = GraphView(graph, input_names)
             claimed: set[int] = set()
             plans: list[tuple[str, list[Plan]]] = []
@@ -170,6 +370,9 @@ def _optimize_scope(
                 key = prefix + match.key
                 if key in options.deny:
                     skips[key] = "denied: left out after a verification mismatch"
+                    continue
+                if key in state.held or state.hold_all is not None:
+                    skips[key] = state.held.get(key, state.hold_all)
                     continue
                 decline = p.check(match, view, ctx)
                 if decline is not None:
@@ -185,11 +388,37 @@ def _optimize_scope(
                     continue
                 claimed |= ids
                 plans.append((key, group))
+            dead: set[int] = set()
+            counted: set[int] = set()
             for key, group in plans:
+                output, inputs = _region(group, view)
+                created, old = [], []
                 for plan in group:
-                    _apply(graph, plan)
+                    made, before = _apply(graph, plan, ctx)
+                    created += made
+                    old += before
+                charge = _charge(created, old, group, ctx, view, dead, counted)
+                if key in state.charges:  # the same candidate rewritten again in a later round
+                    before = state.charges[key]
+                    state.charges[key] = _Charge(before.macs + charge.macs, before.params + charge.params, before.names + charge.names)
+                else:
+                    state.charges[key] = charge
                 rep.rewritten += 1
-                entry = {"candidate": key, "round": rounds, "summary": group[0].summary}
+                rep.macs_delta += charge.macs
+                rep.params_delta += charge.params
+                if label:
+                    totals = state.body_cost.setdefault(label, [0, 0])
+                    totals[0] += charge.macs
+                    totals[1] += charge.params
+                entry = {
+                    "candidate": key,
+                    "round": rounds,
+                    "summary": group[0].summary,
+                    "output": output,
+                    "inputs": inputs,
+                    "macs_delta": charge.macs,
+                    "params_delta": charge.params,
+                }
                 if label:
                     entry["scope"] = label
                 if group[0].details:
@@ -198,6 +427,7 @@ def _optimize_scope(
             if plans:
                 finalize(graph)
                 changed = True
+            rep.seconds += time.perf_counter() - start
             if progress is not None:
                 progress(rounds, p.name)
         if not changed:
@@ -218,24 +448,77 @@ def run(
     Subgraph bodies (If, Loop, Scan) are optimized too, each as a graph of its own whose inputs and
     outer-scope values are opaque (:mod:`onnxrep.scopes`), after the graph that holds them; when a
     body changed, the whole model is gone over again. Local functions are left as they are.
+
+    Unless ``options.allow_cost_increase``, the output never has more MACs or weights than the
+    input: a run that would end dearer is repeated with the rewrites responsible left out
+    (reported as skipped for ``net_cost`` and in ``Report.left_out_for_cost``).
     """
     options = options or Options()
     selected = select_passes(only, skip)
     shapes, dtypes = infer(model)
     cost_before = model_cost(model, shapes)
+    weights_before = model_weights(model, cost_before)
+    held: dict[str, str] = {}
+    hold_all = None
+    for attempt in range(1, MAX_COST_RUNS + 1):
+        out, report, state, graph = _run_once(
+            model, selected, options, progress, held, hold_all, shapes, dtypes, cost_before
+        )
+        report.runs = attempt
+        if options.allow_cost_increase or hold_all is not None:
+            break
+        dearer = _dearer(report, state, weights_before, model_weights(out, report.cost_after))
+        if not dearer:
+            break
+        reason = f"{NET_COST}: left out: the model would end with more {dearer} than the input"
+        if attempt == MAX_COST_RUNS - 1:
+            hold_all = reason  # the last run: no rewrite at all
+            continue
+        culprits = _culprits(state, _all_names(graph), held)
+        if not culprits:
+            hold_all = reason
+            continue
+        held.update({key: reason for key in culprits})
+    report.left_out_for_cost = dict(held)
+    report.left_out_for_cost.update(
+        {k: v for p in report.passes for k, v in p.skipped.items() if v.startswith(NET_COST + ":")}
+    )
+    return out, report
+
+
+def _dearer(report: Report, state: _Run, weights_before: int, weights_after: int) -> str:
+    """What the run's output has more of than its input ("" when nothing)."""
+    more = []
+    body = [sum(v[i] for v in state.body_cost.values() if v[i] > 0) for i in range(2)]
+    if report.cost_after.macs > report.cost_before.macs or body[0] > 0:
+        more.append("MACs")
+    if weights_after > weights_before or body[1] > 0:
+        more.append("weights")
+    return " and ".join(more)
+
+
+def _culprits(state: _Run, names: set[str], held: dict[str, str]) -> list[str]:
+    """The rewrites to leave out next: those that added cost and whose nodes are still in the
+    output; else those that added cost; else every rewrite."""
+    charged = [(k, c) for k, c in state.charges.items() if k not in held]
+    dearer = [k for k, c in charged if c.macs > 0 or c.params > 0]
+    surviving = [k for k in dearer if any(n in names for n in state.charges[k].names)]
+    return surviving or dearer or [k for k, _ in charged]
+
+
+def _run_once(model, selected, options, progress, held, hold_all, shapes, dtypes, cost_before):
     graph = import_model(model)
     input_names = {i.name for i in model.graph.input}
     opsets = list(model.opset_import)
     taken = _all_names(graph)  # shared by every scope: names stay unique across the model
-    main = _Scope(graph, Context(options, shapes=shapes, dtypes=dtypes, taken_names=taken, opsets=opsets))
+    main = _Scope(graph, Context(options, shapes=dict(shapes), dtypes=dict(dtypes), taken_names=taken, opsets=opsets))
     types = scopes.body_types(model, graph) if scopes.has_subgraphs(graph) else {}
     labels = {key: t.label for key, t in types.items()}
     contexts: dict[int, Context] = {}
-    reports = {p.name: PassReport(p.name) for p in selected}
-    skipped: dict[tuple[str, str], dict[str, str]] = {}
+    state = _Run({p.name: PassReport(p.name) for p in selected}, {}, held, hold_all)
     rounds = 0
     for _ in range(MAX_ROUNDS):
-        used, _ = _optimize_scope(main, selected, input_names, reports, skipped, progress)
+        used, _ = _optimize_scope(main, selected, input_names, state, progress)
         rounds += used
         body_changed = False
         for body in scopes.bodies(graph, labels):
@@ -255,14 +538,15 @@ def run(
             isolation.enter()
             try:
                 _, changed = _optimize_scope(
-                    _Scope(body.graph, ctx, body.label), selected, input_names, reports, skipped, progress
+                    _Scope(body.graph, ctx, body.label), selected, input_names, state, progress
                 )
             finally:
                 isolation.leave()
             body_changed |= changed
         if not body_changed:
             break
-    for (_, name), skips in skipped.items():
+    reports = state.reports
+    for (_, name), skips in state.skipped.items():
         reports[name].skipped.update(skips)
     out = export_model(graph, model)
     if types:
@@ -272,5 +556,4 @@ def run(
         list(reports.values()), rounds, op_histogram(model), op_histogram(out), cost_before, cost_after,
         body_ops_before=body_histogram(model), body_ops_after=body_histogram(out),
     )
-    return out, report
-
+    return out, report, state, graph

@@ -212,18 +212,27 @@ def has_padding(geo: Geometry) -> bool:
     return any(t.first != 0 or t.excess != -(t.count - 1) * t.step for t in geo.taps)
 
 
-def conv_spec(ctx, name: str, x: gs.Tensor, weight: np.ndarray, bias: np.ndarray, dtype, out: gs.Tensor,
-              groups: int, strides, taps) -> NewNode:
-    """A Conv NewNode reading ``x`` with ``weight`` / ``bias`` (cast to ``dtype``) as constants;
-    pads and dilations from the per-axis :class:`AxisTaps` of the merged kernel."""
+def conv_attrs(weight_shape, groups: int, strides, taps) -> dict:
+    """Attributes of a Conv with a weight of ``weight_shape`` whose per-axis taps are ``taps``."""
     pads = [-t.first for t in taps] + [t.excess + t.step * (t.count - 1) + t.first for t in taps]
-    attrs = {
+    return {
         "group": int(groups),
-        "kernel_shape": list(weight.shape[2:]),
+        "kernel_shape": [int(k) for k in weight_shape[2:]],
         "strides": [int(s) for s in strides],
         "dilations": [t.step if t.count > 1 else 1 for t in taps],
         "pads": pads,
     }
+
+
+def conv_spec(ctx, name: str, x: gs.Tensor, weight: np.ndarray, bias: np.ndarray, dtype, out: gs.Tensor,
+              groups: int, strides, taps) -> NewNode:
+    """A Conv NewNode reading ``x`` with ``weight`` / ``bias`` (cast to ``dtype``) as constants
+    (no bias input when it is all zeros); pads and dilations from the per-axis :class:`AxisTaps`
+    of the merged kernel."""
+    attrs = conv_attrs(weight.shape, groups, strides, taps)
     w = ctx.constant(f"{name}.weight", weight.astype(dtype))
-    b = ctx.constant(f"{name}.bias", bias.astype(dtype))
+    bias = bias.astype(dtype)
+    if not np.any(bias != 0):  # no bias input: a zero bias would only add weights
+        return NewNode(ops.CONV, ctx.fresh_name(f"{name}/conv"), attrs, [x, w], [out])
+    b = ctx.constant(f"{name}.bias", bias)
     return NewNode(ops.CONV, ctx.fresh_name(f"{name}/conv"), attrs, [x, w, b], [out])

@@ -95,15 +95,16 @@ class SumCandidate:
 
 
 def candidates(
-    view: GraphView, decompose: Callable, wanted: Callable[[list], bool], identity: Callable
+    view: GraphView, decompose: Callable, wanted: Callable[[list], bool], identity: Callable, roots=None
 ) -> Iterator[Match]:
     """One Match per (sum, group of leaves on one tensor) that ``wanted`` accepts.
 
     ``identity(tensor, sign)`` makes the identity leaf of ``tensor``: a summand that is itself the
     tensor another group reads (``x + conv(x)`` where ``x`` is a conv's output) joins that group
-    as its identity instead of standing alone as a branch of its own input.
+    as its identity instead of standing alone as a branch of its own input. ``roots``: only the
+    sums under these nodes (default: every sum of the graph).
     """
-    for root in view.graph.nodes:
+    for root in view.graph.nodes if roots is None else roots:
         if not _is_sum(root) or not is_root(root, view):
             continue
         tree, terms = sum_tree(root, view)

@@ -26,7 +26,11 @@ Exactness conditions (checked in this order):
   8. ``cost``              the merged conv has no more MACs per output and no more weights than
                            the two (a depthwise kxk -> dense 1x1 would densify). Not charged: a
                            chain whose result is a branch of a sum that also holds a Conv of the
-                           same input with at least the merged kernel, which parallel-merge absorbs.
+                           same input with at least the merged kernel, when parallel-merge's own
+                           conditions accept that sum with the merged conv in the chain's place
+                           (checked here on a stand-in node, so that a sum parallel-merge would
+                           decline, e.g. for ``single_use``, does not leave the dearer conv behind).
+                           The engine checks the net cost of the whole run as well.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from ._common import (
     conv_geometry,
     conv_groups,
     conv_params,
+    conv_attrs,
     conv_spec,
     conv_weight,
     has_padding,
@@ -57,9 +62,11 @@ from ._common import (
     outside_reader_reason,
     window_geometry,
 )
+from . import _sums
+from ._sums import root_of
 from .parallel_merge import CONV as LEAF_CONV
-from ._sums import root_of, sum_tree
-from .parallel_merge import decompose_leaf
+from .parallel_merge import IDENTITY as LEAF_IDENTITY
+from .parallel_merge import Leaf, ParallelMerge, decompose_leaf
 
 FIRST, LAST = "pointwise-first", "pointwise-last"
 
@@ -71,6 +78,7 @@ class Candidate:
     between: gs.Tensor  # conv1's output
     ring_nodes: list[gs.Node] = field(default_factory=list)  # empty: a plain chain
     ring_region: list[gs.Node] | None = None
+    stand_ins: list[gs.Node] = field(default_factory=list)  # see _absorption_reason
 
     @property
     def has_ring(self) -> bool:
@@ -221,25 +229,84 @@ def _layout(c: Candidate, view: GraphView, ctx: Context):
     return groups, (shape2[0], cin // groups) + tuple(kernel), w1.shape, shape2, g2
 
 
-def _absorbed_by_sum(c: Candidate, view: GraphView, shape: tuple, groups: int) -> bool:
-    """Whether the chain's result is a branch of a sum that holds a Conv of the same input whose
-    kernel already covers the merged one (parallel-merge then takes it in at no extra cost)."""
+def _merged_geometry(c: Candidate, view: GraphView, ctx: Context) -> tuple[tuple[int, ...], list[AxisTaps]]:
+    """Strides and per-axis taps of the merged conv."""
+    if _mode(c, view, ctx) == LAST:
+        geo = _geometry1(c, view, ctx)
+        return geo.strides, list(geo.taps)
+    geo = _geometry2(c, view, ctx)
+    taps = list(geo.taps)
+    if c.has_ring:
+        pads = _candidate_ring(c, view, ctx).pads
+        rank = len(taps)
+        taps = [
+            AxisTaps(t.first - pads[i], t.step, t.count, t.excess + pads[i] + pads[i + rank])
+            for i, t in enumerate(taps)
+        ]
+    return geo.strides, taps
+
+
+def _stand_in(c: Candidate, view: GraphView, ctx: Context, shape: tuple, groups: int) -> gs.Node:
+    """A Conv node shaped like the merged one (zero weights), linked to fresh tensors only: the
+    graph is not touched. Parallel-merge's conditions read it in place of the chain."""
+    strides, taps = _merged_geometry(c, view, ctx)
+    dtype = conv_weight(c.conv1, view).dtype
+    name = f"{c.node2.name or 'chain'}.merged"
+    inputs = [
+        gs.Variable(f"{name}.input", dtype=c.conv1.inputs[0].dtype),
+        gs.Constant(f"{name}.weight", np.broadcast_to(np.zeros((), dtype), shape)),
+        gs.Constant(f"{name}.bias", np.zeros(shape[0], dtype)),
+    ]
+    out = gs.Variable(f"{name}.output", dtype=c.node2.outputs[0].dtype)
+    return gs.Node(ops.CONV, name, conv_attrs(shape, groups, strides, taps), inputs, [out])
+
+
+def _absorption_reason(c: Candidate, view: GraphView, ctx: Context, shape: tuple, groups: int) -> str:
+    """Why parallel-merge would not take the merged chain into a sum at no extra cost, or "".
+
+    Absorbed: the chain's result is (through per-channel affine nodes) a branch of a sum that also
+    holds a Conv of the same input whose kernel covers the merged one, and parallel-merge's own
+    conditions accept that sum with the merged conv in the chain's place."""
     out = c.node2.outputs[0]
     while True:
         users = view.users(out)
         if len(users) != 1 or view.escapes(out):
-            return False
+            return "its result is not one branch of a sum"
         node = users[0]
         if is_op(node, *ops.SUM_OPS):
             break
         if affine_data_input(node, view) is None:
-            return False
+            return "its result is not one branch of a sum"
         out = node.outputs[0]
-    _, terms = sum_tree(root_of(node, view), view)
     x = _x(c, view)
-    for tensor, sign in terms:
-        leaf = decompose_leaf(tensor, sign, view)
-        if leaf.kind != LEAF_CONV or leaf.x is not x or leaf.base is c.node2 or not view.is_constant(leaf.base.inputs[1]):
+    stand_in = _stand_in(c, view, ctx, shape, groups)
+    c.stand_ins.append(stand_in)  # held while the match lives (GraphView caches constants by id)
+
+    def decompose(tensor, sign, v):
+        leaf = decompose_leaf(tensor, sign, v)
+        if leaf.base is c.node2:
+            return Leaf(leaf.tensor, leaf.sign, x, LEAF_CONV, stand_in, leaf.affines)
+        return leaf
+
+    match = next(
+        (
+            m
+            for m in _sums.candidates(
+                view,
+                decompose,
+                lambda group: any(leaf.kind == LEAF_CONV for leaf in group),
+                lambda tensor, sign: Leaf(tensor, sign, tensor, LEAF_IDENTITY, None, []),
+                roots=[root_of(node, view)],
+            )
+            if any(leaf.base is stand_in for leaf in m.data.group)
+        ),
+        None,
+    )
+    if match is None:
+        return "no other branch of its sum reads the same input"
+    covered = False
+    for leaf in match.data.group:
+        if leaf.kind != LEAF_CONV or leaf.base is stand_in or not view.is_constant(leaf.base.inputs[1]):
             continue
         w = conv_weight(leaf.base, view)
         if (
@@ -247,8 +314,17 @@ def _absorbed_by_sum(c: Candidate, view: GraphView, shape: tuple, groups: int) -
             and groups % conv_groups(leaf.base) == 0
             and all(k >= m for k, m in zip(w.shape[2:], shape[2:]))
         ):
-            return True
-    return False
+            covered = True
+            break
+    if not covered:
+        return "no Conv of the same input in its sum covers the merged kernel"
+    reason = outside_reader_reason(c.node2.outputs[0], match.nodes, view)
+    if reason:
+        return f"parallel-merge would decline the sum: single_use: {reason}"
+    decline = ParallelMerge().check(match, view, ctx)
+    if decline is not None:
+        return f"parallel-merge would decline the sum: {decline}"
+    return ""
 
 
 def _check_cost(c: Candidate, view: GraphView, ctx: Context) -> str | None:
@@ -262,11 +338,12 @@ def _check_cost(c: Candidate, view: GraphView, ctx: Context) -> str | None:
     merged = prod(shape)
     if merged <= macs and merged <= params:
         return None
-    if _absorbed_by_sum(c, view, shape, groups):
+    absorption = _absorption_reason(c, view, ctx, shape, groups)
+    if not absorption:
         return None
     return (
         f"merged kernel {list(shape)} costs {merged} MACs/weights per output position against "
-        f"{macs} MACs and {params} weights in the two"
+        f"{macs} MACs and {params} weights in the two, and parallel-merge would not absorb it ({absorption})"
     )
 
 
@@ -318,21 +395,11 @@ class ConvChain:
         w2 = algebra.regroup_kernel(w2, g2, groups)
         if mode == FIRST:
             w, b = algebra.compose_pointwise_first(w1, b1, w2, b2, groups)
-            geo = _geometry2(c, view, ctx)
-            taps = list(geo.taps)
-            if c.has_ring:
-                pads = _candidate_ring(c, view, ctx).pads
-                rank = len(taps)
-                taps = [
-                    AxisTaps(t.first - pads[i], t.step, t.count, t.excess + pads[i] + pads[i + rank])
-                    for i, t in enumerate(taps)
-                ]
         else:
             w, b = algebra.compose_pointwise_last(w1, b1, w2, b2, groups)
-            geo = _geometry1(c, view, ctx)
-            taps = list(geo.taps)
+        strides, taps = _merged_geometry(c, view, ctx)
         dtype = conv_weight(c.conv1, view).dtype
         target = c.node2.outputs[0]
-        node = conv_spec(ctx, c.node2.name or "chain", c.conv1.inputs[0], w, b, dtype, target, groups, geo.strides, taps)
+        node = conv_spec(ctx, c.node2.name or "chain", c.conv1.inputs[0], w, b, dtype, target, groups, strides, taps)
         ring = " across a padding ring" if c.has_ring else ""
         return Plan(target, [node], f"{c.conv1.name} -> {c.node2.name}{ring} -> Conv {list(w.shape)} group={groups}")
