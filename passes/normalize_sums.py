@@ -101,8 +101,17 @@ def _match(node: gs.Node, view: GraphView) -> Candidate | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_dtype(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+def _dtype(c: Candidate, ctx: Context):
+    """The element type of the result, or of the summands where the result's is not known."""
     dtype = ctx.dtype(c.target)
+    if dtype is None:
+        types = {ctx.dtype(t) for t in c.terms}
+        dtype = types.pop() if len(types) == 1 else None
+    return dtype
+
+
+def _check_dtype(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    dtype = _dtype(c, ctx)
     if not is_float(dtype):
         return f"'{c.target.name}' has element type {dtype if dtype is not None else 'unknown'}, not float"
     return None
@@ -228,7 +237,7 @@ class NormalizeSums:
                 nodes.append(NewNode(ops.ADD, ctx.fresh_name(f"{base}/add"), {}, [acc, t], [out]))
                 acc = out
             if c.mean:
-                dtype = ctx.dtype(target)
+                dtype = _dtype(c, ctx)
                 count = ctx.constant(f"{base}.count", np.array(n, dtype=dtype))
                 nodes.append(NewNode(ops.DIV, ctx.fresh_name(f"{base}/div"), {}, [acc, count], [target]))
         what = f"{'mean' if c.mean else 'sum'} of {n}"
