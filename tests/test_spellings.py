@@ -578,3 +578,97 @@ def test_property_spellings_fold_like_plain(k, stride, dilation, pad_split, size
     runs = not (spelling == "same" and dilation > 1)
     assert_equivalent(model if runs else plain, out_s, feeds)
     assert_equivalent(out_p, out_s, feeds)
+
+
+# --------------------------------------------------------------------------------------------
+# real exports: torch.stack(...).sum(0) with both exporters; dynamo without its optimizer
+# --------------------------------------------------------------------------------------------
+
+TS11 = "torchscript-opset11"
+
+
+def _torch_block(spelling: str, bias: bool = True):
+    """A RepVGG block (3x3 + BN, 1x1 + BN, BN identity) whose branches are summed as ``a + b + c``
+    (``plain``), ``stack(...).sum(0)`` (``stack_sum``), ``(a + b + c) / 3`` (``plain_mean``) or
+    ``stack(...).mean(0)`` (``stack_mean``)."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.ba = nn.Conv2d(C, C, 3, padding=1, bias=bias), nn.BatchNorm2d(C)
+            self.b, self.bb = nn.Conv2d(C, C, 1, bias=bias), nn.BatchNorm2d(C)
+            self.bi = nn.BatchNorm2d(C)
+
+        def forward(self, x):
+            terms = [self.ba(self.a(x)), self.bb(self.b(x)), self.bi(x)]
+            if spelling == "plain":
+                y = terms[0] + terms[1] + terms[2]
+            elif spelling == "plain_mean":
+                y = (terms[0] + terms[1] + terms[2]) / 3
+            elif spelling == "stack_sum":
+                y = torch.stack(terms).sum(0)
+            else:
+                y = torch.stack(terms).mean(0)
+            return torch.relu(y)
+
+    torch.manual_seed(0)
+    block = Block()
+    from torch_blocks import randomize_bn
+
+    return randomize_bn(block).eval()
+
+
+def _export(module, path, exporter, **kw):
+    import torch
+    from torch_export import DYNAMO, export, quiet
+
+    x = torch.randn(1, C, 9, 10, generator=torch.Generator().manual_seed(0))
+    if exporter == TS11:
+        with quiet():
+            torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"], opset_version=11)
+        return onnx.load(str(path))
+    if kw:
+        with quiet():
+            torch.onnx.export(module, (x,), str(path), dynamo=True, input_names=["x"], output_names=["y"], **kw)
+        return onnx.load(str(path))
+    return export(module, x, path, exporter)
+
+
+def _torch_feeds():
+    return {"x": np.random.default_rng(3).standard_normal((1, C, 9, 10)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("exporter", ["torchscript", TS11, "dynamo"])
+def test_torch_stack_reduce(exporter, reduce, tmp_path):
+    """``torch.stack(branches).sum(0)`` / ``.mean(0)`` folds like ``a + b + c`` (``/ 3``), with
+    TorchScript (axes as inputs at opset 17, as attributes at opset 11) and dynamo."""
+    pytest.importorskip("torch")
+    from torch_export import assert_matches_torch
+
+    stacked = _torch_block(f"stack_{reduce}")
+    plain = _torch_block("plain" if reduce == "sum" else "plain_mean")
+    model = _export(stacked, tmp_path / "stack.onnx", exporter)
+    reference = _export(plain, tmp_path / "plain.onnx", exporter)
+    assert any(n.op_type in ("ReduceSum", "ReduceMean") for n in model.graph.node)
+    out, report = assert_like_plain(model, reference, _torch_feeds())
+    assert histogram(out) == FOLDED, report.to_dict()["passes"]
+    assert_matches_torch(out, stacked, (1, C, 9, 10))
+
+
+def test_dynamo_unoptimized_bias_free(tmp_path):
+    """dynamo with ``optimize=False`` gives every bias-free conv ``Expand(CastLike(0, x), shape)``
+    as its bias: the export folds to the node counts of the ``optimize=True`` export."""
+    pytest.importorskip("torch")
+    from torch_export import assert_matches_torch
+
+    block = _torch_block("plain", bias=False)
+    raw = _export(block, tmp_path / "raw.onnx", "dynamo", optimize=False)
+    tidy = _export(block, tmp_path / "tidy.onnx", "dynamo", optimize=True)
+    assert any(n.op_type == "CastLike" for n in raw.graph.node)
+    out, report = assert_like_plain(raw, tidy, _torch_feeds())
+    assert histogram(out) == FOLDED, report.to_dict()["passes"]
+    assert rewrites(report, "normalize-castlike")
+    assert_matches_torch(out, block, (1, C, 9, 10))
