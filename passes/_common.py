@@ -116,13 +116,62 @@ def affine_data_input(node: gs.Node, view: GraphView) -> gs.Tensor | None:
     return b if ca else a
 
 
-def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int, axis: int = 1) -> Affine | str:
+#: Below this opset of the default domain, Add/Sub/Mul/Div broadcast only with ``broadcast=1`` (the
+#: second operand aligned at ``axis``, by default at the end) and BatchNormalization has ``is_test``.
+LEGACY_OPSET = 7
+
+
+def opset_version(opsets) -> int | None:
+    """The default domain's version among ``opsets`` (OperatorSetIdProtos, e.g. ``Context.opsets``)."""
+    for entry in opsets or ():
+        if entry.domain in ops.DEFAULT_DOMAINS:
+            return int(entry.version)
+    return None
+
+
+def graph_opset(view: GraphView, opset: int | None = None) -> int | None:
+    """``opset`` if given, else the default-domain opset of the graph ``view`` shows."""
+    if opset is not None:
+        return int(opset)
+    version = getattr(view.graph, "opset", None)
+    return int(version) if version is not None else None
+
+
+def legacy_operand(node: gs.Node, values: np.ndarray, const_first: bool, rank: int, opset: int | None) -> np.ndarray | str:
+    """The constant operand of a binary Add/Sub/Mul/Div as a modern broadcasting operand: ``values``
+    from opset 7 on; below it (legacy broadcasting) reshaped to where ``broadcast=1`` and ``axis``
+    place it against the data operand of ``rank`` dims, or the reason it does not broadcast that
+    way (a constant first operand with ``broadcast=1``, which the data would be broadcast to; a
+    constant that does not fit; ``broadcast=0``, which needs equal shapes, with another rank)."""
+    if opset is None or opset >= LEGACY_OPSET:
+        return values
+    v = np.asarray(values)
+    broadcast = int(node.attrs.get("broadcast", 0))
+    where = f"{node.op} '{node.name}' uses legacy broadcast (broadcast={broadcast}) below opset {LEGACY_OPSET}"
+    if broadcast == 0:
+        if v.ndim != rank:
+            return f"{where}: its constant of shape {list(v.shape)} does not have the data's {rank} dims"
+        return v
+    if const_first:
+        return f"{where}: the constant is the first operand, which the data would be broadcast to"
+    start = int(node.attrs["axis"]) if "axis" in node.attrs else rank - v.ndim
+    if start < 0:
+        start += rank
+    if start < 0 or start + v.ndim > rank:
+        return f"{where}: its constant of shape {list(v.shape)} does not fit at axis {start} of {rank} dims"
+    return v.reshape((1,) * start + tuple(v.shape) + (1,) * (rank - start - v.ndim))
+
+
+def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int, axis: int = 1,
+                opset: int | None = None) -> Affine | str:
     """The affine map ``node`` applies along ``axis`` of its data input (of ``rank`` dims), or the
-    reason it is not one. BatchNormalization acts on axis 1."""
+    reason it is not one. BatchNormalization acts on axis 1. ``opset``: the default domain's
+    (default: the graph's), for the semantics of BatchNormalization and broadcasting below 7."""
+    opset = graph_opset(view, opset)
     if is_op(node, ops.BATCH_NORM):
         if axis % rank != 1:
             return f"BatchNormalization '{node.name}' normalizes axis 1, not the feature axis"
-        reason = bn_inference_reason(node, view)
+        reason = bn_inference_reason(node, view, opset)
         if reason:
             return reason
         if len(node.inputs) < 5 or not all(view.is_constant(t) for t in node.inputs[1:5]):
@@ -135,7 +184,10 @@ def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int, axis: 
     a, b = node.inputs
     const_first = view.is_constant(a)
     raw = view.constant(a if const_first else b)
-    vec = per_channel(raw, channels, rank, axis)
+    operand = legacy_operand(node, raw, const_first, rank, opset)
+    if isinstance(operand, str):
+        return operand
+    vec = per_channel(operand, channels, rank, axis)
     if vec is None:
         return f"{node.op} '{node.name}' constant of shape {list(np.shape(raw))} is not per-channel for {channels} channels"
     ones, zeros = np.ones(channels), np.zeros(channels)
@@ -150,14 +202,22 @@ def node_affine(node: gs.Node, view: GraphView, channels: int, rank: int, axis: 
     return Affine(-ones, vec) if const_first else Affine(ones, -vec)  # Sub
 
 
-def bn_inference_reason(node: gs.Node, view: GraphView) -> str | None:
+def bn_inference_reason(node: gs.Node, view: GraphView, opset: int | None = None) -> str | None:
     """Why a BatchNormalization does not compute an inference-mode affine map (training mode,
     running statistics outputs, ``spatial = 0``), or None.
 
-    Up to opset 13 a BatchNormalization with more than one output *is* in training mode (it
-    normalizes with the batch's statistics, whether or not the extra outputs are read); from
-    opset 14 the extra outputs go with ``training_mode = 1``. Either way: any named extra output
-    declines."""
+    Below opset 7 (BatchNormalization-1 and -6) the mode is the ``is_test`` attribute, whose
+    default 0 is training mode. Up to opset 13 a BatchNormalization with more than one output *is*
+    in training mode (it normalizes with the batch's statistics, whether or not the extra outputs
+    are read); from opset 14 the extra outputs go with ``training_mode = 1``. Either way: any
+    named extra output declines. ``opset``: the default domain's (default: the graph's)."""
+    opset = graph_opset(view, opset)
+    if (opset is not None and opset < LEGACY_OPSET) or "is_test" in node.attrs:
+        if int(node.attrs.get("is_test", 0)) == 0:
+            return (
+                f"BatchNormalization '{node.name}' has is_test=0 below opset {LEGACY_OPSET} "
+                "(training mode: it normalizes with the batch's statistics)"
+            )
     if int(node.attrs.get("training_mode", 0)) != 0:
         return f"BatchNormalization '{node.name}' is in training mode"
     if int(node.attrs.get("spatial", 1)) != 1:

@@ -20,11 +20,16 @@ from onnxrep import ops
 from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Match, NewNode
 
-from ._common import affine_data_input, bn_inference_reason, is_op, outside_reader_reason
+from ._common import LEGACY_OPSET, affine_data_input, bn_inference_reason, graph_opset, is_op, outside_reader_reason
 
 
-def _is_sum(node: gs.Node | None) -> bool:
-    return is_op(node, *ops.SUM_OPS) and len(node.inputs) == 2
+def _is_sum(node: gs.Node | None, view: GraphView) -> bool:
+    """An Add/Sub of two operands that broadcasts the modern way (not ``broadcast=1`` below
+    opset 7, where the second operand is aligned at ``axis``: such a node is a term, not a sum)."""
+    if not (is_op(node, *ops.SUM_OPS) and len(node.inputs) == 2):
+        return False
+    opset = graph_opset(view)
+    return opset is None or opset >= LEGACY_OPSET or int(node.attrs.get("broadcast", 0)) == 0
 
 
 def _only_read_by(tensor: gs.Tensor, node: gs.Node, view: GraphView) -> bool:
@@ -43,7 +48,7 @@ def sum_tree(root: gs.Node, view: GraphView) -> tuple[list[gs.Node], list[tuple[
             s = -sign if (node.op == ops.SUB and i == 1) else sign
             src = view.source(t)
             below = view.producer(src)
-            if _is_sum(below) and _only_read_by(src, node, view):
+            if _is_sum(below, view) and _only_read_by(src, node, view):
                 stack.append((below, s))
             else:
                 terms.append((src, s))
@@ -54,7 +59,7 @@ def is_root(node: gs.Node, view: GraphView) -> bool:
     """True when ``node``'s result is not absorbed into a parent sum."""
     out = node.outputs[0]
     users = view.users(out)
-    return not (len(users) == 1 and _is_sum(users[0]) and not view.escapes(out))
+    return not (len(users) == 1 and _is_sum(users[0], view) and not view.escapes(out))
 
 
 def root_of(node: gs.Node, view: GraphView) -> gs.Node:
@@ -105,7 +110,7 @@ def candidates(
     sums under these nodes (default: every sum of the graph).
     """
     for root in view.graph.nodes if roots is None else roots:
-        if not _is_sum(root) or not is_root(root, view):
+        if not _is_sum(root, view) or not is_root(root, view):
             continue
         tree, terms = sum_tree(root, view)
         leaves, constants = [], []
@@ -137,12 +142,13 @@ def candidates(
             yield Match(f"{root.outputs[0].name}<-{group[0].x.name}", nodes, cand)
 
 
-def inference_bn_reason(cand: SumCandidate, view: GraphView) -> str | None:
-    """Why a BatchNormalization on one of the group's branches is not in inference mode, or None."""
+def inference_bn_reason(cand: SumCandidate, view: GraphView, opset: int | None = None) -> str | None:
+    """Why a BatchNormalization on one of the group's branches is not in inference mode, or None.
+    ``opset``: the default domain's (default: the graph's)."""
     for leaf in cand.group:
         for node in leaf.affines:
             if is_op(node, ops.BATCH_NORM):
-                reason = bn_inference_reason(node, view)
+                reason = bn_inference_reason(node, view, opset)
                 if reason:
                     return reason
     return None
