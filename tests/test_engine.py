@@ -244,3 +244,89 @@ def test_initializers_listed_as_inputs_are_left_alone():
     assert report.rewritten == 0 and histogram(out) == histogram(model)
     assert by_name(report, "parallel-merge")["skipped_by_condition"] == {"constant_weights": 1}
     assert by_name(report, "affine-fold")["skipped_by_condition"] == {"constant_weights": 2}
+
+
+# --------------------------------------------------------------------------------------------
+# net cost and the report's per-pass fields
+# --------------------------------------------------------------------------------------------
+
+
+def _dear_chain_body(c, offset):
+    """x -> depthwise 3x3 -> 1x1 plus x -> dense 3x3, summed; the dense branch is an output too."""
+    b = Builder(c, seed=offset)
+    b._n = offset
+    dense = b.conv("x", c, c, 3, bias=False)
+    y = b.add(b.conv(b.conv("x", c, c, 3, groups=c, bias=False), c, c, 1, bias=False), dense)
+    return b, y, dense
+
+
+def test_net_cost_is_checked_inside_if_bodies(monkeypatch):
+    """A body is charged by its rewrites (model_cost sees the main graph only): with conv-chain's
+    own check off, the dear chain inside the branch is left out by the engine."""
+    import onnxrep.passes.conv_chain as conv_chain
+
+    c = 8
+    shape = [1, c, 8, 8]
+    t, ty, tdense = _dear_chain_body(c, 1000)
+    e = Builder(c, seed=2)
+    e._n = 2000
+    ey, edense = e.relu("x"), e.node("Neg", ["x"])
+    branches = {}
+    for name, blder, outs in (("then", t, (ty, tdense)), ("else", e, (ey, edense))):
+        vis = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, shape) for o in outs]
+        branches[name] = helper.make_graph(blder.nodes, name, [], vis, blder.inits)
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y", "yb"], name="the_if", then_branch=branches["then"], else_branch=branches["else"])],
+        "main",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape), helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n in ("y", "yb")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+
+    out, report = onnxrep.optimize(model, verify=True)  # conv-chain's own check declines
+    assert report.rewritten == 0 and report.runs == 1
+    assert by_name(report, "conv-chain")["skipped_by_condition"] == {"cost": 1}
+
+    monkeypatch.setattr(conv_chain, "_absorption_reason", lambda *a: "")
+    out, report = onnxrep.optimize(model, verify=True)
+    assert report.verification["ok"] and report.rewritten == 0 and report.runs == 2
+    [key] = report.left_out_for_cost
+    assert key.startswith("the_if.then_branch/")
+    chain = by_name(report, "conv-chain")
+    assert chain["skipped_by_condition"] == {"net_cost": 1}
+    assert out.graph.node[0].attribute[0].g.node == model.graph.node[0].attribute[0].g.node
+
+    out, report = onnxrep.optimize(model, verify=True, allow_cost_increase=True)
+    [entry] = by_name(report, "conv-chain")["rewrites"]
+    assert entry["scope"] == "the_if.then_branch" and entry["macs_delta"] > 0 and entry["params_delta"] > 0
+
+
+def test_last_resort_leaves_out_every_rewrite(monkeypatch):
+    """When no rewrite can be named, the last run applies none: the output is the input."""
+    import onnxrep.passes.conv_chain as conv_chain
+
+    monkeypatch.setattr(conv_chain, "_absorption_reason", lambda *a: "")
+    monkeypatch.setattr(engine, "_culprits", lambda *a: [])
+    c = 8
+    b, y, dense = _dear_chain_body(c, 0)
+    block = b.relu(b.sum([b.conv("x", c, c, 3), b.conv("x", c, c, 1), b.bn("x", c)]))
+    model = b.model(y, dense, block)
+    out, report = onnxrep.optimize(model, verify=True)
+    assert report.verification["ok"] and report.rewritten == 0 and report.runs == 2
+    assert histogram(out) == histogram(model)
+    reasons = {r.split(":", 1)[0] for p in report.passes for r in p.skipped.values()}
+    assert "net_cost" in reasons
+    assert len(report.left_out_for_cost) == 2  # the chain and the RepVGG sum
+
+
+def test_report_times_every_pass():
+    _, model = repvgg_block()
+    _, report = onnxrep.optimize(model)
+    d = report.to_dict()
+    assert [p["name"] for p in d["passes"]] == list(engine.available_passes())
+    assert all(isinstance(p["seconds"], float) and p["seconds"] >= 0 for p in d["passes"])
+    assert by_name(report, "parallel-merge")["seconds"] > 0
+    assert d["passes_seconds"] >= by_name(report, "parallel-merge")["seconds"]
+    assert {"macs_delta", "params_delta", "seconds"} <= set(by_name(report, "affine-fold"))
