@@ -8,6 +8,7 @@ nodes looked through, constants whether they come from initializers or Constant 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict, defaultdict
 from typing import Iterable
 
@@ -24,8 +25,45 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
-    """Import a model into a graphsurgeon graph (constant values are loaded lazily)."""
-    return gs.import_onnx(model)
+    """Import a model into a graphsurgeon graph (constant values are loaded lazily).
+
+    The graph's constants refer to the model's own TensorProtos, and graphsurgeon writes a
+    constant's name into its TensorProto whenever it exports the node or subgraph that holds it
+    (a Constant node's ``value`` without a name gets ``name: ""``). The names of those TensorProtos
+    are put back by :func:`export_model`, and when the graph is freed, so that ``model`` stays as
+    it was, byte for byte."""
+    graph = gs.import_onnx(model)
+    names = _tensor_names(model.graph)
+    graph._onnxrep_names = names  # noqa: SLF001 - read by export_model
+    weakref.finalize(graph, _restore_names, names)
+    return graph
+
+
+def _tensor_names(graph: onnx.GraphProto, records: list | None = None, body: bool = False) -> list:
+    """``(proto, had a name, name)`` for every TensorProto graphsurgeon may rename: tensors held
+    in node attributes at any depth, and the initializers of subgraphs."""
+    records = [] if records is None else records
+    if body:
+        records.extend((t, t.HasField("name"), t.name) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                records.append((attr.t, attr.t.HasField("name"), attr.t.name))
+            records.extend((t, t.HasField("name"), t.name) for t in attr.tensors)
+            if attr.HasField("g"):
+                _tensor_names(attr.g, records, True)
+            for sub in attr.graphs:
+                _tensor_names(sub, records, True)
+    return records
+
+
+def _restore_names(records: list) -> None:
+    for proto, had, name in records:
+        if had:
+            if proto.name != name:
+                proto.name = name
+        elif proto.HasField("name"):
+            proto.ClearField("name")
 
 
 def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -66,6 +104,7 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
             tensor._values = gs.ir.tensor.LazyValues(proto)
             del values
     g.value_info.extend(vi for vi in og.value_info if isinstance(tensors.get(vi.name), gs.Variable))
+    _restore_names(getattr(graph, "_onnxrep_names", ()))
     return model
 
 

@@ -90,6 +90,8 @@ SCAN = "Scan"
 # spellings that the normalize-* passes rewrite into the forms the folds match
 CAST_LIKE = "CastLike"
 
+LP_POOL = "LpPool"
+
 #: Discrete selections (verification): a rounding-level difference in their inputs can flip their
 #: result where two candidates tie.
 TOPK = "TopK"

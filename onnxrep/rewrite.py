@@ -41,16 +41,24 @@ class Context:
     opsets: list = field(default_factory=list)  # the model's opset imports
 
     def shape(self, tensor: gs.Tensor) -> tuple | None:
-        """Static shape of ``tensor`` if known (ints, or strings for symbolic dims), else None."""
-        if tensor.shape is not None and len(tensor.shape) > 0:
+        """Static shape of ``tensor`` if known (ints, or strings for symbolic dims), else None.
+
+        Only evidence counts (:mod:`onnxrep.cost`: shapes the model was run or inferred to have,
+        without its declared ``value_info`` and output shapes): a constant's own values, or
+        ``shapes``. graphsurgeon's ``tensor.shape`` of a variable comes from the declarations and
+        is never read."""
+        if isinstance(tensor, gs.Constant):
             return tuple(tensor.shape)
         return self.shapes.get(tensor.name)
 
     def dtype(self, tensor: gs.Tensor) -> np.dtype | None:
-        """Element type of ``tensor`` if known."""
-        if tensor.dtype is not None:
+        """Element type of ``tensor`` if known (inferred, else declared)."""
+        if isinstance(tensor, gs.Constant):
             return np.dtype(tensor.dtype)
-        return self.dtypes.get(tensor.name)
+        dtype = self.dtypes.get(tensor.name)
+        if dtype is not None:
+            return np.dtype(dtype)
+        return np.dtype(tensor.dtype) if tensor.dtype is not None else None
 
     def fresh_name(self, base: str) -> str:
         """A tensor or node name not used anywhere in the graph yet."""
@@ -62,11 +70,14 @@ class Context:
         return name
 
     def like(self, base: str, tensor: gs.Tensor) -> gs.Variable:
-        """A new tensor with the dtype and shape of ``tensor`` (for a shape-preserving step)."""
-        shape = self.shape(tensor)
-        var = gs.Variable(self.fresh_name(base), dtype=tensor.dtype, shape=list(shape) if shape is not None else None)
+        """A new tensor with the dtype and shape of ``tensor`` (for a shape-preserving step), both
+        as :meth:`shape` and :meth:`dtype` know them."""
+        shape, dtype = self.shape(tensor), self.dtype(tensor)
+        var = gs.Variable(self.fresh_name(base), dtype=dtype, shape=list(shape) if shape is not None else None)
         if shape is not None:
             self.shapes[var.name] = tuple(shape)
+        if dtype is not None:
+            self.dtypes[var.name] = dtype
         return var
 
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:

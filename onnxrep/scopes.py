@@ -15,9 +15,11 @@ The enclosing graphs, in turn, count every value a body reads as escaping (``Gra
 they never fold it away. After export, initializers of an enclosing graph that the exporter copied
 into a body go back where they were (:func:`restore_outer_initializers`).
 
-Shapes and types of body tensors come from onnx shape inference on the whole model (which gives a
-Loop's carried values their element type only, since their shapes may change between iterations),
-gathered per body (:func:`body_types`), on top of the enclosing scope's.
+Shapes and types of body tensors come from the shape evidence of the whole model
+(:func:`onnxrep.cost.infer_evidence`: onnx inference without declared intermediate shapes, which
+gives a Loop's carried values their element type only, since their shapes may change between
+iterations; pool shapes by onnxruntime's formula), gathered per body (:func:`body_types`), on top
+of the enclosing scope's.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from typing import Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper, shape_inference
 
-from .io import skeleton
+from .cost import infer_evidence
 
 
 @dataclass
@@ -98,23 +99,25 @@ class BodyTypes:
     initializers: frozenset  # names of the initializers the body itself holds in the input model
 
 
-def body_types(model: onnx.ModelProto, graph: gs.Graph) -> dict[int, BodyTypes]:
-    """Inferred shapes and element types of the tensors of every body of ``graph`` (just imported
-    from ``model``, so its nodes are in the model's order), by id of the body graph; with each body's
-    label. Shape inference is advisory: where it fails, the declared value_info is used."""
-    try:
-        inferred = shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - an op onnx does not know: declared types only
-        inferred = model
+def body_types(model: onnx.ModelProto, graph: gs.Graph, evidence=None) -> dict[int, BodyTypes]:
+    """Shapes and element types of the tensors of every body of ``graph`` (just imported from
+    ``model``, so its nodes are in the model's order), by id of the body graph; with each body's
+    label. They come from :func:`onnxrep.cost.infer_evidence` (``evidence``, or computed here
+    without running the model): onnx inference without the declared ``value_info`` and output
+    shapes, pool shapes by onnxruntime's formula, and unknown wherever they follow from a shape
+    that was corrected (in the body or in an enclosing graph)."""
+    if evidence is None:
+        evidence = infer_evidence(model, runtime=False)
     out: dict[int, BodyTypes] = {}
-    _collect(inferred.graph, graph, "", out, set())
+    _collect(model.graph, graph, "", out, set(), evidence.bodies, ())
     return out
 
 
-def _collect(proto: onnx.GraphProto, graph: gs.Graph, prefix: str, out: dict[int, BodyTypes], used: set[str]) -> None:
+def _collect(proto: onnx.GraphProto, graph: gs.Graph, prefix: str, out: dict[int, BodyTypes], used: set[str],
+             settled: dict, path: tuple) -> None:
     if len(proto.node) != len(graph.nodes):
         return
-    for pnode, node in zip(proto.node, graph.nodes):
+    for index, (pnode, node) in enumerate(zip(proto.node, graph.nodes)):
         if pnode.op_type != node.op:
             return
         for attr in pnode.attribute:
@@ -125,38 +128,18 @@ def _collect(proto: onnx.GraphProto, graph: gs.Graph, prefix: str, out: dict[int
                 pairs = list(zip(range(len(value)), attr.graphs, value))
             else:
                 continue
-            for index, sub_proto, sub in pairs:
-                label = base = _label(prefix, node.name or node.op, attr.name, index)
+            for i, sub_proto, sub in pairs:
+                label = base = _label(prefix, node.name or node.op, attr.name, i)
                 k = 1
                 while label in used:  # owners without a (unique) name
                     k += 1
                     label = f"{base}#{k}"
                 used.add(label)
-                shapes, dtypes = _graph_types(sub_proto)
-                inits = frozenset(i.name for i in sub_proto.initializer)
-                out[id(sub)] = BodyTypes(label, shapes, dtypes, inits)
-                _collect(sub_proto, sub, label + "/", out, used)
-
-
-def _graph_types(graph: onnx.GraphProto) -> tuple[dict[str, tuple], dict[str, np.dtype]]:
-    shapes: dict[str, tuple] = {}
-    dtypes: dict[str, np.dtype] = {}
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if vi.type.WhichOneof("value") != "tensor_type":
-            continue
-        t = vi.type.tensor_type
-        if t.elem_type:
-            try:
-                dtypes[vi.name] = helper.tensor_dtype_to_np_dtype(t.elem_type)
-            except Exception:  # noqa: BLE001 - a type numpy cannot hold
-                pass
-        if t.HasField("shape"):
-            shapes[vi.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-            )
-    for init in graph.initializer:
-        shapes[init.name] = tuple(init.dims)
-    return shapes, dtypes
+                key = path + ((index, attr.name, i),)
+                shapes, dtypes = settled.get(key, ({}, {}))
+                inits = frozenset(t.name for t in sub_proto.initializer)
+                out[id(sub)] = BodyTypes(label, dict(shapes), dict(dtypes), inits)
+                _collect(sub_proto, sub, label + "/", out, used, settled, key)
 
 
 def scoped(own: dict, outer) -> ChainMap:
