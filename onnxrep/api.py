@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from . import engine, io
+from . import engine, io, regions
 from .engine import Report
 from .equivalence import VerifyResult, compare, graph_inputs
 from .errors import UsageError, VerificationError
@@ -133,10 +133,9 @@ def _check_feed(where: str, name: str, value: np.ndarray, vi: onnx.ValueInfoProt
 
 
 def _as_model(model_or_path: ModelLike, base_dir: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """A model to read from: a ModelProto validated (:func:`io.from_proto`), or a file loaded."""
     if isinstance(model_or_path, onnx.ModelProto):
-        if hasattr(io, "validate"):  # TEMP until io.validate lands
-            io.validate(model_or_path, base_dir=base_dir)
-        return model_or_path
+        return io.from_proto(model_or_path, base_dir)
     return io.load(model_or_path)[0]
 
 
@@ -174,10 +173,14 @@ def optimize(
     only, skip = pass_names(passes, "passes"), pass_names(skip, "skip")
     check = Check(seeds, dims, tuple(inputs), rtol, atol)
     check_options(only, skip, on_mismatch, tolerance, check if verify else None)
-    lazy = not verify and not isinstance(model_or_path, onnx.ModelProto)
-    # without verification the input's weights are needed only where a pass reads them: they stay
-    # in the file until then, and the result gets the untouched ones from there at the end
-    model = io.load(model_or_path, lazy=True)[0] if lazy else _as_model(model_or_path, base_dir)
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = io.from_proto(model_or_path, base_dir)
+        lazy = model is not model_or_path  # a copy whose external initializers are read when needed
+    else:
+        # without verification the input's weights are needed only where a pass reads them: they
+        # stay in the file until then, and the result gets the untouched ones from there at the end
+        lazy = not verify
+        model = io.load(model_or_path, lazy=lazy)[0]
     if verify:
         check_model_args(model, check)
     options = Options(allow_cost_increase=allow_cost_increase, tolerance=tolerance)
@@ -225,18 +228,18 @@ def verify_rewrite(
     """Whole-model comparison and per-region checks of ``report``'s rewrites; both go into
     ``report.verification``."""
     result = compare_models(original, optimized, check, progress)
-    try:  # TEMP until onnxrep.regions lands
-        from . import regions
-    except ImportError:
-        regions = None
-    region_checks = [] if regions is None else regions.check_regions(original, optimized, regions.from_report(report), rtol=check.rtol, atol=check.atol)
+    # the probes of a region reach magnitudes far above the model's inputs: an absolute tolerance
+    # chosen for those would not scale, so regions take the relative one and scale their own
+    region_checks = regions.check_regions(original, optimized, report, rtol=check.rtol)
     report.verification = result.to_dict() | {"regions": [r.to_dict() for r in region_checks]}
     return result, region_checks
 
 
 def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, check: Check, progress=None) -> VerifyResult:
-    extra = {k: v for k, v in (("rtol", check.rtol), ("atol", check.atol), ("inputs", list(check.inputs))) if v}  # TEMP
-    return compare(a, b, seeds=check.seeds, dims=dict(check.dims or {}), progress=progress, **extra)
+    return compare(
+        a, b, seeds=check.seeds, dims=dict(check.dims or {}), progress=progress,
+        rtol=check.rtol, atol=check.atol, inputs=list(check.inputs),
+    )
 
 
 def _rewrite_keys(report: Report) -> list[str]:

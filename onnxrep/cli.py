@@ -258,10 +258,9 @@ def optimize(input_path, output_path, only, skip, allow_cost_increase, tolerance
     check = api.Check(seeds, _parse_dims(dims), tuple(_load_inputs(check_inputs)), rtol, atol)
     api.check_options(only, skip, on_mismatch, tolerance, check)
     # where the results go is checked before any work: nothing is written when it cannot be
-    if hasattr(io, "check_writable"):  # TEMP
-        io.check_writable(output_path)
-        if report_path:
-            io.check_writable(report_path)
+    io.check_writable(output_path)
+    if report_path:
+        io.check_writable(report_path)
     # without verification the input's weights are read only where a pass needs them; the
     # untouched ones go from the input file to the output when it is written
     model, had_external = io.load(input_path, lazy=no_verify)
@@ -382,7 +381,7 @@ def bench(paths, ep, batch, threads, rounds, warmup, dims, json_path):
     from . import bench as bench_mod
 
     dims = _parse_dims(dims)
-    if json_path and hasattr(io, "check_writable"):  # TEMP
+    if json_path:
         io.check_writable(json_path)
     provider = bench_mod.provider_for(ep)
     models = {}
