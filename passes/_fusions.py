@@ -31,7 +31,7 @@ onnxruntime requires; a constant is one element, for onnxruntime of rank 0 or sh
     ``Mul(Add(Mul(Pow(x, 3), 0.044715), x), 0.7978845834732056)`` (onnxruntime formula 2, OpenVINO
     GeluFusionWithTanh); then ``t = Tanh(u)``, ``a = Add(t, 1)`` and ``Mul(a, Mul(x, 0.5))`` (both
     runtimes) or ``Mul(x, Mul(a, 0.5))`` (OpenVINO). onnxruntime's tolerance as above and, on the CPU,
-    float32 only; OpenVINO: 0.044715 within 0.001, sqrt(2/pi) within 0.01. TorchScript's own tanh
+    float32 only, the result no graph output; OpenVINO: 0.044715 within 0.001, sqrt(2/pi) within 0.01. TorchScript's own tanh
     GELU (``x*x*x``, the 0.5 applied last) is matched by neither runtime.
     onnxruntime: ``fast_gelu_fusion.cc``; OpenVINO: ``gelu_fusion.cpp``.
 ``HardSwish`` -> OpenVINO ``HSwish`` (onnxruntime fuses no HardSwish decomposition)
@@ -371,6 +371,8 @@ def _gelu_tanh(view: GraphView, tanh: gs.Node) -> list[Fusion]:
     c = _Const()
     c.ort, c.ov = const.ort, const.ov
     if half is not None and _only_reader(view, half.outputs[0], mul) and _same(view, _mul_by(view, half, c, 0.5), x):
+        # onnxruntime leaves a FastGelu whose result is a graph output unfused
+        ort_form = ort_form and not view.escapes(mul.outputs[0])
         out.append(Fusion("GELU (tanh)", ops.FUSED_FAST_GELU, c.runtimes(ort_form, ov_form), nodes + (tanh, add, half, mul), x))
     c = _Const()
     c.ov = const.ov

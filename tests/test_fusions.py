@@ -167,6 +167,16 @@ def test_gelu_tanh_forms(formula, swaps, tmp_path):
     assert count_fused(model, tmp_path, "FastGelu") == 1
 
 
+def test_gelu_tanh_graph_output_is_openvino_only(tmp_path):
+    model = gelu_tanh(1, [False] * 8)
+    graph = model.graph
+    graph.node.pop()  # the Relu after it: the FastGelu's result becomes the graph output
+    graph.output[0].name = graph.node[-1].output[0]
+    (f,) = fusions(model)
+    assert f.runtimes == ("OpenVINO",)
+    assert count_fused(model, tmp_path, "FastGelu") == 0
+
+
 def test_gelu_tanh_openvino_last_half(tmp_path):
     model = gelu_tanh(2, [False] * 8, ov_last=True)
     (f,) = fusions(model)
@@ -390,3 +400,74 @@ def test_parallel_merge_condition():
     assert "GELU (erf)" in parallel_merge._check_runtime_fusion(part, view, ctx)
     assert parallel_merge._check_runtime_fusion(SimpleNamespace(nodes=list(f.nodes)), view, ctx) is None
     assert parallel_merge._check_runtime_fusion(part, view, Context(Options(allow_cost_increase=True))) is None
+
+
+# --------------------------------------------------------------------------------------------
+# regression: a RepViT block exported from torch keeps onnxruntime's Gelu
+# --------------------------------------------------------------------------------------------
+
+
+def repvit_block():
+    """RepViT's block: token mixer ``BN(dwconv3x3+BN(x) + dwconv1x1(x) + x)`` (RepVGGDW), channel
+    mixer ``x + Conv1x1+BN(GELU(Conv1x1+BN(x)))``, as in timm's RepViT-M0.9."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from torch_blocks import ConvBN, randomize_bn
+    from torch_models_seq import RepVGGDW
+
+    class Block(nn.Module):
+        def __init__(self, dim=16):
+            super().__init__()
+            self.token = RepVGGDW(dim)
+            self.pw1 = ConvBN(dim, 2 * dim, 1)
+            self.act = nn.GELU()
+            self.pw2 = ConvBN(2 * dim, dim, 1)
+
+        def forward(self, x):
+            x = self.token(x)
+            return x + self.pw2(self.act(self.pw1(x)))
+
+    torch.manual_seed(0)
+    return randomize_bn(Block(), 1).eval(), (2, 16, 12, 12)
+
+
+def ops_of(model: onnx.ModelProto, op: str) -> int:
+    return sum(1 for n in model.graph.node if n.op_type == op)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_exported_repvit_block_keeps_gelu(exporter, tmp_path):
+    te = pytest.importorskip("torch_export")
+    module, shape = repvit_block()
+    path = tmp_path / "block.onnx"
+    exported = te.export(module, te.random_inputs(shape, 0), path, exporter)
+    assert ops_of(exported, "BatchNormalization") == 1  # the post-sum BN of the token mixer
+
+    optimized, report = onnxrep.optimize(path)
+
+    # the BN still folds, into the merged token-mixer conv; the output is the input's function
+    assert ops_of(optimized, "BatchNormalization") == 0 and report.rewritten >= 1
+    xs = tuple(x.numpy() for x in te.random_inputs(shape, 1))
+    te.assert_close(te.run_ort(optimized, xs), te.run_ort(exported, xs))
+    te.assert_matches_torch(optimized, module, shape)
+
+    # onnxruntime's optimized graph of the output has its Gelu, and no more nodes than the input's
+    ort_in = ort_optimized(exported, tmp_path, "in.onnx")
+    ort_out = ort_optimized(optimized, tmp_path, "out.onnx")
+    assert ops_of(ort_in, "Gelu") == 1
+    assert ops_of(ort_out, "Gelu") == ops_of(ort_in, "Gelu")
+    assert len(ort_out.graph.node) <= len(ort_in.graph.node)
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL,):
+        full_in = ort_optimized(exported, tmp_path, "in_all.onnx", level)
+        full_out = ort_optimized(optimized, tmp_path, "out_all.onnx", level)
+        assert len(full_out.graph.node) <= len(full_in.graph.node)
+    if exporter == "torchscript":  # its GELU ends in Mul(0.5), which affine-fold leaves in place
+        skipped = next(p for p in report.passes if p.name == "affine-fold").skipped.values()
+        assert any(r.startswith("runtime_fusion: ") and "GELU (erf)" in r for r in skipped), list(skipped)
+
+    # allowed to cost more, the Mul(0.5) folds and onnxruntime no longer finds its Gelu
+    if exporter == "torchscript":
+        folded, _ = onnxrep.optimize(path, allow_cost_increase=True)
+        te.assert_matches_torch(folded, module, shape)
+        assert ops_of(ort_optimized(folded, tmp_path, "folded.onnx"), "Gelu") == 0
