@@ -359,6 +359,58 @@ def test_affine_fold_plain_half_still_folds():
     assert_equivalent(model, out, b.feeds())
 
 
+def test_affine_fold_hard_sigmoid_ends_fold():
+    """HardSigmoid's decomposition is catalogued but not protected: its Add(3) and Div(6) fold into
+    the Convs around it and leave the Clip, which runs as the first Conv's activation."""
+    b = Builder(C, (H, W))
+    t = b.conv("x", C, 8, 3)
+    y = b.node("Div", [clamp(b, t, "clip", False), scalar(b, 6.0)])
+    model = b.model(b.conv(y, 8, C, 1))
+    out, report = onnxrep.optimize(model, passes=["affine-fold"])
+    assert histogram(out) == {"Conv": 2, "Clip": 1} and report.rewritten == 2
+    assert_equivalent(model, out, b.feeds())
+
+
+def test_affine_fold_keeps_hard_swish():
+    b = Builder(C, (H, W))
+    t = b.conv("x", C, 8, 3)
+    y = b.node("Div", [b.node("Mul", [t, clamp(b, t, "relu", False)]), scalar(b, 6.0)])
+    model = b.model(b.conv(y, 8, C, 1))
+    out, report = onnxrep.optimize(model, passes=["affine-fold"])
+    assert histogram(out) == histogram(model)
+    (reason,) = report.passes[0].skipped.values()
+    assert reason.startswith("runtime_fusion: Div '") and reason.endswith(
+        "is the last step of a HardSwish decomposition that OpenVINO fuses into one HSwish kernel; folding it breaks the fusion"
+    ), reason
+
+
+def test_affine_fold_channel_layer_norm_folds():
+    """A LayerNorm over the channels of NCHW (ConvNeXt's LayerNorm2d spelled out) is not onnxruntime's
+    (it fuses the last axis only): its scale and bias fold into the next 1x1 Conv."""
+    b = Builder(8, (H, W))
+    rng = np.random.default_rng(2)
+    mean = b.node("ReduceMean", ["x"], axes=[1])
+    d = b.node("Sub", ["x", mean])
+    std = b.node("Sqrt", [b.node("Add", [b.node("ReduceMean", [b.node("Pow", [d, scalar(b, 2.0)])], axes=[1]), scalar(b, 1e-6)])])
+    y = b.node("Mul", [b.node("Div", [d, std]), b.const(rng.uniform(0.5, 1.5, (8, 1, 1)))])
+    y = b.node("Add", [y, b.const(rng.standard_normal((8, 1, 1)))])
+    model = b.model(b.conv(y, 8, C, 1))
+    assert fusions(model) == []
+    out, report = onnxrep.optimize(model, passes=["affine-fold"])
+    assert report.rewritten == 2 and "Mul" not in histogram(out) and histogram(out)["Add"] == 1
+    assert_equivalent(model, out, b.feeds())
+
+
+def test_linear_affine_plain_half_still_folds():
+    b = Builder(input_shape=TOKENS)
+    rng = np.random.default_rng(4)
+    h = b.node("Relu", [b.node("MatMul", ["x", b.const(rng.standard_normal((16, 32)) / 4)])])
+    model = b.model(b.node("MatMul", [b.node("Mul", [h, scalar(b, 0.5)]), b.const(rng.standard_normal((32, 16)) / 6)]))
+    out, report = onnxrep.optimize(model, passes=["linear-affine"])
+    assert histogram(out) == {"MatMul": 2, "Relu": 1} and report.rewritten == 1
+    assert_equivalent(model, out, b.feeds())
+
+
 def mlp(norm: bool):
     """[LayerNorm ->] MatMul -> TorchScript's GELU -> MatMul on tokens."""
     b = Builder(input_shape=TOKENS)
