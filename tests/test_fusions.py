@@ -523,3 +523,48 @@ def test_exported_repvit_block_keeps_gelu(exporter, tmp_path):
         folded, _ = onnxrep.optimize(path, allow_cost_increase=True)
         te.assert_matches_torch(folded, module, shape)
         assert ops_of(ort_optimized(folded, tmp_path, "folded.onnx"), "Gelu") == 0
+
+
+@pytest.mark.parametrize("opset", [13, 16])
+def test_exported_transformer_mlp_keeps_layer_norm_and_gelu(opset, tmp_path):
+    """``x + fc2(GELU(fc1(LayerNorm(x))))`` exported by TorchScript below opset 17, where LayerNorm
+    is spelled out: linear-affine would fold its scale and bias into fc1 and GELU's Mul(0.5) into
+    fc2, and onnxruntime would then find neither its LayerNormalization nor its Gelu."""
+    torch = pytest.importorskip("torch")
+    te = pytest.importorskip("torch_export")
+    from torch import nn
+
+    class Mlp(nn.Module):
+        def __init__(self, dim=16):
+            super().__init__()
+            self.norm, self.fc1, self.act, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+
+        def forward(self, x):
+            return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+    torch.manual_seed(0)
+    module = Mlp().eval()
+    with torch.no_grad():
+        module.norm.weight.uniform_(0.5, 1.5)
+        module.norm.bias.normal_()
+    shape = (2, 7, 16)
+    path = tmp_path / "mlp.onnx"
+    with te.quiet():
+        torch.onnx.export(module, te.random_inputs(shape, 0), str(path), dynamo=False, opset_version=opset,
+                          input_names=["x"], output_names=["y"])
+    exported = onnx.load(str(path))
+    assert ops_of(exported, "LayerNormalization") == 0 and ops_of(exported, "ReduceMean") == 2
+
+    optimized, report = onnxrep.optimize(path)
+    te.assert_matches_torch(optimized, module, shape)
+    ort_in, ort_out = ort_optimized(exported, tmp_path, "in.onnx"), ort_optimized(optimized, tmp_path, "out.onnx")
+    for op in ("LayerNormalization", "Gelu"):
+        assert ops_of(ort_in, op) == ops_of(ort_out, op) == 1, op
+    assert len(ort_out.graph.node) <= len(ort_in.graph.node)
+    skipped = next(p for p in report.passes if p.name == "linear-affine").skipped.values()
+    assert any("LayerNorm that onnxruntime fuses" in r for r in skipped) and any("GELU (erf)" in r for r in skipped)
+
+    folded, _ = onnxrep.optimize(path, allow_cost_increase=True)
+    te.assert_matches_torch(folded, module, shape)
+    ort_folded = ort_optimized(folded, tmp_path, "folded.onnx")
+    assert ops_of(ort_folded, "LayerNormalization") == ops_of(ort_folded, "Gelu") == 0
