@@ -191,7 +191,7 @@ def test_widened_double_verification_is_as_sharp_as_float32():
     out, _ = onnxrep.optimize(model)
     fine = equivalence.compare(model, _perturb_folded(out, 1e-10))
     assert fine.ok and fine.widened == ["double"]
-    assert all(o.tolerance == pytest.approx(1e-5 * o.max_magnitude) for o in fine.outputs)
+    assert all(o.rtol == equivalence.RTOL[np.dtype(np.float32)] for o in fine.outputs)
 
 
 def test_double_model_onnxruntime_can_run_is_compared_in_double():
@@ -204,7 +204,7 @@ def test_double_model_onnxruntime_can_run_is_compared_in_double():
     assert len(out.graph.node) == 1 and out.graph.node[0].op_type in ("MatMul", "Gemm")
     assert "widened_to_float32" not in report.verification
     (check,) = report.verification["outputs"]
-    assert check["tolerance"] == pytest.approx(1e-12 * check["max_magnitude"])
+    assert check["rtol"] == equivalence.RTOL[np.dtype(np.float64)]
     bad = _perturb_matmul(out, 1e-9)
     assert not equivalence.compare(model, bad).ok
 
@@ -264,8 +264,8 @@ def test_cast_around_a_block_folds_it_in_its_own_dtype(inner):
     assert report.verification.get("widened_to_float32", []) == WIDENED[inner]
     # a float32 output computed in float16 / bfloat16 is held to their tolerance, not float32's
     (check,) = report.verification["outputs"]
-    rtol = 1e-5 if inner == np.float64 else 1e-2
-    assert check["tolerance"] == pytest.approx(rtol * check["max_magnitude"])
+    rtol = equivalence.RTOL[np.dtype(np.float32)] if inner == np.float64 else equivalence.rtol_for(inner)
+    assert check["rtol"] == rtol and bool(check["notes"]) == (inner != np.float64)  # the note says why
 
 
 def test_cast_between_conv_and_bn_is_left_alone():
@@ -329,7 +329,7 @@ def test_identity_branch_after_an_upcast_folds_in_float32():
     assert report.verification["ok"]
     # float16 input values, float32 arithmetic: the float32 tolerance
     (check,) = report.verification["outputs"]
-    assert check["tolerance"] == pytest.approx(1e-5 * check["max_magnitude"])
+    assert check["rtol"] == equivalence.RTOL[np.dtype(np.float32)] and not check["notes"]
 
 
 # --------------------------------------------------------------------------------------------
