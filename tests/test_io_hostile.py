@@ -440,6 +440,18 @@ def test_a_proto_with_external_references_reads_them_from_its_folder(case, tmp_p
     assert io.materialize(eager, base_dir=case.folder).SerializeToString() == onnx.load(case.path).SerializeToString()
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_optimize_reads_a_proto_s_external_data_from_base_dir(case, tmp_path, monkeypatch, verify):
+    monkeypatch.chdir(tmp_path)  # not the model's folder
+    (tmp_path / "w.bin").write_bytes(np.zeros_like(_W).tobytes())  # a decoy where the working folder would find it
+    before = case.header.SerializeToString()
+    out, _ = onnxrep.optimize(case.header, base_dir=case.folder, verify=verify)
+    want, _ = onnxrep.optimize(onnx.load(case.path), verify=verify)
+    assert case.header.SerializeToString() == before
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in out.graph.initializer)
+    assert out.SerializeToString() == want.SerializeToString()
+
+
 @pytest.mark.parametrize("escape", ESCAPES)
 def test_a_proto_pointing_outside_its_folder_is_refused_unopened(case, opened, escape):
     make, message = ESCAPES[escape]
