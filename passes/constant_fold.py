@@ -2,7 +2,8 @@
 
 Pattern. A node is foldable when it is deterministic, has no subgraph, and every input is a
 constant (initializer or Constant node) or the output of a foldable node; ``Shape`` and ``Size`` of
-a tensor whose shape is fully static are foldable too. A *frontier* tensor is a foldable node's
+a tensor whose shape is fully static (``ctx.shape``) are foldable too, their value taken from that
+shape. Identity nodes between foldable nodes go with them. A *frontier* tensor is a foldable node's
 output read by a node that is not foldable (or a graph output). Each frontier tensor is computed
 from the constants its subgraph reads and becomes an initializer. OREPA and ECB compute their
 kernels in ``forward`` (scaling, padding, summing parameters), and TorchScript exports leave
@@ -118,9 +119,11 @@ def _foldable(view: GraphView, ctx: Context) -> tuple[set[int], dict[str, np.nda
     return foldable, shapes
 
 
-def _closure(tensor: gs.Tensor, view: GraphView, foldable: set[int], shapes: dict[str, np.ndarray]) -> list[gs.Node]:
+def _closure(
+    tensor: gs.Tensor, view: GraphView, foldable: set[int], shapes: dict[str, np.ndarray], order: dict[int, int]
+) -> list[gs.Node]:
     """The nodes that compute ``tensor`` from constants, Identity nodes between them included, in
-    graph order."""
+    graph order (``order``: node id -> position)."""
     needed: dict[int, gs.Node] = {}
     stack = [tensor]
     while stack:
@@ -136,7 +139,7 @@ def _closure(tensor: gs.Tensor, view: GraphView, foldable: set[int], shapes: dic
         needed[id(node)] = node
         if not (node.op in (ops.SHAPE, ops.SIZE) and node.outputs[0].name in shapes):
             stack.extend(i for i in node.inputs if i is not None and i.name)
-    return [n for n in view.graph.nodes if id(n) in needed]
+    return sorted(needed.values(), key=lambda n: order[id(n)])
 
 
 def _external_constants(c: Candidate, view: GraphView) -> dict[str, np.ndarray]:
@@ -181,8 +184,9 @@ def _initializer(name: str, value: np.ndarray) -> onnx.TensorProto:
 
 def _subgraph_model(group: list[Candidate], view: GraphView, ctx: Context) -> onnx.ModelProto:
     """One model computing every tensor of ``group`` from its constants (initializers)."""
-    ids = {id(n) for c in group for n in c.nodes}
-    nodes = [n for n in view.graph.nodes if id(n) in ids]
+    nodes = list({id(n): n for c in group for n in c.nodes}.values())
+    order = {id(n): i for i, n in enumerate(view.graph.nodes)}
+    nodes.sort(key=lambda n: order[id(n)])
     values: dict[str, np.ndarray] = {}
     for c in group:
         values.update(_external_constants(c, view))
@@ -386,6 +390,7 @@ class ConstantFold:
         foldable, shapes = _foldable(view, ctx)
         batch = _Batch()
         matches = []
+        order = {id(n): i for i, n in enumerate(view.graph.nodes)}
         for node in view.graph.nodes:
             if id(node) not in foldable:
                 continue
@@ -394,7 +399,7 @@ class ConstantFold:
                     continue
                 users = view.users(out)
                 if view.escapes(out) or any(id(u) not in foldable for u in users):
-                    nodes = _closure(out, view, foldable, shapes)
+                    nodes = _closure(out, view, foldable, shapes, order)
                     sub = {n.outputs[0].name: shapes[n.outputs[0].name] for n in nodes if n.outputs[0].name in shapes}
                     c = Candidate(out, nodes, sub, batch)
                     batch.candidates.append(c)
