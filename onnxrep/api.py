@@ -174,20 +174,18 @@ def optimize(
     check = Check(seeds, dims, tuple(inputs), rtol, atol)
     check_options(only, skip, on_mismatch, tolerance, check if verify else None)
     if isinstance(model_or_path, onnx.ModelProto):
+        # a copy whose external initializers are read when needed, when it has any
         model = io.from_proto(model_or_path, base_dir)
-        lazy = model is not model_or_path  # a copy whose external initializers are read when needed
     else:
         # without verification the input's weights are needed only where a pass reads them: they
         # stay in the file until then, and the result gets the untouched ones from there at the end
-        lazy = not verify
-        model = io.load(model_or_path, lazy=lazy)[0]
+        model = io.load(model_or_path, lazy=not verify)[0]
     if verify:
         check_model_args(model, check)
     options = Options(allow_cost_increase=allow_cost_increase, tolerance=tolerance)
     out, report = run(model, only, skip, options, verify=check if verify else None, on_mismatch=on_mismatch, progress=progress)
-    if lazy:
-        del model
-        io.materialize(out)
+    del model
+    io.materialize(out)  # lazy references (from a file or a ModelProto) read in; nothing else
     return out, report
 
 
