@@ -71,8 +71,9 @@ class PassReport:
             counts[cond] = counts.get(cond, 0) + 1
         return counts
 
-    def to_dict(self) -> dict:
-        return {
+    def to_dict(self, timings: bool = True) -> dict:
+        """The pass's figures; ``timings=False`` leaves out ``seconds`` (for comparing two runs)."""
+        d = {
             "name": self.name,
             "matched": self.matched,
             "rewritten": self.rewritten,
@@ -82,8 +83,10 @@ class PassReport:
             "skips": [{"candidate": k, "reason": v} for k, v in self.skipped.items()],
             "macs_delta": self.macs_delta,
             "params_delta": self.params_delta,
-            "seconds": round(self.seconds, 6),
         }
+        if timings:
+            d["seconds"] = round(self.seconds, 6)
+        return d
 
 
 @dataclass
@@ -109,11 +112,13 @@ class Report:
     def passes_seconds(self) -> float:
         return sum(p.seconds for p in self.passes)
 
-    def to_dict(self) -> dict:
-        return {
+    def to_dict(self, timings: bool = True) -> dict:
+        """The report as JSON-ready data; ``timings=False`` leaves out the seconds per pass and in
+        all, which differ from run to run (for comparing two runs)."""
+        d = {
             "rounds": self.rounds,
             "rewritten": self.rewritten,
-            "passes": [p.to_dict() for p in self.passes],
+            "passes": [p.to_dict(timings) for p in self.passes],
             "ops_before": self.ops_before,
             "ops_after": self.ops_after,
             "cost_before": self.cost_before.to_dict(),
@@ -121,10 +126,12 @@ class Report:
             "verification": self.verification,
             "body_ops_before": self.body_ops_before,
             "body_ops_after": self.body_ops_after,
-            "passes_seconds": round(self.passes_seconds, 6),
             "left_out_for_cost": sorted(self.left_out_for_cost),
             "runs": self.runs,
         }
+        if timings:
+            d["passes_seconds"] = round(self.passes_seconds, 6)
+        return d
 
 
 def available_passes() -> dict[str, type]:
