@@ -100,3 +100,6 @@ ARGMIN = "ArgMin"
 NON_MAX_SUPPRESSION = "NonMaxSuppression"
 COMPARISONS = frozenset({"Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual"})
 SELECTION_OPS = frozenset({TOPK, ARGMAX, ARGMIN, NON_MAX_SUPPRESSION}) | COMPARISONS
+# region checks: scatters with constant indices are affine in their data and updates
+SCATTER_ND = "ScatterND"
+SCATTER_ELEMENTS = "ScatterElements"
