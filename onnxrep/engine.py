@@ -159,19 +159,16 @@ def _all_names(graph: gs.Graph) -> set[str]:
     return names
 
 
-def _apply(graph: gs.Graph, plan: Plan, ctx: Context) -> tuple[list[gs.Node], list[gs.Node]]:
-    """Apply ``plan``; returns (the nodes created, the nodes that used to produce the target)."""
+def _apply(graph: gs.Graph, plan: Plan, ctx: Context, old_macs: dict[int, int]) -> tuple[list[gs.Node], list[gs.Node]]:
+    """Apply ``plan``; returns (the nodes created, the nodes that used to produce the target).
+    ``old_macs`` gets the MACs of those old producers, counted while they still produce it."""
     # detach the target from its old producer in place: a placeholder takes its slot, so that the
-    # producer's other outputs (Split, BatchNormalization statistics) keep their positions; it has
-    # the target's shape, so that the old producer's cost can still be counted
+    # producer's other outputs (Split, BatchNormalization statistics) keep their positions
     old = list(plan.target.inputs)
-    shape = ctx.shape(plan.target)
     for node in old:
+        old_macs.setdefault(id(node), _node_macs(node, ctx))
         slot = next(i for i, t in enumerate(node.outputs) if t is plan.target)
-        node.outputs[slot] = gs.Variable(
-            f"{plan.target.name}.detached.{id(node)}", dtype=plan.target.dtype,
-            shape=list(shape) if shape is not None else None,
-        )
+        node.outputs[slot] = gs.Variable(f"{plan.target.name}.detached.{id(node)}", dtype=plan.target.dtype)
     if plan.constant is not None:
         plan.target.to_constant(plan.constant)
     created = []
@@ -268,11 +265,12 @@ class _Charge:
 
 
 def _charge(created: list[gs.Node], old: list[gs.Node], plans: list[Plan], ctx: Context, view: GraphView,
-            dead: set[int], counted: set[int]) -> _Charge:
+            dead: set[int], counted: set[int], old_macs: dict[int, int]) -> _Charge:
     """The cost of a just-applied group of plans: its new nodes and new float initializers, less the
     nodes that are now dead (nothing live reads them, and they are no graph output) and the
     initializers only dead nodes read. ``dead`` and ``counted`` (initializers charged or refunded)
-    carry over between the groups of one pass, so a node is refunded once."""
+    carry over between the groups of one pass, so a node is refunded once. ``old_macs``: the MACs
+    of the nodes that produced a target, counted before they were detached from it."""
     new_ids = {id(n) for n in created}
     macs = sum(_node_macs(n, ctx) for n in created)
     params = sum(_constant_node_weights(n) for n in created)
@@ -293,7 +291,7 @@ def _charge(created: list[gs.Node], old: list[gs.Node], plans: list[Plan], ctx: 
         if any(view.escapes(t) or any(id(u) not in dead for u in t.outputs) for t in node.outputs):
             continue
         dead.add(id(node))
-        macs -= _node_macs(node, ctx)
+        macs -= old_macs[id(node)] if id(node) in old_macs else _node_macs(node, ctx)
         params -= _constant_node_weights(node)
         for t in node.inputs:
             if isinstance(t, gs.Constant):
@@ -399,12 +397,12 @@ def _optimize_scope(
             counted: set[int] = set()
             for key, group in plans:
                 output, inputs = _region(group, view)
-                created, old = [], []
+                created, old, old_macs = [], [], {}
                 for plan in group:
-                    made, before = _apply(graph, plan, ctx)
+                    made, before = _apply(graph, plan, ctx, old_macs)
                     created += made
                     old += before
-                charge = _charge(created, old, group, ctx, view, dead, counted)
+                charge = _charge(created, old, group, ctx, view, dead, counted, old_macs)
                 if key in state.charges:  # the same candidate rewritten again in a later round
                     before = state.charges[key]
                     state.charges[key] = _Charge(before.macs + charge.macs, before.params + charge.params, before.names + charge.names)
