@@ -68,7 +68,8 @@ class Candidate:
     batch: "_Batch | None" = None  # the round's candidates, evaluated together
     result: np.ndarray | Exception | None = None  # the evaluation, once made
     kind: str = ""  # the runtime's type of the value ("tensor(float)", "seq(tensor(float))", ...)
-    constants: dict[str, np.ndarray] | None = None  # the constants its subgraph reads
+    constants: dict[str, int] | None = None  # the constants its subgraph reads: name -> bytes
+    inputs: dict[str, gs.Tensor] = field(default_factory=dict)  # and those tensors, by name
 
 
 @dataclass
@@ -142,18 +143,20 @@ def _closure(
     return sorted(needed.values(), key=lambda n: order[id(n)])
 
 
-def _external_constants(c: Candidate, view: GraphView) -> dict[str, np.ndarray]:
-    """The constants the subgraph reads, by the name it reads them under."""
+def _external_constants(c: Candidate, view: GraphView) -> dict[str, int]:
+    """The constants the subgraph reads, by the name it reads them under, with their sizes in
+    bytes (the values themselves are read from ``view`` when needed, not held)."""
     if c.constants is None:
         produced = {o.name for n in c.nodes for o in n.outputs}
-        feeds = {}
+        tensors = {}
         for node in c.nodes:
             if node.outputs[0].name in c.shapes:
                 continue
             for t in node.inputs:
-                if t is not None and t.name and t.name not in produced and t.name not in feeds:
-                    feeds[t.name] = np.asarray(view.constant(t))
-        c.constants = feeds
+                if t is not None and t.name and t.name not in produced and t.name not in tensors:
+                    tensors[t.name] = t
+        c.constants = {name: int(np.asarray(view.constant(t)).nbytes) for name, t in tensors.items()}
+        c.inputs = tensors
     return c.constants
 
 
@@ -187,14 +190,18 @@ def _subgraph_model(group: list[Candidate], view: GraphView, ctx: Context) -> on
     nodes = list({id(n): n for c in group for n in c.nodes}.values())
     order = {id(n): i for i, n in enumerate(view.graph.nodes)}
     nodes.sort(key=lambda n: order[id(n)])
-    values: dict[str, np.ndarray] = {}
+    inits: list[onnx.TensorProto] = []
+    written: set[str] = set()
     for c in group:
-        values.update(_external_constants(c, view))
-        values.update(c.shapes)
+        _external_constants(c, view)
+        for name, value in [*((k, t) for k, t in c.inputs.items()), *c.shapes.items()]:
+            if name not in written:
+                written.add(name)
+                inits.append(_initializer(name, value if isinstance(value, np.ndarray) else view.constant(value)))
     known = {k for c in group for k in c.shapes}  # Shape/Size values: initializers, not nodes
     protos = [OnnxExporter.export_node(n) for n in nodes if n.outputs[0].name not in known]
     outputs = [helper.make_value_info(c.tensor.name, onnx.TypeProto()) for c in group]
-    graph = helper.make_graph(protos, "constant_fold", [], outputs, [_initializer(k, v) for k, v in values.items()])
+    graph = helper.make_graph(protos, "constant_fold", [], outputs, inits)
     model = helper.make_model(graph, opset_imports=list(ctx.opsets))
     model.ir_version = max(runtime_ir_version(), 3)
     return model
@@ -243,11 +250,11 @@ def _groups(batch: list[Candidate], view: GraphView) -> list[list[Candidate]]:
     size = 0
     for c in batch:
         own = _external_constants(c, view)
-        extra = sum(v.nbytes for k, v in own.items() if k not in seen)
+        extra = sum(n for k, n in own.items() if k not in seen)
         if groups and size + extra > GROUP_BYTES:
             groups.append([])
             seen, size = set(), 0
-            extra = sum(v.nbytes for v in own.values())
+            extra = sum(own.values())
         if not groups:
             groups.append([])
         groups[-1].append(c)
@@ -298,7 +305,7 @@ def _check_tensor(c: Candidate, view: GraphView, ctx: Context) -> str | None:
 
 def _nbytes(c: Candidate, view: GraphView, ctx: Context) -> tuple[int, int]:
     """(bytes of the constants read, bytes of the result if its shape and type are known or -1)."""
-    read = sum(v.nbytes for v in _external_constants(c, view).values())
+    read = sum(_external_constants(c, view).values())
     shape, dtype = ctx.shape(c.tensor), _declared_dtype(c, ctx)
     if shape is None or not all(isinstance(d, int) for d in shape) or dtype is None:
         return read, -1
