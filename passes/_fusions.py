@@ -13,6 +13,13 @@ before optimizing. The passes that absorb affine nodes (``affine-fold``, ``linea
 ``runtime_fusion``, lifted by ``--allow-cost-increase``) when a rewrite takes some members of a
 matched pattern but not all of them.
 
+Sources: onnxruntime ``onnxruntime/core/optimizer/`` (microsoft/onnxruntime; fusions at level 2,
+registered for the CPU in ``graph_transformer_utils.cc``; constants compared by
+``optimizer_utils::IsInitializerWithExpectedValue`` in ``utils.cc``), OpenVINO
+``src/common/transformations/src/transformations/common_optimizations/`` (openvinotoolkit/openvino;
+constants by ``op::util::has_constant_value``). Each pattern that onnxruntime fuses is checked
+against onnxruntime's own optimized graph in ``tests/test_fusions.py``.
+
 Catalogue (``x`` is the pattern's input; binary ops match with their operands in either order
 unless noted; every intermediate result is read only by the next step and is no graph output, as
 onnxruntime requires; a constant is one element, for onnxruntime of rank 0 or shape ``[1]``):
@@ -30,9 +37,9 @@ onnxruntime requires; a constant is one element, for onnxruntime of rank 0 or sh
     (onnxruntime formula 1, OpenVINO GeluFusionWithTanhNoPower) or
     ``Mul(Add(Mul(Pow(x, 3), 0.044715), x), 0.7978845834732056)`` (onnxruntime formula 2, OpenVINO
     GeluFusionWithTanh); then ``t = Tanh(u)``, ``a = Add(t, 1)`` and ``Mul(a, Mul(x, 0.5))`` (both
-    runtimes) or ``Mul(x, Mul(a, 0.5))`` (OpenVINO). onnxruntime's tolerance as above and, on the CPU,
-    float32 only, the result no graph output; OpenVINO: 0.044715 within 0.001, sqrt(2/pi) within 0.01. TorchScript's own tanh
-    GELU (``x*x*x``, the 0.5 applied last) is matched by neither runtime.
+    runtimes) or ``Mul(x, Mul(a, 0.5))`` (OpenVINO). onnxruntime: the tolerance above, on the CPU
+    float32 only, and the result no graph output; OpenVINO: 0.044715 within 0.001, sqrt(2/pi) within
+    0.01. TorchScript's own tanh GELU (``x*x*x``, the 0.5 applied last) is matched by neither.
     onnxruntime: ``fast_gelu_fusion.cc``; OpenVINO: ``gelu_fusion.cpp``.
 ``HardSwish`` -> OpenVINO ``HSwish`` (onnxruntime fuses no HardSwish decomposition)
     ``Mul(x, Min(Relu(Add(x, 3)), 6))`` then ``Div(6)`` or ``Mul(1/6)`` (HSwishFusionWithReluDiv /
@@ -41,10 +48,11 @@ onnxruntime requires; a constant is one element, for onnxruntime of rank 0 or sh
     0.5 (HSwishFusionWithHSigmoid). OpenVINO: ``hswish_fusion.cpp``.
 ``HardSigmoid`` -> OpenVINO ``HSigmoid``
     ``Min(Relu(Add(x, 3)), 6)`` or ``Clip(Add(x, 3), 0, 6)``, then ``Div(6)`` or ``Mul(1/6)``; or
-    ``Div(Min(Max(Add(x, 3), 0), 6), 6)``. OpenVINO: ``hsigmoid_fusion.cpp``. Catalogued but never protected: its
-    members besides the clamp are affine maps, and folding them into the neighbouring Convs leaves
-    the clamp alone, which both runtimes run as the Conv's activation (onnxruntime
-    ``conv_activation_fusion.cc`` takes Clip and Relu; it has no HardSigmoid decomposition fusion).
+    ``Div(Min(Max(Add(x, 3), 0), 6), 6)``. OpenVINO: ``hsigmoid_fusion.cpp``. Catalogued but never
+    protected: its members besides the clamp are affine maps, and folding them into the Convs
+    around it leaves the clamp alone, which both runtimes run as the Conv's activation
+    (onnxruntime's ``conv_activation_fusion.cc`` takes Relu, Clip with constant bounds, Sigmoid,
+    Tanh, LeakyRelu and HardSigmoid on the CPU; it has no HardSigmoid decomposition fusion).
 ``SiLU / Swish`` -> onnxruntime ``QuickGelu`` (com.microsoft), OpenVINO ``Swish``
     ``Mul(x, Sigmoid(x))`` or ``Mul(x, Sigmoid(Mul(x, alpha)))`` with any scalar alpha (onnxruntime
     ``quick_gelu_fusion.cc``; OpenVINO SwishFusionWithSigmoid / ...WithSigmoidWithBeta), and

@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
 
 from graphs import Builder, histogram
 from test_parallel_merge import assert_equivalent
