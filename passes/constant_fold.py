@@ -60,7 +60,7 @@ TENSOR_TYPE = "tensor_type"  # graphsurgeon's kind of a value declared as a tens
 NOT_A_TENSOR = np.zeros(0)  # the result of a value the runtime types as no tensor (``tensor_value``)
 
 
-@dataclass
+@dataclass(eq=False)
 class Candidate:
     tensor: gs.Variable
     nodes: list[gs.Node]  # the subgraph computing it, in graph order
@@ -271,8 +271,6 @@ def _evaluate(c: Candidate, view: GraphView, ctx: Context) -> np.ndarray | Excep
         if batch is not None and not batch.done:
             batch.done = True
             pending = [d for d in batch.candidates if d.result is None and (d is c or _worth_evaluating(d, view, ctx))]
-            if c not in pending:
-                pending.insert(0, c)
         for group in _groups(pending, view):
             _run(group, view, ctx)
     return c.result
