@@ -592,7 +592,7 @@ def _rms_norm(view: GraphView, pw: gs.Node) -> list[Fusion]:
     tail = _scale_tail(view, div, with_bias=False)
     if tail is None:
         return []
-    return [Fusion("RMSNorm", ops.FUSED_SIMPLIFIED_LAYER_NORM, (ORT,), (pw, mean, eps, sqrt, div, tail[0]), x)]
+    return [Fusion("root-mean-square norm (RMSNorm)", ops.FUSED_SIMPLIFIED_LAYER_NORM, (ORT,), (pw, mean, eps, sqrt, div, tail[0]), x)]
 
 
 _ANCHORS = {

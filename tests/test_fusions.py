@@ -303,7 +303,7 @@ def test_rms_norm(swap, tmp_path):
     q = b.node("Div", ["x", b.node("Sqrt", [b.node("Add", [var, scalar(b, 1e-6)])])])
     model = b.model(pair(b, "Mul", q, b.const(np.linspace(0.5, 1.5, 16)), swap))
     (f,) = fusions(model)
-    assert (f.pattern, f.fused_op, len(f.nodes)) == ("RMSNorm", "SimplifiedLayerNormalization", 6)
+    assert (f.pattern, f.fused_op, len(f.nodes)) == ("root-mean-square norm (RMSNorm)", "SimplifiedLayerNormalization", 6)
     assert count_fused(model, tmp_path, "SimplifiedLayerNormalization") == 1
 
 
@@ -437,6 +437,20 @@ def test_linear_affine_keeps_gelu_and_layer_norm(norm, tmp_path):
     folded, report = onnxrep.optimize(model, passes=["linear-affine"], allow_cost_increase=True)
     assert report.rewritten >= 1 and len(folded.graph.node) < len(model.graph.node)
     assert_equivalent(model, folded, b.feeds())
+
+
+def test_linear_affine_keeps_rms_norm_scale(tmp_path):
+    b = Builder(input_shape=TOKENS)
+    rng = np.random.default_rng(6)
+    var = b.node("ReduceMean", [b.node("Pow", ["x", scalar(b, 2.0)])], axes=[-1])
+    q = b.node("Div", ["x", b.node("Sqrt", [b.node("Add", [var, scalar(b, 1e-6)])])])
+    t = b.node("Mul", [q, b.const(rng.uniform(0.5, 1.5, 16))])
+    model = b.model(b.node("MatMul", [t, b.const(rng.standard_normal((16, 8)) / 4)]))
+    out, report = onnxrep.optimize(model, passes=["linear-affine"])
+    assert histogram(out) == histogram(model)
+    (reason,) = report.passes[0].skipped.values()
+    assert "is the last step of a root-mean-square norm (RMSNorm) that onnxruntime fuses into one SimplifiedLayerNormalization kernel" in reason
+    assert count_fused(out, tmp_path, "SimplifiedLayerNormalization") == 1
 
 
 def test_parallel_merge_condition():
