@@ -65,6 +65,7 @@ def test_repvgg_fold_is_proven_by_spanning_probes(folded):
         assert c.ok and c.status == "equal" and c.proven, c.to_dict()
         assert c.method == "spanning probes (257)"  # 1 x 4 x 8 x 8 inputs + the zero probe
         assert c.probes > 257 and c.max_rel_error < 1e-5
+        assert "spanning probes in batches of 257" in c.note
         assert c.to_dict()["proven"] is True
 
 
@@ -214,17 +215,46 @@ def test_superseded_region():
     assert checks["parallel-merge"].proven and checks["parallel-merge"].status == "equal"
 
 
-def test_region_whose_start_a_later_rewrite_moved_is_superseded():
-    """A region from h to y, where the optimized model now computes y from x directly."""
+def bn_conv():
+    """``y = Conv(BN(x))``: affine-fold writes ``y = Conv'(x)``, and ``h = BN(x)`` is gone."""
     b = Builder(C, spatial=SHAPE[2:], seed=6)
     h = b.bn("x", C)
     y = b.conv(h, C, C, 1)
     model = b.model(y)
-    out, _ = engine.run(model)
-    assert [n.op_type for n in out.graph.node] == ["Conv"]
-    [check] = check_regions(model, out, [Region([y], [h], None, "late")])
-    assert check.status == "superseded" and check.ok
-    assert "past its inputs" in check.note
+    out, report = engine.run(model)
+    assert [n.op_type for n in out.graph.node] == ["Conv"] and out.graph.node[0].input[0] == "x"
+    return model, out, report, h, y
+
+
+def test_region_whose_input_a_later_rewrite_consumed_is_superseded():
+    model, out, _, h, y = bn_conv()
+    checks = by_key(check_regions(model, out, [Region([y], [h], None, "early"), Region([y], ["x"], None, "later")]))
+    assert checks["early"].status == "superseded" and checks["early"].ok
+    assert f"'{h}' is no longer in the optimized model" in checks["early"].note
+    assert checks["later"].status == "equal" and checks["later"].proven
+
+
+def test_region_that_lost_an_input_no_other_region_explains_differs():
+    model, out, _, h, y = bn_conv()
+    [check] = check_regions(model, out, [Region([y], [h], None, "alone")])
+    assert check.status == "differs" and not check.ok
+    assert f"input '{h}' is no longer in the optimized model" in check.note
+
+
+def test_region_read_past_its_start():
+    """The optimized model still computes h (a graph output) but y no longer reads it."""
+    model, out, _, h, y = bn_conv()
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    for m in (model, out):
+        m.graph.output.append(helper.make_tensor_value_info(h, TensorProto.FLOAT, SHAPE))
+    out.graph.node.insert(0, bn)
+    out.graph.initializer.extend(t for t in model.graph.initializer if t.name in bn.input)
+    [alone] = check_regions(model, out, [Region([y], [h], None, "alone")])
+    assert alone.status == "unchecked" and not alone.ok and not alone.proven
+    assert f"reads past '{h}' and no other region computes it" in alone.note
+    checks = by_key(check_regions(model, out, [Region([y], [h], None, "early"), Region([y], ["x"], None, "later")]))
+    assert checks["early"].status == "superseded"
+    assert checks["later"].status == "equal" and checks["later"].proven
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +376,11 @@ def test_affine_reason():
     assert "training" in regions.affine_reason([training], ["x"])
     weight_input = helper.make_node("Conv", ["w", "x"], ["y"])
     assert "parameter" in regions.affine_reason([weight_input], ["x"])
+    ring = helper.make_node("ScatterND", ["x", "idx", "values"], ["y"])  # DBB's padding ring: constant writes
+    assert regions.affine_reason([ring], ["x"]) is None
+    assert "indices" in regions.affine_reason([ring], ["x", "idx"])
+    multiply = helper.make_node("ScatterND", ["x", "idx", "values"], ["y"], reduction="mul")
+    assert "reduces by" in regions.affine_reason([multiply], ["x"])
     shape = helper.make_node("Shape", ["x"], ["s"])
     reshape = helper.make_node("Reshape", ["x", "s"], ["r"])
     assert regions.affine_reason([shape, reshape], ["x"]) is None  # a shape is no value
@@ -379,3 +414,61 @@ def test_probes_hit_every_border_position():
     assert len(np.unique(index)) == index.size
     assert np.abs(probes["normal seed 0 x1000"]["x"]).max() > 100
     assert not np.any(probes["zeros"]["x"])
+
+
+def flat_head(shape_values, bias_in_gemm: bool) -> onnx.ModelProto:
+    """``Gemm(Reshape(Conv(x), shape))`` (+ a bias after it, or in the Gemm)."""
+    b = Builder(C, spatial=(4, 4), seed=11)
+    y = b.node("Reshape", [b.conv("x", C, C, 3), b.const_int(shape_values)])
+    w = b.rng.standard_normal((C * 16, 5)) / 8
+    bias = b.rng.standard_normal(5)
+    if bias_in_gemm:
+        y = b.node("Gemm", [y, b.const(w), b.const(bias)])
+    else:
+        y = b.add(b.node("Gemm", [y, b.const(w)]), b.const(bias))
+    model = b.model(y)
+    out_name = model.graph.output[0].name
+    return model, out_name
+
+
+def test_batch_reason():
+    model, _ = flat_head([-1, C * 16], True)
+    zero = {"x": np.zeros([1, C, 4, 4], np.float32)}
+    assert regions.batch_reason(model, ["x"], regions._trace(model, zero)) is None
+    model, _ = flat_head([1, -1], True)
+    assert "Reshape" in regions.batch_reason(model, ["x"], regions._trace(model, zero))
+    b = Builder(1, spatial=(4, 4))  # [1, 1, 4, 4]: the swap keeps the shape, not the batch axis
+    moved = b.model(b.node("Transpose", ["x"], perm=[1, 0, 2, 3]))
+    one = {"x": np.zeros([1, 1, 4, 4], np.float32)}
+    assert "moves the leading axis" in regions.batch_reason(moved, ["x"], regions._trace(moved, one))
+    b = Builder(C, spatial=(4, 4))
+    swapped = b.model(b.node("Transpose", ["x"], perm=[1, 0, 2, 3]))
+    assert "no leading batch axis" in regions.batch_reason(swapped, ["x"], regions._trace(swapped, zero))
+    b = Builder(C, spatial=(4, 4))
+    reduced = b.model(b.node("ReduceSum", ["x", b.const_int([0, 1])], keepdims=1))
+    assert "acts on the leading axis" in regions.batch_reason(reduced, ["x"], regions._trace(reduced, zero))
+    b = Builder(C, spatial=(4, 4))
+    kept = b.model(b.node("ReduceSum", ["x", b.const_int([2, 3])], keepdims=1))
+    assert regions.batch_reason(kept, ["x"], regions._trace(kept, zero)) is None
+
+
+@pytest.mark.parametrize("shape", [[-1, C * 16], [1, -1]])
+def test_spanning_probes_batched_or_one_by_one(shape):
+    original, y = flat_head(shape, False)
+    folded, y2 = flat_head(shape, True)
+    for node in folded.graph.node:  # the folded model computes the same tensor name
+        node.output[:] = [y if o == y2 else o for o in node.output]
+    folded.graph.output[0].name = y
+    [check] = check_regions(original, folded, [Region([y], ["x"], None, "head")])
+    assert check.ok and check.proven and check.method == "spanning probes (65)"
+    assert ("in batches of 65" if shape[0] == -1 else "one by one: Reshape") in check.note, check.note
+
+
+def test_batches_that_disagree_fall_back_to_single_runs(monkeypatch):
+    """With the op check forced to pass on a Reshape to [1, -1], the stacked probes come back as
+    one row: the check notices, and runs every spanning probe on its own."""
+    original, y = flat_head([1, -1], False)
+    monkeypatch.setattr(regions, "batch_reason", lambda *args: None)
+    [check] = check_regions(original, original, [Region([y], ["x"], None, "head")])
+    assert check.ok and check.proven and check.method == "spanning probes (65)"
+    assert "batched runs fail or disagree with single runs" in check.note
