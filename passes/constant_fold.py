@@ -293,6 +293,8 @@ def _check_tensor(c: Candidate, view: GraphView, ctx: Context) -> str | None:
     declared = _declared_kind(c)
     if declared != TENSOR_TYPE:
         return f"'{c.tensor.name}' is declared a {declared.replace('_type', '')}, not a tensor"
+    if not _worth_evaluating(c, view, ctx):
+        return None  # a tensor of a known size that ``no_growth`` declines: not computed at all
     value = _evaluate(c, view, ctx)
     if isinstance(value, Exception):
         return None  # reported by ``evaluates``

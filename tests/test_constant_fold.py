@@ -450,3 +450,18 @@ def test_groups_of_frontier_tensors_within_the_byte_budget(monkeypatch):
     out, report, folded = fold(model, X)
     assert report.rewritten == 7 and set(histogram(out)) == {"Add"}
     assert [len(m.graph.output) for m in calls if m.graph.name == "constant_fold"] == [3, 3, 1]
+
+
+def test_expand_into_a_large_constant_is_declined_without_computing_it(monkeypatch):
+    from onnxrep.passes import constant_fold
+
+    calls = []
+    real = constant_fold.reference_session
+    monkeypatch.setattr(constant_fold, "reference_session", lambda m: calls.append(m) or real(m))
+    nodes = [helper.make_node("Expand", ["c", "shape"], ["t"]), helper.make_node("Add", ["t", "x"], ["y"])]
+    model = _graph_model(nodes, {"c": np.ones((1, 4), np.float32), "shape": np.array([4096, 4], np.int64)},
+                         [helper.make_tensor_value_info("x", TP.FLOAT, [1])], [helper.make_tensor_value_info("y", TP.FLOAT, [4096, 4])], 13)
+    out, report = onnxrep.optimize(model, passes=["constant-fold"])
+    (reason,) = reasons(report, "constant-fold")
+    assert reason.startswith("no_growth: 't' would be a 65536-byte constant computed from")
+    assert not [m for m in calls if m.graph.name == "constant_fold"]
