@@ -472,3 +472,53 @@ def test_batches_that_disagree_fall_back_to_single_runs(monkeypatch):
     [check] = check_regions(original, original, [Region([y], ["x"], None, "head")])
     assert check.ok and check.proven and check.method == "spanning probes (65)"
     assert "batched runs fail or disagree with single runs" in check.note
+
+
+def test_region_starting_at_a_tensor_an_earlier_rewrite_made():
+    """A region whose input exists only in the optimized model starts where that tensor's own
+    computation starts in the original (here: at x)."""
+    b = Builder(C, spatial=SHAPE[2:], seed=12)
+    h = b.conv("x", C, C, 3)
+    z = b.relu(h)
+    model = b.model(z)
+    good = copy(model)
+    conv = only_conv(good, h)
+    conv.output[0] = "made.earlier"
+    good.graph.node.insert(1, helper.make_node("Identity", ["made.earlier"], [h]))
+    [check] = check_regions(model, good, [Region([z], ["made.earlier"], None, "late")])
+    assert check.status == "equal" and check.inputs == ["x"] and not check.proven  # Relu
+    bad = copy(good)
+    w = initializer(bad.graph, conv.input[1])
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.01), w.name))
+    [check] = check_regions(model, bad, [Region([z], ["made.earlier"], None, "late")])
+    assert check.status == "differs" and check.inputs == ["x"]
+
+
+def test_scan_body_is_checked_per_slice():
+    """A Scan body sees one slice of its scan input: its shape comes from the Scan's input at run
+    time, without the scan axis."""
+    b = Builder(C, spatial=SHAPE[2:], seed=13)
+    b._n = 400
+    y = repvgg(b, "slice")
+    body = helper.make_graph(
+        b.nodes, "body", [helper.make_tensor_value_info("slice", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], b.inits,
+    )
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "zero"], ["x1"]),
+        helper.make_node("Concat", ["x1", "x1"], ["stack"], axis=0),  # [2, 1, C, 8, 8]
+        helper.make_node("Scan", ["stack"], ["ys"], name="the_scan", body=body, num_scan_inputs=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "main", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info("ys", TensorProto.FLOAT, [2] + SHAPE)],
+        [numpy_helper.from_array(np.array([0], np.int64), "zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, report = engine.run(model)
+    regs = regions.regions_for(report, model, out)
+    assert [r.scope for r in regs if r.scope] == ["the_scan.body"]
+    [check] = [c for c in check_regions(model, out, regs) if c.scope]
+    assert check.ok and check.proven and check.method == "spanning probes (257)"
+    assert check.inputs == ["slice"]
