@@ -18,9 +18,13 @@ Shapes come from evidence, not from what a model declares:
   that disagrees with onnx gives an unknown dim); a dim onnx calls symbolic stays symbolic unless
   the runs give one name different values; a tensor whose shape changed makes every tensor computed
   from it that the runs did not observe unknown.
-* Otherwise (larger models, models onnxruntime cannot load or run, and always in subgraph bodies)
-  the pools' output shapes are recomputed with onnxruntime's exact formula (:func:`pool_output_size`),
-  and every shape computed from a corrected one becomes unknown.
+* Before that, and whether or not the model runs, the pools' output shapes are recomputed with
+  onnxruntime's exact formula (:func:`pool_output_size`): in the main graph, a pool whose output
+  onnx infers differently has that output made a graph input of the exact shape and inference runs
+  again from there (round by round, downstream pools after upstream ones); in subgraph bodies,
+  which cannot be cut so, the pool's output takes the exact shape and every shape computed from it
+  becomes unknown (as does every body tensor computed from an enclosing value whose shape changed).
+  Larger models and models onnxruntime cannot load or run get only this.
 
 Where a declared shape (``value_info``, graph outputs, a graph input's ``value_info``) contradicts
 the evidence, the contradiction is recorded (:class:`ShapeEvidence`, ``contradictions``).
@@ -114,8 +118,9 @@ def infer_evidence(model: onnx.ModelProto, runtime: bool = True) -> ShapeEvidenc
         names = set(runs[0])
         for run in runs[1:]:
             names &= set(run)
+        names -= {i.name for i in model.graph.initializer}
         for name in names:
-            if name in onnx_shapes and name not in {i.name for i in model.graph.initializer}:
+            if name in onnx_shapes:
                 settled = _settle_dims(onnx_shapes[name], [run[name] for run in runs])
                 observed.add(name)
                 if settled != onnx_shapes[name]:

@@ -424,3 +424,31 @@ def test_optimize_leaves_the_input_model_byte_for_byte():
         assert_same(model, out, feeds_x((1, 2, 4, 4)) | {"cond": np.array(cond)})
     onnxrep.optimize(model, verify=True)
     assert model.SerializeToString() == before
+
+
+# --------------------------------------------------------------------------------------------
+# auto_pad SAME where onnxruntime's padding is not the spec's
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="passes/_common.window_geometry resolves SAME with the spec's pads; "
+                   "onnxruntime pads negatively (windows start inside the input) when the kernel is 2+ "
+                   "smaller than the stride")
+def test_same_conv_with_a_kernel_smaller_than_the_stride_is_not_merged():
+    """Conv 1x1 stride 4 SAME_UPPER on 8: onnxruntime's pad_needed is -3, its head pad -1 (it reads
+    x[1], x[5]); the spec's pads are 0 (x[0], x[4]). A merge written with explicit pads must not use
+    the spec's."""
+    rng = np.random.default_rng(0)
+
+    def conv(x, w, y):
+        return helper.make_node("Conv", [x, w], [y], kernel_shape=[1, 1], strides=[4, 4], auto_pad="SAME_UPPER")
+
+    model = make(
+        [conv("x", "wa", "a"), conv("x", "wb", "b"), helper.make_node("Add", ["a", "b"], ["y"])],
+        [helper.make_tensor_value_info("x", F, ["N", 2, 8, 8])], [helper.make_tensor_value_info("y", F, [None] * 4)],
+        [const("wa", rng.standard_normal((3, 2, 1, 1)).astype(np.float32)),
+         const("wb", rng.standard_normal((3, 2, 1, 1)).astype(np.float32))],
+    )
+    out, _ = optimize(model, passes=["parallel-merge"])
+    for batch in (1, 2):
+        assert_same(model, out, feeds_x((batch, 2, 8, 8), batch))
