@@ -259,7 +259,7 @@ def _check_readers(c, view, ctx):
     if view.escapes(out):
         return f"tensor '{out.name}' is a graph output"
     for user in view.users(out):
-        if not is_op(user, *WINDOW_OPS) or view.source(user.inputs[0]) is not out:
+        if not is_op(user, *WINDOW_OPS) or any((view.source(t) is out) != (i == 0) for i, t in enumerate(user.inputs) if t is not None):
             return f"tensor '{out.name}' is also read by '{user.name}' ({user.op})"
     for outer, inner in zip(c.chain, c.chain[1:]):
         t = inner.outputs[0]

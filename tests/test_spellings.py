@@ -416,14 +416,20 @@ def test_same_conv(mode, k, d):
     assert all(a.name != "auto_pad" or a.s == b"NOTSET" for a in conv.attribute)
 
 
-def test_same_avgpool():
+@pytest.mark.parametrize("count_include_pad", [1, 0])
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+def test_same_avgpool(mode, count_include_pad):
+    """SAME on an AveragePool branch: explicit pads, asymmetric for the even kernel; padding not
+    counted stays not counted (and does not fold, in either spelling)."""
     b = Builder(C, spatial=(9, 10))
-    pool = b.node("AveragePool", ["x"], kernel_shape=[3, 3], auto_pad="SAME_UPPER", count_include_pad=1)
-    model = b.model(b.relu(b.sum([b.conv("x", C, C, 3), pool])))
+    pool = b.node("AveragePool", ["x"], kernel_shape=[2, 3], auto_pad=mode, count_include_pad=count_include_pad)
+    model = b.model(b.relu(b.sum([b.conv("x", C, C, (2, 3), pads=[0, 1, 1, 1] if mode == "SAME_UPPER" else [1, 1, 0, 1]), pool])))
     p = Builder(C, spatial=(9, 10))
-    plain = p.model(p.relu(p.sum([p.conv("x", C, C, 3), p.avgpool("x", 3, count_include_pad=1)])))
+    pads = [0, 1, 1, 1] if mode == "SAME_UPPER" else [1, 1, 0, 1]
+    pool = p.avgpool("x", (2, 3), pads=pads, count_include_pad=count_include_pad)
+    plain = p.model(p.relu(p.sum([p.conv("x", C, C, (2, 3), pads=pads), pool])))
     out, _ = assert_like_plain(model, plain, b.feeds())
-    assert histogram(out) == FOLDED
+    assert histogram(out) == (FOLDED if count_include_pad else {"Conv": 1, "AveragePool": 1, "Add": 1, "Relu": 1})
 
 
 def test_same_with_symbolic_size_declines():
