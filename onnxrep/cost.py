@@ -45,6 +45,9 @@ from .io import materialize, skeleton, tensor_bytes
 
 #: Models with at most this many bytes of tensor data run in onnxruntime to confirm their shapes.
 RUNTIME_EVIDENCE_BYTES = 64 << 20
+#: ... and when every tensor of its main graph, as inferred, holds at most this many bytes together
+#: at the larger of the two runs (symbolic dims at their value there, unknown dims counted as 1).
+RUNTIME_EVIDENCE_ACTIVATIONS = 512 << 20
 #: Values of symbolic input dims in the two runs: axis 0 (batch) and every other axis.
 RUN_DIMS = ((1, 32), (2, 37))
 
@@ -277,6 +280,9 @@ def _observe(model: onnx.ModelProto, elem: dict[str, int], onnx_shapes: dict) ->
     size = tensor_bytes(model)
     if size > RUNTIME_EVIDENCE_BYTES:
         return [], f"not run: {size} bytes of tensor data > {RUNTIME_EVIDENCE_BYTES}"
+    held = _activation_bytes(model, elem, onnx_shapes)
+    if held > RUNTIME_EVIDENCE_ACTIVATIONS:
+        return [], f"not run: its tensors would hold about {held} bytes > {RUNTIME_EVIDENCE_ACTIVATIONS}"
     run = onnx.ModelProto()
     run.CopyFrom(model)
     materialize(run)
@@ -322,6 +328,25 @@ def _observe(model: onnx.ModelProto, elem: dict[str, int], onnx_shapes: dict) ->
         if second is not None:
             runs.append(second)
     return runs, ""
+
+
+def _activation_bytes(model: onnx.ModelProto, elem: dict[str, int], shapes: dict) -> int:
+    batch, other = RUN_DIMS[1]
+    total = 0
+    for node in model.graph.node:
+        for name in node.output:
+            shape, kind = shapes.get(name), elem.get(name)
+            if shape is None or kind is None:
+                continue
+            try:
+                itemsize = helper.tensor_dtype_to_np_dtype(kind).itemsize
+            except Exception:  # noqa: BLE001 - a type numpy cannot hold
+                itemsize = 8
+            n = 1
+            for axis, d in enumerate(shape):
+                n *= d if isinstance(d, int) else (batch if axis == 0 and d is not None else other if d else 1)
+            total += n * itemsize
+    return total
 
 
 def _int_dims_differ(shape: tuple | None, seen: tuple) -> bool:
