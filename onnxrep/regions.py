@@ -22,7 +22,8 @@ inputs never take can pass it. Here every rewritten *region* is checked in isola
   Conv, Gemm and MatMul by constants, BatchNormalization in inference, sums, products and quotients
   by constants, pooling by averages, padding, scatters at constant indices, and the ops that only
   move elements) and the inputs
-  hold at most ``max_proof_elems`` float elements, both subgraphs are affine maps ``x -> A x + c``;
+  hold at most ``max_proof_elems`` float elements (and the ``N + 1`` runs below at most
+  ``max_proof_macs`` multiply-accumulates), both subgraphs are affine maps ``x -> A x + c``;
   the zero probe and every basis vector (``N + 1`` spanning probes) then give ``c`` and each column
   of ``A``, so outputs that agree on all of them agree everywhere, up to the rounding the tolerance
   admits. Such a region is ``proven`` (method ``spanning probes (N+1)``).
@@ -55,6 +56,7 @@ import onnx
 from onnx import helper, shape_inference
 
 from . import equivalence, ops
+from .cost import model_cost
 from .errors import first_line
 from .graph import _tensor_proto_array  # decodes lazily loaded initializers too
 from .io import skeleton
@@ -65,6 +67,8 @@ PROBES = ("zeros", "normal", "large", "index", "border", "model")
 BORDER_MAGNITUDE = 1e4
 #: Scale of the ``large`` probes.
 LARGE_SCALE = 1e3
+#: Largest work of a proof: MACs of both subgraphs (Conv, Gemm, MatMul) times the N + 1 probes.
+MAX_PROOF_MACS = 2e10
 
 EQUAL, DIFFERS, SUPERSEDED, UNCHECKED = "equal", "differs", "superseded", "unchecked"
 
@@ -116,6 +120,15 @@ class RegionCheck:
             "max_rel_error": self.max_rel_error,
             "note": self.note,
         }
+
+
+def summarize(checks: Sequence[RegionCheck]) -> dict:
+    """Counts of a list of checks: ``ok`` (all of them ok), ``regions``, ``proven``, and one count
+    per status (``equal``, ``differs``, ``superseded``, ``unchecked``)."""
+    out = {"ok": all(c.ok for c in checks), "regions": len(checks), "proven": sum(c.proven for c in checks)}
+    for status in (EQUAL, DIFFERS, SUPERSEDED, UNCHECKED):
+        out[status] = sum(c.status == status for c in checks)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,6 +817,7 @@ def check_regions(
     regions=None,
     *,
     max_proof_elems: int = 4096,
+    max_proof_macs: float = MAX_PROOF_MACS,
     rtol: float | None = None,
     atol: float | None = None,
     probes: Sequence[str] = PROBES,
@@ -871,7 +885,7 @@ def check_regions(
         if plan.status:
             continue
         _build_body(plan, outer, bodies_a[plan.scope], bodies_b[plan.scope], original, optimized, runtime, declared)
-    return [_check(plan, max_proof_elems, rtol, atol, probes, seeds) for plan in plans]
+    return [_check(plan, max_proof_elems, max_proof_macs, rtol, atol, probes, seeds) for plan in plans]
 
 
 def _runtime(model: onnx.ModelProto, names: list[str], graph: _Graph) -> tuple[dict[str, np.ndarray], str]:
@@ -1274,18 +1288,13 @@ def _spanning_label(specs: list[_Input], index: int) -> str:
     return f"basis {index}"
 
 
-def _spanning_pairs(plan: _Plan, sess_a, sess_b, outs_a, outs_b, prepare, close) -> tuple[object, str]:
+def _spanning_pairs(plan: _Plan, traces, sess_a, sess_b, outs_a, outs_b, prepare, close) -> tuple[object, str]:
     """The spanning probes' ``(label, ref, got)``, stacked into batches where both subgraphs keep
     the leading axis apart (checked on the ops, then on three probes against single runs), else
     one by one; and a note on how."""
     specs = plan.inputs
     singles = _pairs(sess_a, sess_b, outs_a, outs_b, _spanning(specs), prepare)
-    if plan.widened:
-        return singles, ""
-    try:
-        zero = {s.name: np.zeros(s.shape, dtype=s.dtype) for s in specs}
-        traces = [_trace(plan.model_a, zero), _trace(plan.model_b, zero)]
-    except Exception:  # noqa: BLE001 - the single runs report it
+    if plan.widened or traces is None:
         return singles, ""
     names = [s.name for s in specs]
     why = batch_reason(plan.model_a, names, traces[0]) or batch_reason(plan.model_b, names, traces[1])
@@ -1333,7 +1342,7 @@ class _BatchMismatch(Exception):
     pass
 
 
-def _check(plan: _Plan, max_proof_elems: int, rtol, atol, kinds, seeds) -> RegionCheck:
+def _check(plan: _Plan, max_proof_elems: int, max_proof_macs: float, rtol, atol, kinds, seeds) -> RegionCheck:
     names = [s.name for s in plan.inputs]
     result = RegionCheck(plan.key, plan.scope, plan.outputs, names, True, False, "", 0, 0.0, 0.0, plan.note)
     if plan.status:
@@ -1376,8 +1385,22 @@ def _check(plan: _Plan, max_proof_elems: int, rtol, atol, kinds, seeds) -> Regio
 
     floats = all(s.floating for s in plan.inputs) and plan.inputs
     n = sum(s.size for s in plan.inputs)
+    traces = None
     if floats and n <= max_proof_elems:
         reason = affine_reason(plan.nodes_a, names) or affine_reason(plan.nodes_b, names)
+        if reason is None and not plan.widened:
+            try:
+                zero = {s.name: np.zeros(s.shape, dtype=s.dtype) for s in plan.inputs}
+                traces = [_trace(plan.model_a, zero), _trace(plan.model_b, zero)]
+            except Exception:  # noqa: BLE001 - the probes report it
+                traces = None
+            if traces is not None:
+                macs = sum(
+                    model_cost(m, {k: tuple(v.shape) for k, v in t.items()}).macs
+                    for m, t in zip((plan.model_a, plan.model_b), traces)
+                )
+                if (n + 1) * macs > max_proof_macs:
+                    reason = f"{n + 1} spanning probes x {macs:.3g} MACs > {max_proof_macs:.3g}"
     else:
         reason = "integer or bool inputs" if not floats else f"{n} input elements > {max_proof_elems}"
     spanning = reason is None
@@ -1421,7 +1444,7 @@ def _check(plan: _Plan, max_proof_elems: int, rtol, atol, kinds, seeds) -> Regio
 
     try:
         if spanning:
-            first, how = _spanning_pairs(plan, sess_a, sess_b, outs_a, outs_b, prepare, close)
+            first, how = _spanning_pairs(plan, traces, sess_a, sess_b, outs_a, outs_b, prepare, close)
             try:
                 for block in first:
                     failed = compare(block, True)

@@ -100,6 +100,20 @@ def test_region_above_max_proof_elems_is_checked_but_not_proven(folded):
         assert c.ok and not c.proven
         assert c.method == f"probes ({c.probes})" and 0 < c.probes < 257
         assert "256 input elements > 255" in c.note
+    assert regions.summarize(checks) == {
+        "ok": True, "regions": 2, "proven": 0, "equal": 2, "differs": 0, "superseded": 0, "unchecked": 0,
+    }
+
+
+def test_region_above_max_proof_macs_is_checked_but_not_proven(folded):
+    model, out, report = folded
+    # the original block: 3x3 and 1x1 convs (4*4*(9+1)*64 MACs), the folded one: a 3x3 conv (4*4*9*64)
+    macs = 4 * 4 * 10 * 64 + 4 * 4 * 9 * 64
+    regs = regions.regions_for(report, model, out)
+    checks = check_regions(model, out, regs, max_proof_macs=257 * macs - 1)
+    assert all(c.ok and not c.proven for c in checks)
+    assert all(f"257 spanning probes x {macs:.3g} MACs" in c.note for c in checks)
+    assert all(c.proven for c in check_regions(model, out, regs, max_proof_macs=257 * macs))
 
 
 # --------------------------------------------------------------------------------------------
