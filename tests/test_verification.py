@@ -371,3 +371,12 @@ def test_argmax_near_tie():
 
     result = equivalence.compare(model(w), model(w_ulp))
     assert result.ok and any(n.startswith("tie: ArgMax 'argmax'") for n in result.outputs[0].notes)
+
+
+def test_integer_inputs_are_not_scaled():
+    vi = _vi("i", TensorProto.INT64, [4])
+    model = _model([helper.make_node("Identity", ["i"], ["y"])], [vi], [_vi("y", TensorProto.INT64, [4])])
+    assert equivalence.input_plan(model, 2) == [(0, 1, None), (1, 1, None)]
+    assert equivalence.progress_steps(2, model=model) == 2
+    result = equivalence.compare(model, model, seeds=2)
+    assert result.ok and len(result.input_sets) == 2 and result.summary().endswith("outputs equal")
