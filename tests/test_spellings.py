@@ -678,3 +678,44 @@ def test_dynamo_unoptimized_bias_free(tmp_path):
     assert histogram(out) == FOLDED, report.to_dict()["passes"]
     assert rewrites(report, "normalize-castlike")
     assert_matches_torch(out, block, (1, C, 9, 10))
+
+
+@pytest.mark.parametrize("family", ["repvgg", "acnet", "mobileone", "repghost"])
+def test_dynamo_unoptimized_families(family, tmp_path):
+    """Every training-time family exported by dynamo without its optimizer (bias-free convs with
+    computed zero biases) folds to the op histogram of the optimized export."""
+    pytest.importorskip("torch")
+    import torch_models as tm
+    from torch_export import assert_matches_torch, quiet, random_inputs
+
+    import torch
+
+    model, shape = tm.build(family)
+    xs = random_inputs(shape, 0)
+    outs = []
+    for opt in (False, True):
+        path = tmp_path / f"{opt}.onnx"
+        with quiet():
+            torch.onnx.export(model, xs, str(path), dynamo=True, optimize=opt, input_names=["x"], output_names=["y"])
+        outs.append(optimize(onnx.load(str(path)))[0])
+    assert histogram(outs[0]) == histogram(outs[1])
+    assert "BatchNormalization" not in histogram(outs[0])
+    assert_matches_torch(outs[0], model, shape)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="constant-fold no_growth: the zero bias Expand(0, [1100]) of a conv with more than 1024 "
+    "float32 output channels is a 4400-byte constant computed from 12 bytes",
+)
+def test_dynamo_unoptimized_wide_conv(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+    from torch import nn
+    from torch_export import quiet
+
+    block = nn.Sequential(nn.Conv2d(4, 1100, 1, bias=False), nn.BatchNorm2d(1100)).eval()
+    with quiet():
+        torch.onnx.export(block, (torch.randn(1, 4, 4, 4),), str(tmp_path / "m.onnx"), dynamo=True, optimize=False)
+    out, report = optimize(onnx.load(str(tmp_path / "m.onnx")))
+    assert histogram(out) == {"Conv": 1}, report.to_dict()["passes"]
