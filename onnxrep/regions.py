@@ -69,6 +69,8 @@ BORDER_MAGNITUDE = 1e4
 LARGE_SCALE = 1e3
 #: Largest work of a proof: MACs of both subgraphs (Conv, Gemm, MatMul) times the N + 1 probes.
 MAX_PROOF_MACS = 2e10
+#: Rounds of moving a region's start back (:func:`_grow`).
+MAX_GROWTH = 64
 
 EQUAL, DIFFERS, SUPERSEDED, UNCHECKED = "equal", "differs", "superseded", "unchecked"
 
@@ -714,10 +716,11 @@ def _superseded(plan: _Plan, why: str) -> _Plan:
     return plan
 
 
-def _plan_region(region: Region, a: _Graph, b: _Graph, original, optimized) -> tuple[_Plan, list[str]]:
+def _plan_region(region: Region, a: _Graph, b: _Graph, original, optimized, grow: bool = False) -> tuple[_Plan, list[str]]:
     """Extract the region from both models; the names whose runtime values are needed. Tensors of
     the region that the optimized model no longer has, or that its optimized subgraph reads past,
-    are left in ``plan.pending`` for :func:`_settle` (another region may cover them)."""
+    are left in ``plan.pending`` for :func:`_settle` (another region may cover them); with
+    ``grow``, the region's start moves back instead (:func:`_grow`)."""
     plan = _Plan(region.key or ",".join(region.output), None, list(region.output))
     if not region.output:
         return _superseded(plan, "the rewrite names no output"), []
@@ -731,7 +734,7 @@ def _plan_region(region: Region, a: _Graph, b: _Graph, original, optimized) -> t
             continue
         if name in values_a:
             inputs.append(name)
-            if name not in values_b:
+            if name not in values_b and not grow:
                 plan.pending.append(("input", name))
         elif name in values_b:  # made by an earlier rewrite: the region starts where that one did
             _, reached, _, free = b.walk([name], values_a)
@@ -750,6 +753,13 @@ def _plan_region(region: Region, a: _Graph, b: _Graph, original, optimized) -> t
     if gone:
         plan.pending.extend(("output", o) for o in gone)
         return plan, []
+    if grow:
+        plan.pending = []
+        inputs = _grow(plan, inputs, a, b)
+        if inputs is None:
+            return plan, []
+        nodes_a, reached_a, consts_a, _ = a.walk(region.output, set(inputs))
+        plan.covers = {o for n in nodes_a for o in n.output if o}
     nodes_b, reached_b, consts_b, free_b = b.walk(region.output, set(inputs))
     if free_b:
         bypassed = [n for n in reached_a if n not in reached_b] or free_b
@@ -759,31 +769,65 @@ def _plan_region(region: Region, a: _Graph, b: _Graph, original, optimized) -> t
     return plan, inputs
 
 
-def _settle(plans: list[_Plan]) -> None:
-    """Decide the regions with pending tensors: superseded when another region's original
-    subgraph computes each of them (that region covers this one's rewrite); otherwise a missing
-    output or a bypassed input leaves the region unchecked, and a missing input is fed anyway (the
-    optimized subgraph no longer reads it: the check shows whether that matters)."""
-    for plan in plans:
-        if plan.status or not plan.pending:
+def _grow(plan: _Plan, inputs: list[str], a: _Graph, b: _Graph) -> list[str] | None:
+    """Move the region's start back until it bounds both subgraphs: names the optimized subgraph
+    reads past the inputs join them, and inputs the optimized subgraph no longer reads that the
+    original computes from the other inputs leave them (the original subgraph then computes them,
+    as the rewrite that consumed them does). The new inputs, or None (``plan`` marked unchecked)."""
+    values_a = a.values()
+    inputs = list(inputs)
+    for _ in range(MAX_GROWTH):
+        nodes_b, reached_b, _, free_b = b.walk(plan.outputs, set(inputs))
+        outside = [n for n in free_b if n not in values_a]
+        if outside:
+            plan.status, plan.note = UNCHECKED, f"the optimized subgraph reads '{outside[0]}', which the original model does not have"
+            return None
+        inputs += [n for n in free_b if n not in inputs]
+        if free_b:
+            nodes_b, reached_b, _, free_b = b.walk(plan.outputs, set(inputs))
+        unused = [t for t in inputs if t not in reached_b]
+        derivable = [t for t in unused if not a.walk([t], set(inputs) - {t})[3]]
+        if not free_b and not derivable:
+            return inputs
+        inputs = [t for t in inputs if t not in derivable]
+        _, _, _, free_a = a.walk(plan.outputs, set(inputs))
+        inputs += [n for n in free_a if n not in inputs]
+    plan.status, plan.note = UNCHECKED, "the region's start does not settle"
+    return None
+
+
+def _settle(plans: list[_Plan], regions: dict, a: _Graph, b: _Graph, original, optimized, region_inputs: dict) -> None:
+    """Decide the regions with pending tensors (see :func:`_plan_region`): superseded when the
+    original subgraph of a region that is itself checked computes each of them (that region covers
+    this one's rewrite); otherwise a region whose output is gone is unchecked, and the others grow
+    (:func:`_grow`) to a start that bounds both subgraphs, and are checked so."""
+    checked = [p for p in plans if not p.status and not p.pending]
+    open_ = [p for p in plans if not p.status and p.pending]
+    changed = True
+    while changed:  # a grown region is checked too, and may cover others
+        changed = False
+        for plan in list(open_):
+            covered = [t for _, t in plan.pending if any(t in other.covers for other in checked)]
+            if len(covered) == len(plan.pending):
+                kind, name = plan.pending[0]
+                what = "is read past by the optimized subgraph" if kind == "bypassed" else "is no longer in the optimized model"
+                _superseded(plan, f"'{name}' {what}: a later rewrite consumed it (its region covers this one)")
+                open_.remove(plan)
+                changed = True
+    for plan in open_:
+        gone = [t for k, t in plan.pending if k == "output"]
+        if gone:
+            plan.status = UNCHECKED
+            plan.note = f"'{gone[0]}' is no longer in the optimized model and no checked region computes it"
             continue
-        covered = [t for _, t in plan.pending if any(t in other.covers for other in plans if other is not plan)]
         kind, name = plan.pending[0]
-        if len(covered) == len(plan.pending):
-            what = {"output": "is no longer in the optimized model", "input": "is no longer in the optimized model",
-                    "bypassed": "is read past by the optimized subgraph"}[kind]
-            _superseded(plan, f"'{name}' {what}: a later rewrite consumed it (its region covers this one)")
-            continue
-        rest = [(k, t) for k, t in plan.pending if t not in covered]
-        kind, name = rest[0]
-        if kind == "output":
-            plan.status = UNCHECKED
-            plan.note = f"'{name}' is no longer in the optimized model and no other region computes it"
-        elif kind == "bypassed":
-            plan.status = UNCHECKED
-            plan.note = f"the optimized subgraph reads past '{name}' and no other region computes it"
-        else:
-            plan.note = f"input '{name}' is no longer in the optimized model"
+        grown, inputs = _plan_region(regions[id(plan)], a, b, original, optimized, grow=True)
+        grown.key = plan.key
+        plan.__dict__.update(grown.__dict__)
+        region_inputs[id(plan)] = inputs
+        if not plan.status:
+            what = "read past" if kind == "bypassed" else "no longer in the optimized model"
+            plan.note = _join(plan.note, f"'{name}' is {what}: the region starts where the optimized subgraph does")
 
 
 def _plan_body(label: str, keys: list[str], bodies_a: dict, bodies_b: dict) -> tuple[_Plan, list[str], list[str]]:
@@ -833,6 +877,7 @@ def check_regions(
     a, b = _Graph(original.graph), _Graph(optimized.graph)
     plans: list[_Plan] = []
     region_inputs: dict[int, list[str]] = {}
+    by_plan: dict[int, Region] = {}
     body_keys: dict[str, list[str]] = {}
     seen: set[tuple] = set()
     for region in regions:
@@ -848,7 +893,8 @@ def check_regions(
         plan, inputs = _plan_region(region, a, b, original, optimized)
         plans.append(plan)
         region_inputs[id(plan)] = inputs
-    _settle(plans)
+        by_plan[id(plan)] = region
+    _settle(plans, by_plan, a, b, original, optimized, region_inputs)
     wanted = [n for plan in plans if not plan.status for n in region_inputs[id(plan)]]
     bodies_a = body_graphs(original) if body_keys else {}
     bodies_b = body_graphs(optimized) if body_keys else {}

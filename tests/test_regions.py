@@ -227,6 +227,10 @@ def test_superseded_region():
     assert gone.ok and gone.status == "superseded" and not gone.proven and gone.probes == 0
     assert f"'{chain}' is no longer in the optimized model" in gone.note
     assert checks["parallel-merge"].proven and checks["parallel-merge"].status == "equal"
+    # without the region that consumed it, a vanished output is not passed
+    [alone] = check_regions(model, out, regs[:1])
+    assert alone.status == "unchecked" and not alone.ok
+    assert "no checked region computes it" in alone.note
 
 
 def bn_conv():
@@ -248,11 +252,30 @@ def test_region_whose_input_a_later_rewrite_consumed_is_superseded():
     assert checks["later"].status == "equal" and checks["later"].proven
 
 
-def test_region_that_lost_an_input_no_other_region_explains_differs():
+def test_region_that_lost_an_input_no_other_region_explains_grows():
+    """Without the region that consumed h, the region moves its start back to where the optimized
+    subgraph starts (x), and is checked from there."""
     model, out, _, h, y = bn_conv()
     [check] = check_regions(model, out, [Region([y], [h], None, "alone")])
-    assert check.status == "differs" and not check.ok
-    assert f"input '{h}' is no longer in the optimized model" in check.note
+    assert check.status == "equal" and check.proven and check.inputs == ["x"]
+    assert f"'{h}' is no longer in the optimized model: the region starts where the optimized subgraph does" in check.note
+
+
+def test_region_that_dropped_a_term_differs():
+    """``y = Conv(x) + BN(u)``, wrongly rewritten to a Conv of x alone: the lost input BN(u) cannot
+    be computed from x, so it is fed as it was, and the difference shows."""
+    b = Builder(C, spatial=SHAPE[2:], seed=14)
+    b.inputs.append(helper.make_tensor_value_info("u", TensorProto.FLOAT, SHAPE))
+    t = b.bn("u", C)
+    y = b.add(b.conv("x", C, C, 3), t)
+    model = b.model(y)
+    bad = copy(model)
+    keep = [n for n in bad.graph.node if n.op_type == "Conv"]
+    keep[0].output[0] = y
+    del bad.graph.node[:]
+    bad.graph.node.extend(keep)
+    [check] = check_regions(model, bad, [Region([y], ["x", t], None, "dropped")])
+    assert check.status == "differs" and not check.ok and check.inputs == ["x", t]
 
 
 def test_region_read_past_its_start():
@@ -264,8 +287,8 @@ def test_region_read_past_its_start():
     out.graph.node.insert(0, bn)
     out.graph.initializer.extend(t for t in model.graph.initializer if t.name in bn.input)
     [alone] = check_regions(model, out, [Region([y], [h], None, "alone")])
-    assert alone.status == "unchecked" and not alone.ok and not alone.proven
-    assert f"reads past '{h}' and no other region computes it" in alone.note
+    assert alone.status == "equal" and alone.proven and alone.inputs == ["x"]
+    assert f"'{h}' is read past: the region starts where the optimized subgraph does" in alone.note
     checks = by_key(check_regions(model, out, [Region([y], [h], None, "early"), Region([y], ["x"], None, "later")]))
     assert checks["early"].status == "superseded"
     assert checks["later"].status == "equal" and checks["later"].proven
