@@ -5,33 +5,45 @@ wrong only at the border of a feature map, only for large values, or only in a b
 inputs never take can pass it. Here every rewritten *region* is checked in isolation:
 
 * **Regions.** A region is the subgraph that computes some tensors (``Region.output``, names the
-  rewrite kept) from others (``Region.inputs``: the non-constant tensors the new nodes read). It is
-  cut out of the original model and out of the optimized one (every node on a path from the inputs
-  and constants to the outputs; the inputs become graph inputs, with the shapes and element types
-  they have when the original model runs, not the declared ones, which may be stale), and both are
-  fed the same probes. A region whose outputs no longer exist in the optimized model, or whose
-  optimized subgraph now reads past its inputs, was consumed by a later rewrite: it is reported
-  ``superseded`` (the later region, or the whole model, covers it) rather than failed.
+  rewrite kept) from others (``Region.inputs``: the non-constant tensors the new nodes read; the
+  engine's report names both). It is cut out of the original model and out of the optimized one
+  (every node on a path from the inputs and constants to the outputs; the inputs become graph
+  inputs, with the shapes and element types they have when the original model runs on seeded
+  random inputs, not the declared ones, which may be stale), and both are fed the same probes.
+  An input that an earlier rewrite made (it is not in the original) is replaced by the original
+  tensors it is computed from.
+* **Superseded regions.** A later rewrite may consume a region: its output is gone from the
+  optimized model, or its start is (or is read past). When the original subgraph of another region
+  that is checked computes that tensor, the region is reported ``superseded``: that region covers
+  it. Otherwise a region whose output is gone is ``unchecked`` (and does not pass), and one whose
+  start moved grows back to where the optimized subgraph starts (inputs that the optimized
+  subgraph no longer reads and that the original computes from the other inputs leave the region)
+  and is checked from there; a lost input that cannot be computed from the others is fed as it
+  was, so that a dropped term shows.
 * **Probes** (:data:`PROBES`), for every float input at once: zeros; standard normal values (per
   seed) at x1 and x1000; an index ramp (every position a distinct value, so that a position mix-up
   shows); the border of the spatial axes (axes 2 and up; the last axis of a matrix) set to large
   distinct values (:data:`BORDER_MAGNITUDE`), over zeros and over normal noise, and each spatial
-  corner alone at that magnitude (a one-hot: what only a corner pixel sets off shows); and the values the original model computes there on seeded random inputs.
-  Integer and bool inputs keep the value the original model computes (shape tensors, indices).
+  corner alone at that magnitude (a one-hot: what only a corner pixel sets off shows); and the
+  values the original model computes there on seeded random inputs. Integer and bool inputs keep
+  the value the original model computes (shape tensors, indices).
 * **Proof.** When every node of both subgraphs is affine in the region inputs (:func:`affine_reason`:
   Conv, Gemm and MatMul by constants, BatchNormalization in inference, sums, products and quotients
   by constants, pooling by averages, padding, scatters at constant indices, and the ops that only
-  move elements) and the inputs
-  hold at most ``max_proof_elems`` float elements (and the ``N + 1`` runs below at most
-  ``max_proof_macs`` multiply-accumulates), both subgraphs are affine maps ``x -> A x + c``;
-  the zero probe and every basis vector (``N + 1`` spanning probes) then give ``c`` and each column
-  of ``A``, so outputs that agree on all of them agree everywhere, up to the rounding the tolerance
-  admits. Such a region is ``proven`` (method ``spanning probes (N+1)``).
+  move elements), the inputs hold at most ``max_proof_elems`` float elements ``N``, and ``N + 1``
+  runs of both subgraphs take at most ``max_proof_macs`` multiply-accumulates, both subgraphs are
+  affine maps ``x -> A x + c``: the zero probe and every basis vector (``N + 1`` spanning probes)
+  give ``c`` and each column of ``A``, so outputs that agree on all of them agree everywhere, up to
+  the rounding the tolerance admits. Such a region is ``proven`` (method ``spanning probes (N+1)``).
+  The spanning probes run stacked along the batch axis where every op keeps it apart
+  (:func:`batch_reason`, then checked against single runs), else one by one.
 * **Bodies.** A rewritten If / Loop / Scan body (a report entry with a ``scope``) is checked as a
   graph of its own, whether or not the model's inputs ever reach it: the body graph of each model,
   found by its label (owner node name + attribute, nested labels joined with ``/``, as
   :mod:`onnxrep.scopes` names them), with the values it reads from enclosing scopes turned into
-  graph inputs (initializers of enclosing graphs stay constants), is fed the same probes.
+  graph inputs (initializers of enclosing graphs stay constants), is fed the same probes, and
+  proven the same way when it is affine in float inputs only (an If branch; not a Loop body, whose
+  iteration count and condition are inputs).
 
 Comparison. Every output element must satisfy ``|got - ref| <= atol + rtol * |ref|``, the rule
 of :mod:`onnxrep.equivalence`, with its ``rtol`` per element type (:func:`onnxrep.equivalence.rtol_for`;
@@ -43,6 +55,10 @@ scales with its largest terms, not with its result. An explicit ``atol`` is abso
 Integer and bool outputs must be equal. ``max_rel_error`` is the largest error over the output's
 largest magnitude, on the probe where it was largest. float16 inputs get probes scaled to at most
 :data:`onnxrep.equivalence.FLOAT16_MAX_MAGNITUDE`, so that sums stay finite.
+
+Use: ``check_regions(original, optimized, report)`` (or a list of :class:`Region`, or None for
+the regions :func:`changed_regions` finds by comparing the models) returns one
+:class:`RegionCheck` per region and per rewritten body; :func:`summarize` counts them.
 """
 
 from __future__ import annotations
@@ -777,14 +793,14 @@ def _grow(plan: _Plan, inputs: list[str], a: _Graph, b: _Graph) -> list[str] | N
     values_a = a.values()
     inputs = list(inputs)
     for _ in range(MAX_GROWTH):
-        nodes_b, reached_b, _, free_b = b.walk(plan.outputs, set(inputs))
+        _, reached_b, _, free_b = b.walk(plan.outputs, set(inputs))
         outside = [n for n in free_b if n not in values_a]
         if outside:
             plan.status, plan.note = UNCHECKED, f"the optimized subgraph reads '{outside[0]}', which the original model does not have"
             return None
         inputs += [n for n in free_b if n not in inputs]
         if free_b:
-            nodes_b, reached_b, _, free_b = b.walk(plan.outputs, set(inputs))
+            _, reached_b, _, free_b = b.walk(plan.outputs, set(inputs))
         unused = [t for t in inputs if t not in reached_b]
         derivable = [t for t in unused if not a.walk([t], set(inputs) - {t})[3]]
         if not free_b and not derivable:
@@ -830,22 +846,20 @@ def _settle(plans: list[_Plan], regions: dict, a: _Graph, b: _Graph, original, o
             plan.note = _join(plan.note, f"'{name}' is {what}: the region starts where the optimized subgraph does")
 
 
-def _plan_body(label: str, keys: list[str], bodies_a: dict, bodies_b: dict) -> tuple[_Plan, list[str], list[str]]:
-    """The body ``label`` of both models; the outer names whose runtime values would help, and
-    the body's input names."""
+def _plan_body(label: str, keys: list[str], bodies_a: dict, bodies_b: dict) -> tuple[_Plan, list[str]]:
+    """The body ``label`` of both models, and the outer names it reads (whose runtime values give
+    their shapes)."""
     plan = _Plan(label, label, [])
     if keys and keys != [label]:
         plan.note = "rewrites: " + ", ".join(keys)
     ref_a, ref_b = bodies_a.get(label), bodies_b.get(label)
     if ref_a is None:
         plan.status, plan.note = UNCHECKED, f"no body labelled '{label}' in the original model"
-        return plan, [], []
+        return plan, []
     if ref_b is None:
-        return _superseded(plan, f"no body labelled '{label}' in the optimized model any more"), [], []
+        return _superseded(plan, f"no body labelled '{label}' in the optimized model any more"), []
     plan.outputs = [o.name for o in ref_a.graph.output]
-    own = [i.name for i in ref_a.graph.input]
-    outer = list(dict.fromkeys(free_names(ref_a.graph) + free_names(ref_b.graph)))
-    return plan, outer, own
+    return plan, list(dict.fromkeys(free_names(ref_a.graph) + free_names(ref_b.graph)))
 
 
 def _outer_consts(chain: list[onnx.GraphProto]) -> dict:
@@ -900,9 +914,9 @@ def check_regions(
     bodies_b = body_graphs(optimized) if body_keys else {}
     body_plans = []
     for label, keys in body_keys.items():
-        plan, outer, own = _plan_body(label, keys, bodies_a, bodies_b)
+        plan, outer = _plan_body(label, keys, bodies_a, bodies_b)
         plans.append(plan)
-        body_plans.append((plan, outer, own))
+        body_plans.append((plan, outer))
         if not plan.status:
             owner = bodies_a[label].owner
             wanted.extend(outer + [i for i in owner.input if i])
@@ -927,7 +941,7 @@ def check_regions(
             plan.inputs = specs
             plan.model_a = _make_model(original_model, plan.nodes_a, specs, plan.outputs, [a.consts[c] for c in consts_a])
             plan.model_b = _make_model(optimized_model, plan.nodes_b, specs, plan.outputs, [b.consts[c] for c in consts_b])
-    for plan, outer, own in body_plans:
+    for plan, outer in body_plans:
         if plan.status:
             continue
         _build_body(plan, outer, bodies_a[plan.scope], bodies_b[plan.scope], original, optimized, runtime, declared)
