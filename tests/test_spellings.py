@@ -530,16 +530,19 @@ def test_castlike_graph_output_declines():
 # --------------------------------------------------------------------------------------------
 
 
-def spelled_block(spelling, k, stride, dilation, pad_split, size, seed):
-    """A RepVGG-style block (kxk + 1x1 [+ identity]) with the kxk branch padded "same" for stride
-    1 (explicit pads, a Pad node, part of each, or auto_pad) and the sum spelled as Add, Sum or a
-    stack; the weights depend on the seed only."""
+def spelled_block(spelling, k, stride, dilation, pad_split, extra, size, seed):
+    """A RepVGG-style block (kxk + 1x1 [+ identity]) with the kxk branch padded "same" as explicit
+    pads, a Pad node, part of each, or auto_pad, and the sum spelled as Add, Sum or a stack; the
+    weights depend on the seed only. With ``extra`` (stride 1, not auto_pad) both convs pad that
+    much more at the ends, and there is no identity branch."""
     b = Builder(C, spatial=(size, size), seed=seed)
     total = dilation * (k - 1)
     explicit = [total // 2, total // 2, total - total // 2, total - total // 2]
     if stride == 2:
         hp = same_pads(size, k, 2, dilation)
         explicit = [hp[0], hp[0], hp[1], hp[1]]
+    extra = extra if stride == 1 and spelling != "same" else 0
+    explicit = explicit[:2] + [p + extra for p in explicit[2:]]
     conv = {"dilation": dilation}
     x3 = "x"
     if spelling == "pad":
@@ -551,9 +554,9 @@ def spelled_block(spelling, k, stride, dilation, pad_split, size, seed):
     else:
         conv["pads"] = explicit
     a3 = b.bn(b.conv(x3, C, C, k, stride, bias=False, **conv), C)
-    one = {"auto_pad": "SAME_UPPER"} if spelling == "same" else {"pads": [0, 0, 0, 0]}
+    one = {"auto_pad": "SAME_UPPER"} if spelling == "same" else {"pads": [0, 0, extra, extra]}
     a1 = b.bn(b.conv("x", C, C, 1, stride, bias=False, **one), C)
-    terms = [a3, a1] + ([b.bn("x", C)] if stride == 1 else [])
+    terms = [a3, a1] + ([b.bn("x", C)] if stride == 1 and not extra else [])
     if spelling == "sum":
         y = b.node("Sum", terms)
     elif spelling == "stack":
@@ -569,13 +572,15 @@ def spelled_block(spelling, k, stride, dilation, pad_split, size, seed):
     stride=st.sampled_from([1, 2]),
     dilation=st.sampled_from([1, 2]),
     pad_split=st.integers(0, 4),
+    extra=st.integers(0, 1),
     size=st.integers(5, 12),
     spelling=st.sampled_from(["pad", "same", "sum", "stack"]),
     seed=st.integers(0, 2**16),
 )
-def test_property_spellings_fold_like_plain(k, stride, dilation, pad_split, size, spelling, seed):
-    model, feeds = spelled_block(spelling, k, stride, dilation, pad_split, size, seed)
-    plain, _ = spelled_block("plain", k, stride, dilation, pad_split, size, seed)
+def test_property_spellings_fold_like_plain(k, stride, dilation, pad_split, extra, size, spelling, seed):
+    extra = 0 if spelling == "same" else extra
+    model, feeds = spelled_block(spelling, k, stride, dilation, pad_split, extra, size, seed)
+    plain, _ = spelled_block("plain", k, stride, dilation, pad_split, extra, size, seed)
     out_s, _ = optimize(model)
     out_p, _ = optimize(plain)
     assert histogram(out_s) == histogram(out_p)
