@@ -48,10 +48,12 @@ inputs never take can pass it. Here every rewritten *region* is checked in isola
 Comparison. Every output element must satisfy ``|got - ref| <= atol + rtol * |ref|``, the rule
 of :mod:`onnxrep.equivalence`, with its ``rtol`` per element type (:func:`onnxrep.equivalence.rtol_for`;
 at least float16's or bfloat16's when the subgraph computes in them anywhere). ``atol`` defaults to
-``rtol`` times the *largest* magnitude of that output on that probe, not the median the model check
-uses: the probes here are sparse (a basis vector, a border, a corner), so most elements of an output
-can be zero or a bias while a few carry every large term, and the rounding of a re-associated sum
-scales with its largest terms, not with its result. An explicit ``atol`` is absolute, on every probe.
+``rtol`` times the median nonzero magnitude of that output on that probe, as in the model check,
+for the dense probes (zeros, normal, index, the model's values), and to ``rtol`` times its
+*largest* magnitude for the sparse ones (border, corners, spanning): there most elements of an
+output can be zero or a bias while a few carry every large term, and the rounding of a
+re-associated sum scales with its largest terms, not with its result. An explicit ``atol`` is
+absolute, on every probe.
 Integer and bool outputs must be equal. ``max_rel_error`` is the largest error over the output's
 largest magnitude, on the probe where it was largest. float16 inputs get probes scaled to at most
 :data:`onnxrep.equivalence.FLOAT16_MAX_MAGNITUDE`, so that sums stay finite.
@@ -609,9 +611,15 @@ class _Diff:
     reason: str = ""
 
 
-def compare_arrays(ref: np.ndarray, got: np.ndarray, rtol: float | None, atol: float | None) -> _Diff:
-    """The element-wise rule of the module doc; ``rtol`` None: integers and bools, equal."""
+def compare_arrays(ref: np.ndarray, got: np.ndarray, rtol: float | None, atol: float | None, dense: bool = False) -> _Diff:
+    """The element-wise rule of the module doc; ``rtol`` None: integers and bools, equal. With
+    ``dense`` (an output of a dense probe) and no ``atol``, ``atol`` is ``rtol`` times the median
+    nonzero magnitude of ``ref``, as in the model check; else ``rtol`` times its largest."""
     ref, got = np.asarray(ref), np.asarray(got)
+    if dense and atol is None and rtol is not None and ref.shape == got.shape and ref.dtype == got.dtype:
+        mag = np.abs(ref[np.isfinite(ref)].astype(np.float64))
+        nonzero = mag[mag > 0]
+        atol = rtol * float(np.median(nonzero)) if nonzero.size else 0.0
     if ref.shape != got.shape:
         return _Diff(False, float("inf"), float("inf"), f"shape {got.shape} instead of {ref.shape}")
     if ref.dtype != got.dtype:
@@ -1474,11 +1482,12 @@ def _check(plan: _Plan, max_proof_elems: int, max_proof_macs: float, rtol, atol,
         batch is confirmed on a single run of that probe (else the batch is not trusted)."""
         nonlocal count, spanned, worst_label
         labels, ref, got, rows = block
+        dense = not spanning_block and not labels[0].startswith("border")
         diffs_per_output = []
         for r, g in zip(ref, got):
             r, g = np.asarray(r), np.asarray(g)
             tol = tolerance(r.dtype)
-            diffs_per_output.append(compare_rows(r, g, tol, atol) if rows else [compare_arrays(r, g, tol, atol)])
+            diffs_per_output.append(compare_rows(r, g, tol, atol) if rows else [compare_arrays(r, g, tol, atol, dense)])
         if rows:
             bad = [i for diffs in diffs_per_output for i, d in enumerate(diffs) if not d.ok]
             if bad:

@@ -137,6 +137,22 @@ def test_one_wrong_border_weight_is_caught(folded):
     assert other.ok and other.proven  # the other block is still proven
 
 
+def test_a_weight_off_by_1e_4_is_caught_by_the_proof_and_by_dense_probes(folded):
+    """A fold 1e-4 off in one corner tap: the spanning probe of that input pixel sees it in the
+    column it sits in, and the dense probes in the element-wise rule of the model check."""
+    model, out, report = folded
+    bad = copy(out)
+    w = initializer(bad.graph, bad.graph.node[0].input[1])
+    values = numpy_helper.to_array(w).copy()
+    values[0, 0, 0, 0] *= np.float32(1.0001)
+    w.CopyFrom(numpy_helper.from_array(values, w.name))
+    regs = regions.regions_for(report, model, bad)
+    [wrong] = [c for c in check_regions(model, bad, regs) if not c.ok]
+    assert "differs on probe 'basis x[" in wrong.note
+    [wrong] = [c for c in check_regions(model, bad, regs, max_proof_elems=10) if not c.ok]
+    assert "differs on probe 'normal seed" in wrong.note
+
+
 def test_dropped_padding_is_caught(folded):
     model, out, report = folded
     bad = copy(out)
