@@ -10,7 +10,10 @@ Shapes come from evidence, not from what a model declares:
 * onnx infers some shapes differently from the runtime: MaxPool / AveragePool / LpPool with
   ``ceil_mode=1`` (onnxruntime drops a last window that would start in the end padding), auto_pad
   SAME with dilations (onnxruntime pads for the undilated kernel), and a kernel smaller than the
-  stride. When the model is small enough (:data:`RUNTIME_EVIDENCE_BYTES` of tensor data), it runs
+  stride. Unless every op of the model is one whose inference agrees with onnxruntime
+  (``ops.SHAPE_INFERENCE_AGREES``: element-wise ops, Conv, BN, linear layers, Concat, Flatten,
+  Transpose, global pools, Reshape to a constant shape; and the windowed pools, recomputed below),
+  and when the model is small enough (:data:`RUNTIME_EVIDENCE_BYTES` of tensor data), it runs
   in onnxruntime (graph optimizations off) with every tensor of the main graph as an output, at the
   declared input shapes, with symbolic dims set to two different assignments where it has any
   (batch 1 and 2; 32 and 37 elsewhere): a dim stays a static int only where onnx infers an int and
@@ -277,6 +280,8 @@ def _observe(model: onnx.ModelProto, elem: dict[str, int], onnx_shapes: dict) ->
     when the model is too large or does not run."""
     from .equivalence import random_inputs, reference_session  # equivalence imports this module's users
 
+    if _inference_agrees(model):
+        return [], "not run: onnx's shape inference of each of its ops agrees with onnxruntime"
     size = tensor_bytes(model)
     if size > RUNTIME_EVIDENCE_BYTES:
         return [], f"not run: {size} bytes of tensor data > {RUNTIME_EVIDENCE_BYTES}"
@@ -328,6 +333,23 @@ def _observe(model: onnx.ModelProto, elem: dict[str, int], onnx_shapes: dict) ->
         if second is not None:
             runs.append(second)
     return runs, ""
+
+
+def _inference_agrees(model: onnx.ModelProto) -> bool:
+    """True when every node of the main graph is an op of ``ops.SHAPE_INFERENCE_AGREES`` (a
+    Reshape too, when it reads a constant shape) and none holds a subgraph."""
+    constants = {i.name for i in model.graph.initializer} - {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        if node.domain not in ops.DEFAULT_DOMAINS or any(True for _ in _subgraphs(node)):
+            return False
+        if node.op_type == ops.CONSTANT:
+            constants.update(node.output)
+        elif node.op_type == ops.RESHAPE:
+            if len(node.input) < 2 or node.input[1] not in constants:
+                return False
+        elif node.op_type not in ops.SHAPE_INFERENCE_AGREES:
+            return False
+    return True
 
 
 def _activation_bytes(model: onnx.ModelProto, elem: dict[str, int], shapes: dict) -> int:

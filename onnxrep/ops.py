@@ -103,3 +103,13 @@ SELECTION_OPS = frozenset({TOPK, ARGMAX, ARGMIN, NON_MAX_SUPPRESSION}) | COMPARI
 # region checks: scatters with constant indices are affine in their data and updates
 SCATTER_ND = "ScatterND"
 SCATTER_ELEMENTS = "ScatterElements"
+
+#: Ops whose onnx shape inference gives what onnxruntime computes (element-wise ops, Conv, BN,
+#: linear layers, Concat, Flatten, global pools, Transpose) or whose output shape onnxrep recomputes
+#: with onnxruntime's formula (the windowed pools): a model of these only need not run in
+#: onnxruntime for its shapes (onnxrep.cost).
+SHAPE_INFERENCE_AGREES = UNARY_ACTIVATIONS | AFFINE_BINARY_OPS | frozenset({
+    CONV, BATCH_NORM, GEMM, MATMUL, CONCAT, FLATTEN, GLOBAL_AVERAGE_POOL, GLOBAL_MAX_POOL, IDENTITY,
+    CONSTANT, TRANSPOSE, MAX, MIN, PRELU, POW, SQRT, RELU, SIGMOID, TANH, HARD_SIGMOID,
+    MAX_POOL, AVERAGE_POOL, LP_POOL,
+})

@@ -245,12 +245,22 @@ def test_shift_before_same_conv_after_ceil_pool_is_not_folded(op, value_info, mo
 
 @pytest.mark.parametrize("limit", ["RUNTIME_EVIDENCE_BYTES", "RUNTIME_EVIDENCE_ACTIVATIONS"])
 def test_runtime_evidence_is_skipped_above_its_limits(limit, monkeypatch):
-    model = shifted_same_conv_model("MaxPool")
+    model = pool_fold_model("MaxPool", declared=True)
     assert cost.infer_evidence(model).method == "onnxruntime"
-    monkeypatch.setattr(cost, limit, 100)  # weights: 116 bytes; tensors: hundreds
+    monkeypatch.setattr(cost, limit, 1)  # weights: 8 bytes; tensors: hundreds
     evidence = cost.infer_evidence(model)
     assert evidence.method == "formula" and evidence.note.startswith("not run:")
+    assert evidence.shapes["p"] == (1, 2, 3, 3)
+    assert [c["tensor"] for c in evidence.contradictions] == ["p"]  # (Reshape's outputs: onnx's own)
+
+
+def test_models_of_ops_whose_inference_agrees_do_not_run():
+    """Pool -> Add -> Conv: the pool's shape by formula, the rest by onnx: no onnxruntime session."""
+    evidence = cost.infer_evidence(shifted_same_conv_model("MaxPool"))
+    assert evidence.method == "formula" and "agrees" in evidence.note
     assert evidence.shapes["p"] == ("N", 2, 3, 3) and evidence.shapes["y"] == ("N", 3, 2, 2)
+    # a Reshape to a computed shape, a Shape, an If: onnx's inference is not taken alone
+    assert cost.infer_evidence(stale_batch_model()).method == "onnxruntime"
 
 
 def test_shift_before_same_conv_folds_where_it_reads_no_padding():
