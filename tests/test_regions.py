@@ -575,3 +575,15 @@ def test_scan_body_is_checked_per_slice():
     [check] = [c for c in check_regions(model, out, regs) if c.scope]
     assert check.ok and check.proven and check.method == "spanning probes (257)"
     assert check.inputs == ["slice"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_float64_and_float16_folds_are_proven(dtype):
+    """float64 regions run widened to float32 (no double Conv kernel in onnxruntime's CPU
+    provider); float16 ones as they are, under float16's tolerance."""
+    b = Builder(C, spatial=SHAPE[2:], seed=3, dtype=dtype)
+    model = b.model(b.relu(repvgg(b, "x")))
+    out, report = engine.run(model)
+    [check] = check_regions(model, out, regions.regions_for(report, model, out))
+    assert check.ok and check.proven and check.method == "spanning probes (257)"
+    assert ("compared widened to float32" in check.note) == (dtype == np.float64)
