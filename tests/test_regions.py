@@ -587,3 +587,31 @@ def test_float64_and_float16_folds_are_proven(dtype):
     [check] = check_regions(model, out, regions.regions_for(report, model, out))
     assert check.ok and check.proven and check.method == "spanning probes (257)"
     assert ("compared widened to float32" in check.note) == (dtype == np.float64)
+
+
+def test_nested_bodies_by_their_labels():
+    """If branches inside a Loop body: labelled ``the_loop.body/inner_if.<branch>``, each proven
+    from the outer value it reads."""
+    then_g, _ = branch(1, 100, "then")
+    else_g, _ = branch(2, 200, "else")
+    inner = [
+        helper.make_node("If", ["cond_in"], ["yb"], name="inner_if", then_branch=then_g, else_branch=else_g),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+    ]
+    body = helper.make_graph(
+        inner, "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("yb", TensorProto.FLOAT, SHAPE)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "c0"], ["ys"], name="the_loop", body=body)], "main",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info("ys", TensorProto.FLOAT, [2] + SHAPE)],
+        [numpy_helper.from_array(np.array(2, np.int64), "trips"), numpy_helper.from_array(np.array(True), "c0")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, report = engine.run(model)
+    checks = by_key(check_regions(model, out, regions.regions_for(report, model, out)))
+    assert set(checks) == {"the_loop.body/inner_if.then_branch", "the_loop.body/inner_if.else_branch"}
+    assert all(c.ok and c.proven and c.inputs == ["x"] for c in checks.values())
