@@ -969,19 +969,23 @@ def _runtime(model: onnx.ModelProto, names: list[str], graph: _Graph) -> tuple[d
     extra = [n for n in names if n in graph.producer and n not in out]
     if not extra:
         return out, ""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    present = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in extra if n not in present)
+    # the outputs are added to the model itself for as long as the sessions take to load (no copy
+    # of a large model's weights), then removed again
+    present = {o.name for o in model.graph.output}
+    count = len(model.graph.output)
+    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in extra if n not in present)
     try:
-        sess = equivalence.reference_session(m)
-        run_feeds = feeds
-    except Exception as err:  # noqa: BLE001 - a model onnxruntime runs only widened to float32
         try:
-            sess = equivalence.reference_session(equivalence.widen(m))
-            run_feeds = {k: equivalence._widen_array(v) for k, v in feeds.items()}
-        except Exception:  # noqa: BLE001
-            return out, f"the original model does not run: {first_line(err)}"
+            sess = equivalence.reference_session(model)
+            run_feeds = feeds
+        except Exception as err:  # noqa: BLE001 - a model onnxruntime runs only widened to float32
+            try:
+                sess = equivalence.reference_session(equivalence.widen(model))
+                run_feeds = {k: equivalence._widen_array(v) for k, v in feeds.items()}
+            except Exception:  # noqa: BLE001
+                return out, f"the original model does not run: {first_line(err)}"
+    finally:
+        del model.graph.output[count:]
     try:
         results = sess.run(extra, run_feeds)
     except Exception as err:  # noqa: BLE001

@@ -59,7 +59,9 @@ def test_repvgg_fold_is_proven_by_spanning_probes(folded):
     model, out, report = folded
     regs = regions.regions_for(report, model, out)
     assert len(regs) == 2 and all(not r.scope for r in regs)
+    before = (model.SerializeToString(), out.SerializeToString())
     checks = check_regions(model, out, regs)
+    assert (model.SerializeToString(), out.SerializeToString()) == before  # neither model changed
     assert len(checks) == 2
     for c in checks:
         assert c.ok and c.status == "equal" and c.proven, c.to_dict()
