@@ -124,6 +124,7 @@ class RegionCheck:
     max_rel_error: float
     note: str = ""
     status: str = EQUAL
+    candidates: list[str] = field(default_factory=list)  # the report's rewrites this check covers
 
     def to_dict(self) -> dict:
         return {
@@ -139,6 +140,7 @@ class RegionCheck:
             "max_abs_error": self.max_abs_error,
             "max_rel_error": self.max_rel_error,
             "note": self.note,
+            "candidates": list(self.candidates),
         }
 
 
@@ -714,6 +716,7 @@ class _Plan:
     source_b: tuple = ()
     pending: list = field(default_factory=list)  # (kind, tensor) for _settle
     widened: bool = False  # run widened to float32
+    candidates: list = field(default_factory=list)  # report candidates
     covers: set = field(default_factory=set)  # original tensors the original subgraph computes
 
 
@@ -846,7 +849,7 @@ def _settle(plans: list[_Plan], regions: dict, a: _Graph, b: _Graph, original, o
             continue
         kind, name = plan.pending[0]
         grown, inputs = _plan_region(regions[id(plan)], a, b, original, optimized, grow=True)
-        grown.key = plan.key
+        grown.key, grown.candidates = plan.key, plan.candidates
         plan.__dict__.update(grown.__dict__)
         region_inputs[id(plan)] = inputs
         if not plan.status:
@@ -858,8 +861,7 @@ def _plan_body(label: str, keys: list[str], bodies_a: dict, bodies_b: dict) -> t
     """The body ``label`` of both models, and the outer names it reads (whose runtime values give
     their shapes)."""
     plan = _Plan(label, label, [])
-    if keys and keys != [label]:
-        plan.note = "rewrites: " + ", ".join(keys)
+    plan.candidates = [k for k in keys if k != label]
     ref_a, ref_b = bodies_a.get(label), bodies_b.get(label)
     if ref_a is None:
         plan.status, plan.note = UNCHECKED, f"no body labelled '{label}' in the original model"
@@ -901,7 +903,7 @@ def check_regions(
     region_inputs: dict[int, list[str]] = {}
     by_plan: dict[int, Region] = {}
     body_keys: dict[str, list[str]] = {}
-    seen: set[tuple] = set()
+    seen: dict[tuple, _Plan] = {}
     for region in regions:
         if region.scope:
             body_keys.setdefault(region.scope, [])
@@ -910,9 +912,12 @@ def check_regions(
             continue
         sig = (tuple(region.output), tuple(region.inputs))
         if sig in seen:
+            if region.key and region.key not in seen[sig].candidates:
+                seen[sig].candidates.append(region.key)
             continue
-        seen.add(sig)
         plan, inputs = _plan_region(region, a, b, original, optimized)
+        plan.candidates = [region.key] if region.key else []
+        seen[sig] = plan
         plans.append(plan)
         region_inputs[id(plan)] = inputs
         by_plan[id(plan)] = region
@@ -1417,6 +1422,7 @@ class _BatchMismatch(Exception):
 def _check(plan: _Plan, max_proof_elems: int, max_proof_macs: float, rtol, atol, kinds, seeds) -> RegionCheck:
     names = [s.name for s in plan.inputs]
     result = RegionCheck(plan.key, plan.scope, plan.outputs, names, True, False, "", 0, 0.0, 0.0, plan.note)
+    result.candidates = list(plan.candidates)
     if plan.status:
         result.status = plan.status
         result.method = plan.status

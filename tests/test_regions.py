@@ -65,6 +65,7 @@ def test_repvgg_fold_is_proven_by_spanning_probes(folded):
     assert len(checks) == 2
     for c in checks:
         assert c.ok and c.status == "equal" and c.proven, c.to_dict()
+        assert c.candidates == [c.key]
         assert c.method == "spanning probes (257)"  # 1 x 4 x 8 x 8 inputs + the zero probe
         assert c.probes > 257 and c.max_rel_error < 1e-5
         assert "spanning probes in batches of 257" in c.note
@@ -360,6 +361,7 @@ def test_rewritten_bodies_are_proven(folded_if):
     assert set(checks) == {"the_if.then_branch", "the_if.else_branch"}
     for label, c in checks.items():
         assert c.scope == label and c.inputs == ["x"]  # the outer value the body reads
+        assert c.candidates and all(k.startswith(label + "/") for k in c.candidates)  # the body's rewrites
         assert c.ok and c.proven and c.method == "spanning probes (257)", c.to_dict()
 
 
