@@ -220,3 +220,18 @@ def test_multi_plan_rewrite_lists_its_outputs():
     assert sorted(entry["output"]) == sorted([y1, y2])
     assert entry["inputs"] == ["x"]
     assert entry["params_delta"] < 0 and entry["macs_delta"] < 0
+
+
+def test_constant_plan_region_has_no_inputs():
+    """A subgraph of constants folded into an initializer reads no tensor the region would need."""
+    c = 4
+    b = Builder(c)
+    k = b.node("Mul", [b.const(np.full((1, c, 1, 1), 2.0)), b.const(np.full((1, c, 1, 1), 3.0))])
+    y = b.node("Add", ["x", k])
+    model = b.model(y)
+    out, report = onnxrep.optimize(model, passes=["constant-fold"], verify=True)
+    assert report.verification["ok"]
+    [entry] = by_name(report, "constant-fold")["rewrites"]
+    assert entry["output"] == k and entry["inputs"] == []
+    assert entry["macs_delta"] == 0 and entry["params_delta"] == c - 2 * c
+    assert_equivalent(model, out, b.feeds())
