@@ -57,7 +57,7 @@ class PassReport:
     skipped: dict[str, str] = field(default_factory=dict)  # candidate key -> "condition: reason"
     rewrites: list[dict] = field(default_factory=list)
     macs_delta: int = 0  # net multiply-accumulates the pass's rewrites added (negative: removed)
-    params_delta: int = 0  # net float weight elements the pass's rewrites added
+    params_delta: int = 0  # net float weight elements (initializers, Constant nodes) its rewrites added
     seconds: float = 0.0  # time spent in the pass (matching, checks, rewrites, applying them)
 
     @property
