@@ -207,7 +207,7 @@ def run(
     if verify is None:
         return out, report
     result, region_checks = verify_rewrite(model, out, report, verify, verify_progress)
-    if result.ok and all(r.ok for r in region_checks):
+    if passed(result, region_checks):
         return out, report
     if on_mismatch != "bisect":
         raise mismatch_error(result, region_checks)
@@ -229,8 +229,23 @@ def verify_rewrite(
     # the probes of a region reach magnitudes far above the model's inputs: an absolute tolerance
     # chosen for those would not scale, so regions take the relative one and scale their own
     region_checks = regions.check_regions(original, optimized, report, rtol=check.rtol)
-    report.verification = result.to_dict() | {"regions": [r.to_dict() for r in region_checks]}
+    report.verification = result.to_dict() | {
+        "ok": passed(result, region_checks),
+        "regions": [r.to_dict() for r in region_checks],
+        "regions_summary": regions.summarize(region_checks),
+    }
     return result, region_checks
+
+
+def _differing(region_checks) -> list:
+    """Region checks whose outputs differ (a region that could not be run is reported, not
+    failed: the whole-model comparison still covers it)."""
+    return [r for r in region_checks if r.status == regions.DIFFERS]
+
+
+def passed(result: VerifyResult, region_checks) -> bool:
+    """The whole-model comparison agrees and no region differs."""
+    return result.ok and not _differing(region_checks)
 
 
 def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, check: Check, progress=None) -> VerifyResult:
@@ -256,20 +271,20 @@ def bisect_mismatch(model, only, skip, options: Options, failed: Report, check: 
         opts = Options(options.allow_cost_increase, frozenset(deny), options.tolerance)
         out, report = engine.run(model, only, skip, opts)
         result, checks = verify_rewrite(model, out, report, check)
-        tried.append(f"{len(deny)} left out: {'ok' if result.ok and all(c.ok for c in checks) else 'mismatch'}")
+        tried.append(f"{len(deny)} left out: {'ok' if passed(result, checks) else 'mismatch'}")
         return out, report, result, checks
 
-    culprits = [r.key for r in region_checks if not r.ok]
+    culprits = list(dict.fromkeys(k for r in _differing(region_checks) for k in (r.candidates or [r.key])))
     if culprits:
         out, report, result, checks = attempt(set(culprits))
-        if result.ok and all(c.ok for c in checks):
+        if passed(result, checks):
             return _bisected(out, report, failed, culprits)
     suspects = [k for k in _rewrite_keys(failed) if k not in culprits]
     base = set(culprits)
     while len(suspects) > 1:
         half = suspects[: len(suspects) // 2]
         *_, result, checks = attempt(base | set(half))
-        ok = result.ok and all(c.ok for c in checks)
+        ok = passed(result, checks)
         suspects = half if ok else suspects[len(half):]
     if not suspects and not base:
         raise VerificationError(
@@ -277,7 +292,7 @@ def bisect_mismatch(model, only, skip, options: Options, failed: Report, check: 
             "under these inputs)"
         )
     out, report, result, checks = attempt(base | set(suspects))
-    if not (result.ok and all(c.ok for c in checks)):
+    if not passed(result, checks):
         raise VerificationError(
             f"bisect could not isolate the rewrites responsible ({len(tried)} runs: {'; '.join(tried)}); "
             + str(mismatch_error(result, checks))
@@ -313,7 +328,7 @@ def verify(
 
 
 def mismatch_error(result: VerifyResult, region_checks=()) -> VerificationError:
-    bad_regions = [r for r in region_checks if not r.ok]
+    bad_regions = _differing(region_checks)
     if result.ok and bad_regions:
         r = bad_regions[0]
         return VerificationError(
