@@ -475,3 +475,20 @@ def test_same_conv_with_a_kernel_smaller_than_the_stride_is_not_merged():
     out, _ = optimize(model, passes=["parallel-merge"])
     for batch in (1, 2):
         assert_same(model, out, feeds_x((batch, 2, 8, 8), batch))
+
+
+@pytest.mark.xfail(strict=True, reason="passes/normalize_pads.same_pads makes SAME explicit with the spec's pads; "
+                   "onnxruntime pads negatively when the kernel is 2+ smaller than the stride")
+def test_same_conv_with_a_kernel_smaller_than_the_stride_keeps_its_windows():
+    """One Conv 1x1 stride 4 SAME_UPPER on 8 through every pass: SAME written as explicit pads must
+    be onnxruntime's, or stay SAME."""
+    rng = np.random.default_rng(0)
+    model = make(
+        [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[1, 1], strides=[4, 4], auto_pad="SAME_UPPER"),
+         helper.make_node("Relu", ["a"], ["y"])],
+        [helper.make_tensor_value_info("x", F, ["N", 2, 8, 8])], [helper.make_tensor_value_info("y", F, [None] * 4)],
+        [const("w", rng.standard_normal((3, 2, 1, 1)).astype(np.float32))],
+    )
+    out, _ = optimize(model)
+    for batch in (1, 2):
+        assert_same(model, out, feeds_x((batch, 2, 8, 8), batch))
