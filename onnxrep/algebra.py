@@ -254,16 +254,18 @@ class AxisGrid:
         return (taps.first + self.pad_begin) // self.dilation, step
 
 
-def merged_axis(branches: Sequence[AxisTaps]) -> AxisGrid:
+def merged_axis(branches: Sequence[AxisTaps], excess: int | None = None) -> AxisGrid:
     """The smallest grid holding every branch's taps on one axis.
 
     All branches must share ``excess`` (same output size for every input length). The merged kernel
     starts at the leftmost tap (``pad_begin = -min first``), its dilation is the gcd of every tap's
     distance from there, so that every tap lands on a grid point, and ``pad_end`` keeps ``excess``.
     """
-    excess = {t.excess for t in branches}
-    if len(excess) != 1:
-        raise ValueError("branches disagree on output size")
+    if excess is None:
+        found = {t.excess for t in branches}
+        if len(found) != 1:
+            raise ValueError("branches disagree on output size")
+        excess = found.pop()
     lo = min(t.first for t in branches)
     hi = max(t.last for t in branches)
     step = 0
@@ -274,7 +276,7 @@ def merged_axis(branches: Sequence[AxisTaps]) -> AxisGrid:
     step = step or 1
     kernel = (hi - lo) // step + 1
     pad_begin = -lo
-    pad_end = excess.pop() + step * (kernel - 1) - pad_begin
+    pad_end = excess + step * (kernel - 1) - pad_begin
     return AxisGrid(kernel, step, pad_begin, pad_end)
 
 

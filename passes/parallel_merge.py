@@ -249,22 +249,45 @@ def _check_channels(cand, view, ctx):
     return None
 
 
-def _check_output_size(cand, view, ctx):
-    branches = _analysis(cand, view, ctx)
+def _static_sizes(cand, ctx):
+    shape = ctx.shape(cand.x)
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    return tuple(shape[2:])
+
+
+def _excesses(cand, view, ctx, branches):
+    """Per axis the excess the merged conv takes: the common one, or (static input size) the
+    largest of those that give the same output size; a reason when the sizes differ."""
+    sizes = _static_sizes(cand, ctx)
+    out = []
     for axis in range(len(branches[0].geometry.taps)):
         excess = {b.geometry.taps[axis].excess for b in branches}
-        if len(excess) > 1:
-            return f"branches give different output sizes on spatial axis {axis} (pads and kernels do not line up)"
-    return None
+        if len(excess) == 1:
+            out.append(excess.pop())
+            continue
+        stride = branches[0].geometry.strides[axis]
+        if sizes is not None and len({(sizes[axis] + e - 1) // stride for e in excess}) == 1:
+            out.append(max(excess))
+            continue
+        return f"branches give different output sizes on spatial axis {axis} (pads and kernels do not line up)"
+    return out
+
+
+def _check_output_size(cand, view, ctx):
+    res = _excesses(cand, view, ctx, _analysis(cand, view, ctx))
+    return res if isinstance(res, str) else None
 
 
 def _check_single_use(cand: SumCandidate, view: GraphView, ctx: Context) -> str | None:
     return _sums.single_use_reason(cand, view)
 
 
-def _merged_layout(branches: list[BranchConv]):
+def _merged_layout(branches: list[BranchConv], excess=None):
     groups = algebra.merge_groups([b.groups for b in branches])
-    grids = [algebra.merged_axis([b.geometry.taps[a] for b in branches]) for a in range(len(branches[0].geometry.taps))]
+    n = len(branches[0].geometry.taps)
+    excess = excess or [None] * n
+    grids = [algebra.merged_axis([b.geometry.taps[a] for b in branches], excess[a]) for a in range(n)]
     cout = branches[0].cout
     cin = branches[0].weight_shape[1] * branches[0].groups
     shape = (cout, cin // groups) + tuple(g.kernel for g in grids)
@@ -275,7 +298,7 @@ def _check_cost(cand, view, ctx):
     if ctx.options.allow_cost_increase:
         return None
     branches = _analysis(cand, view, ctx)
-    _, _, shape = _merged_layout(branches)
+    _, _, shape = _merged_layout(branches, _excesses(cand, view, ctx, branches))
     merged = prod(shape)
     macs = sum(prod(b.weight_shape) for b in branches if b.leaf.kind in (CONV, POOL))
     params = sum(prod(b.weight_shape) for b in branches if b.leaf.kind == CONV)
@@ -332,7 +355,7 @@ class ParallelMerge:
     def rewrite(self, match: Match, view: GraphView, ctx: Context) -> Plan:
         cand: SumCandidate = match.data
         branches = _analysis(cand, view, ctx)
-        groups, grids, shape = _merged_layout(branches)
+        groups, grids, shape = _merged_layout(branches, _excesses(cand, view, ctx, branches))
         cout, rank = shape[0], len(grids)
         dtype = view.constant(_conv_leaves(cand)[0].base.inputs[1]).dtype
         weight, bias = None, np.zeros(cout, np.float64)

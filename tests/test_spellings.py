@@ -470,15 +470,30 @@ def test_keras_same_stride2_made_explicit():
     assert_equivalent(model, out, feeds)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parallel-merge same_output_size compares pad_begin + pad_end - d(k-1) per axis for every "
-    "input size; at the static size 64 both branches give 32 outputs (excess -1 and 0)",
-)
 def test_keras_same_stride2_merges():
     model, feeds = keras_block()
     out, report = optimize(model)
     assert histogram(out) == FOLDED, report.to_dict()["passes"]
+    assert_equivalent(model, out, feeds)
+    assert_equivalent(model, out, {k: v * 100 for k, v in feeds.items()}, atol=1e-4)
+
+
+def _uneven_pads_block(spatial, input_shape=None):
+    """A 3x3 stride-2 conv padded [0, 0, 1, 1] beside an unpadded 1x1 stride-2 conv: their output
+    sizes agree only at even input sizes."""
+    b = Builder(C, spatial=spatial, input_shape=input_shape)
+    a3 = b.bn(b.conv("x", C, C, 3, 2, pads=[0, 0, 1, 1], bias=False), C)
+    a1 = b.bn(b.conv("x", C, C, 1, 2, bias=False), C)
+    return b.model(b.relu(b.add(a3, a1)))
+
+
+def test_uneven_pads_merge_only_where_the_static_size_gives_equal_outputs():
+    out, _ = optimize(_uneven_pads_block((64, 64)))
+    assert histogram(out) == FOLDED
+    # symbolic spatial size: the branches' output sizes differ at odd sizes
+    out, report = optimize(_uneven_pads_block((64, 64), input_shape=[1, C, "H", "W"]))
+    assert histogram(out)["Conv"] == 2
+    assert any(r.startswith("same_output_size") for p in report.passes for r in p.skipped.values())
 
 
 # --------------------------------------------------------------------------------------------
