@@ -21,6 +21,11 @@ Conditions (checked in this order):
                       nothing else and are not graph outputs.
   4. ``same_shape``   stack form: the stacked tensors all have the same known shape (a Concat
                       does not broadcast, an Add would: without that evidence the sum is left).
+  5. ``foldable``     variadic form that the Add tree would make longer (more than two operands,
+                      or a mean): two of the summands are branches a fold takes in (the output of
+                      a Conv, BatchNormalization, Gemm, MatMul or AveragePool, or the tensor one of
+                      those reads: an identity branch). Otherwise the rewrite would only add nodes
+                      (one Sum kernel becomes n - 1 Adds). The stack and Neg forms always lose nodes.
 """
 
 from __future__ import annotations
@@ -183,11 +188,31 @@ def _check_shapes(c: Candidate, view: GraphView, ctx: Context) -> str | None:
     return None
 
 
+#: Ops whose output a fold takes in as a branch of a sum (and whose data input, as the identity).
+BRANCH_OPS = (ops.CONV, ops.BATCH_NORM, ops.GEMM, ops.MATMUL, ops.AVERAGE_POOL)
+
+
+def _check_foldable(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if c.kind != VARIADIC or (len(c.terms) <= 2 and not c.mean):
+        return None
+    leaves = [view.producer(t) for t in c.terms]
+    leaves = [p for p in leaves if is_op(p, *BRANCH_OPS)]
+    inputs = {id(view.source(p.inputs[0])) for p in leaves if p.inputs}
+    identities = [t for t in c.terms if id(t) in inputs]
+    if len(leaves) + len(identities) >= 2:
+        return None
+    return (
+        f"{c.root.op} '{c.root.name}': fewer than two summands are branches a fold takes in "
+        f"({', '.join(BRANCH_OPS)} or their input); {len(c.terms) - 1} Adds would only add nodes"
+    )
+
+
 CONDITIONS = [
     ("dtype", _check_dtype),
     ("new_axis", _check_axis),
     ("single_use", _check_single_use),
     ("same_shape", _check_shapes),
+    ("foldable", _check_foldable),
 ]
 
 

@@ -119,6 +119,15 @@ def test_variadic_sum_and_mean(op):
     assert rewrites(report, "normalize-sums")
 
 
+@pytest.mark.parametrize("op", ["Sum", "Mean"])
+def test_variadic_sum_of_unrelated_tensors_is_left_as_one_node(op):
+    """Three activations summed: no fold takes them in, and n - 1 Adds would only add nodes."""
+    b = Builder(C, spatial=(8, 8))
+    terms = [b.relu("x"), b.node("Sigmoid", ["x"]), b.node("Tanh", ["x"])]
+    model = b.model(b.node(op, terms))
+    assert_declined(model, "normalize-sums", "foldable", op)
+
+
 def test_sum_of_two_and_of_one():
     b = Builder(C, spatial=(8, 8))
     terms = branches(b, identity=False)
