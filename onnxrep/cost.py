@@ -147,7 +147,7 @@ def infer_evidence(model: onnx.ModelProto, runtime: bool = True) -> ShapeEvidenc
 # --------------------------------------------------------------------------------------------
 
 
-def _strip(graph: onnx.GraphProto, main: bool) -> None:
+def _strip(graph: onnx.GraphProto) -> None:
     del graph.value_info[:]
     for out in graph.output:
         if out.type.HasField("tensor_type"):
@@ -155,9 +155,9 @@ def _strip(graph: onnx.GraphProto, main: bool) -> None:
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
-                _strip(attr.g, False)
+                _strip(attr.g)
             for sub in attr.graphs:
-                _strip(sub, False)
+                _strip(sub)
 
 
 #: Suffix of the renamed output of a pooling node whose output became a graph input in
@@ -179,7 +179,7 @@ def _infer_stripped(model: onnx.ModelProto) -> onnx.ModelProto:
     differently from :func:`_pool_shape` has its output made a graph input of the exact shape
     (the node's own output renamed), and inference runs again from there."""
     light = skeleton(model)
-    _strip(light.graph, True)
+    _strip(light.graph)
     inferred = _infer(light)
     pools = [i for i, n in enumerate(light.graph.node) if n.op_type in WINDOW_POOLS and n.domain in ops.DEFAULT_DOMAINS]
     for _ in range(len(pools)):
