@@ -308,7 +308,8 @@ def verification_line(verification: dict) -> str:
     regions_ = verification.get("regions", [])
     if regions_:
         proven = sum(1 for r in regions_ if r.get("proven"))
-        text += f"; {len(regions_)} rewritten regions checked on their own, {proven} proven"
+        one = len(regions_) == 1
+        text += f"; {len(regions_)} rewritten region{'' if one else 's'} checked on {'its' if one else 'their'} own, {proven} proven"
     return text
 
 
