@@ -789,7 +789,10 @@ class _Ties:
         if not flipped:
             return None, f"not a near tie: the selections of {ops_text} agree, the difference comes from elsewhere"
         for node in flipped:
-            why = _near_tie(node, ra, rb, atols)
+            try:
+                why = _near_tie(node, ra, rb, atols)
+            except (ValueError, IndexError, TypeError) as err:  # shapes the selection's rule does not fit
+                why = f"{node.op_type} '{node.name}' cannot be checked ({first_line(err)})"
             if why:
                 return None, f"not a near tie of {ops_text}: {why}"
         selected = {o: ra[o] for o in results}
