@@ -41,9 +41,13 @@ inputs never take can pass it. Here every rewritten *region* is checked in isola
   graph of its own, whether or not the model's inputs ever reach it: the body graph of each model,
   found by its label (owner node name + attribute, nested labels joined with ``/``, as
   :mod:`onnxrep.scopes` names them), with the values it reads from enclosing scopes turned into
-  graph inputs (initializers of enclosing graphs stay constants), is fed the same probes, and
-  proven the same way when it is affine in float inputs only (an If branch; not a Loop body, whose
-  iteration count and condition are inputs).
+  graph inputs, is fed the same probes, and proven the same way when it is affine in float inputs
+  only (an If branch; not a Loop body, whose iteration count and condition are inputs). An outer
+  value that is an initializer of an enclosing graph in either model is no input: each body reads
+  it as a constant, its own model's, or the other model's where its own enclosing graphs hold none
+  (the original body reads weights of the main graph that the optimized body folded in and the
+  optimized main graph dropped; a value only one model holds as a constant is that constant in
+  both).
 
 Comparison. Every output element must satisfy ``|got - ref| <= atol + rtol * |ref|``, the rule
 of :mod:`onnxrep.equivalence`, with its ``rtol`` per element type (:func:`onnxrep.equivalence.rtol_for`;
@@ -110,7 +114,9 @@ class RegionCheck:
     """The outcome for one region or body. ``status``: ``equal``, ``differs``, ``superseded``
     (consumed by a later rewrite whose region covers it) or ``unchecked`` (it could not be cut out
     or run: see ``note``). ``ok`` is true for ``equal`` and ``superseded`` only: what was not
-    checked does not pass."""
+    checked does not pass. ``max_abs_error`` and ``max_rel_error`` are ``inf`` when a region
+    differs without a measured error (shapes, types or integers differ, or it does not load or run); :meth:`to_dict`
+    gives them as None then (JSON has no infinity), so the dict is standard JSON."""
 
     key: str
     scope: str | None
@@ -137,11 +143,17 @@ class RegionCheck:
             "proven": self.proven,
             "method": self.method,
             "probes": self.probes,
-            "max_abs_error": self.max_abs_error,
-            "max_rel_error": self.max_rel_error,
+            "max_abs_error": _finite(self.max_abs_error),
+            "max_rel_error": _finite(self.max_rel_error),
             "note": self.note,
             "candidates": list(self.candidates),
         }
+
+
+def _finite(value: float) -> float | None:
+    """``value`` as a float, or None when it is inf or NaN (not JSON)."""
+    value = float(value)
+    return value if np.isfinite(value) else None
 
 
 def summarize(checks: Sequence[RegionCheck]) -> dict:
@@ -1084,9 +1096,21 @@ def _build_body(plan: _Plan, outer: list[str], ref_a, ref_b, original, optimized
         return
     consts_a = _outer_consts(ref_a.enclosing)
     consts_b = _outer_consts(ref_b.enclosing)
+    reads_a, reads_b = set(free_names(ref_a.graph)), set(free_names(ref_b.graph))
     own_names = {s.name for s in specs}
+    fixed: dict[str, onnx.TensorProto] = {}  # outer constants of one model, given to both
     for name in outer:
-        if name in own_names or (name in consts_a and name in consts_b):
+        if name in own_names:
+            continue
+        const_a, const_b = name in consts_a, name in consts_b
+        if const_a or const_b:
+            # an outer constant is no probe input: each body that reads it reads a constant, its own
+            # model's where that has one (an outer initializer that only the original body reads:
+            # the optimized body folded it in and its graph dropped it), else the other's (a value
+            # that only one model's enclosing graph holds as a constant)
+            if name in reads_a and not const_a or name in reads_b and not const_b:
+                fixed[name] = consts_a[name] if const_a else consts_b[name]
+                plan.note = _join(plan.note, f"outer value '{name}' held at its constant value in both bodies")
             continue
         value = runtime.get(name)
         if value is not None:
@@ -1103,7 +1127,7 @@ def _build_body(plan: _Plan, outer: list[str], ref_a, ref_b, original, optimized
     def body_model(src, ref, consts):
         g = ref.graph
         reads = free_names(g)
-        extra = [consts[n] for n in reads if n not in fed and n in consts]
+        extra = [consts.get(n, fixed.get(n)) for n in reads if n not in fed and (n in consts or n in fixed)]
         own = {t.name for t in g.initializer}
         inits = [t for t in g.initializer] + [t for t in extra if t.name not in own]
         nodes = list(g.node)

@@ -416,6 +416,151 @@ def test_loop_body_with_an_integer_input_is_checked_not_proven():
     assert check.inputs == ["i", "cond_in", "v_in"]
 
 
+def outer_weights_if_model() -> onnx.ModelProto:
+    """As the torch.cond (dynamo) export writes it: the branches read their weights from the main
+    graph's initializers, and their input ``h`` from the main graph, where a RepVGG block (folded
+    by a main-graph rewrite that keeps the name ``h``) computes it from ``x``."""
+    b = Builder(C, spatial=SHAPE[2:], seed=5)
+    h = repvgg(b, "x")
+    main_nodes, inits = list(b.nodes), list(b.inits)
+    branches = []
+    for seed, offset, name in ((1, 100, "then"), (2, 200, "else")):
+        g = Builder(C, spatial=SHAPE[2:], seed=seed)
+        g._n = offset
+        y = repvgg(g, h)
+        inits += g.inits  # the weights stay in the main graph: read from the enclosing scope
+        branches.append(helper.make_graph(g.nodes, name, [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, SHAPE)]))
+    main_nodes += [
+        helper.make_node("ReduceSum", [h], ["hsum"], name="sum", keepdims=0),
+        helper.make_node("Greater", ["hsum", "zero"], ["cond"], name="cmp"),
+        helper.make_node("If", ["cond"], ["y"], name="the_if", then_branch=branches[0], else_branch=branches[1]),
+    ]
+    graph = helper.make_graph(
+        main_nodes, "main", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)],
+        inits + [numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
+    )
+    # the export declares the initializers' types too
+    graph.value_info.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model, h
+
+
+@pytest.fixture(scope="module")
+def folded_outer_weights():
+    model, h = outer_weights_if_model()
+    out, report = engine.run(model)
+    return model, out, report, h
+
+
+def test_bodies_reading_outer_weights_the_optimized_model_dropped_are_proven(folded_outer_weights):
+    """Regression: the original branches read main-graph initializers that the optimized branches
+    folded in (and the optimized main graph dropped); those were fed as probe inputs to the
+    original body only (zeros for weights on the first probe), and the first probe differed."""
+    model, out, report, h = folded_outer_weights
+    label = "the_if.then_branch"
+    reads = regions.free_names(regions.body_graphs(model)[label].graph)
+    assert reads[0] == h and len(reads) == 15  # h and 14 weights of the main graph
+    assert not set(reads[1:]) & {t.name for t in out.graph.initializer}  # dropped from the optimized model
+    assert regions.free_names(regions.body_graphs(out)[label].graph) == [h]
+    assert only_conv(out, h).op_type == "Conv"  # the main-graph rewrite made what feeds the bodies
+    checks = by_key(check_regions(model, out, report))
+    assert set(checks) == {label, "the_if.else_branch", f"{h}<-x"}
+    assert checks[f"{h}<-x"].proven  # the main-graph fold that feeds the bodies
+    for scope in (label, "the_if.else_branch"):
+        c = checks[scope]
+        assert c.ok and c.status == "equal" and c.proven and c.method == "spanning probes (257)", c.to_dict()
+        assert c.inputs == [h] and c.max_rel_error < 1e-5
+    assert all(c.ok for c in checks.values())
+
+
+def test_wrong_fold_of_outer_weights_in_a_body_is_caught(folded_outer_weights):
+    model, out, report, _ = folded_outer_weights
+    bad = copy(out)
+    body = regions.body_graphs(bad)["the_if.else_branch"].graph
+    [conv] = [n for n in body.node if n.op_type == "Conv"]
+    w = initializer(body, conv.input[1])
+    values = numpy_helper.to_array(w).copy()
+    values[0, 1, 0, 2] += 1e-3
+    w.CopyFrom(numpy_helper.from_array(values, w.name))
+    checks = by_key(check_regions(model, bad, report))
+    assert checks["the_if.then_branch"].ok
+    wrong = checks["the_if.else_branch"]
+    assert not wrong.ok and wrong.status == "differs" and "differs on probe" in wrong.note
+
+
+def mul_body(name: str, t: str) -> onnx.GraphProto:
+    return helper.make_graph(
+        [helper.make_node("Mul", ["x", t], [name + "_y"])], name, [],
+        [helper.make_tensor_value_info(name + "_y", TensorProto.FLOAT, SHAPE)],
+    )
+
+
+def test_outer_value_a_constant_in_one_model_only_is_that_constant_in_both_bodies():
+    """The original computes ``t`` in the main graph, the optimized model holds it as an initializer
+    (and its else branch reads it no more): both bodies read that constant, not a probe on one
+    side and a constant on the other."""
+    scale = np.linspace(0.5, 2.0, C, dtype=np.float32).reshape(1, C, 1, 1)
+
+    def model(t_const: bool, else_reads_t: bool):
+        nodes = [] if t_const else [helper.make_node("Add", ["half", "half"], ["t"], name="double")]
+        else_body = mul_body("else", "t") if else_reads_t else helper.make_graph(
+            [helper.make_node("Mul", ["x", "t2"], ["else_y"])], "else", [],
+            [helper.make_tensor_value_info("else_y", TensorProto.FLOAT, SHAPE)],
+            [numpy_helper.from_array(scale, "t2")],
+        )
+        nodes += [
+            helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["cond"], name="cmp"),
+            helper.make_node("If", ["cond"], ["y"], name="the_if", then_branch=mul_body("then", "t"), else_branch=else_body),
+        ]
+        inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+        inits.append(numpy_helper.from_array(scale, "t") if t_const else numpy_helper.from_array(scale / 2, "half"))
+        graph = helper.make_graph(
+            nodes, "main", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)], inits,
+        )
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    original, optimized = model(False, True), model(True, False)
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    for sign in (1.0, -1.0):
+        feeds = {"x": np.abs(x) * sign}
+        np.testing.assert_array_equal(run(original, feeds)[0], run(optimized, feeds)[0])
+    regs = [Region([], [], "the_if.then_branch", "the_if.then_branch"), Region([], [], "the_if.else_branch", "the_if.else_branch")]
+    checks = by_key(check_regions(original, optimized, regs))
+    for label in ("the_if.then_branch", "the_if.else_branch"):
+        c = checks[label]
+        assert c.ok and c.status == "equal" and c.inputs == ["x"], c.to_dict()
+        assert "outer value 't' held at its constant value in both bodies" in c.note
+    # a different constant in the optimized else branch still shows
+    wrong = copy(optimized)
+    else_g = regions.body_graphs(wrong)["the_if.else_branch"].graph
+    else_g.initializer[0].CopyFrom(numpy_helper.from_array(scale * 1.001, "t2"))
+    assert not by_key(check_regions(original, wrong, regs))["the_if.else_branch"].ok
+
+
+def test_to_dict_is_standard_json(folded_if):
+    import json
+
+    model, out, report = folded_if
+    bad = copy(out)
+    body = regions.body_graphs(bad)["the_if.then_branch"].graph
+    body.node.append(helper.make_node("Flatten", [body.output[0].name], ["flat"]))
+    body.output[0].name = "flat"  # another shape: a difference with no measured error
+    checks = by_key(check_regions(model, bad, regions.regions_for(report, model, bad)))
+    broken = checks["the_if.then_branch"]
+    assert not broken.ok and broken.max_abs_error == float("inf")
+    data = broken.to_dict()
+    assert data["max_abs_error"] is None and data["max_rel_error"] is None
+    json.loads(json.dumps([c.to_dict() for c in checks.values()], allow_nan=False))
+    assert checks["the_if.else_branch"].to_dict()["max_rel_error"] == checks["the_if.else_branch"].max_rel_error
+
+
 # --------------------------------------------------------------------------------------------
 # pieces
 # --------------------------------------------------------------------------------------------
