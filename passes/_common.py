@@ -32,12 +32,40 @@ class Geometry:
     taps: tuple[AxisTaps, ...]
 
 
+def same_pad_reason(node: gs.Node, size, kernel, strides, dilations, auto_pad: str) -> str | None:
+    """Why onnxruntime's pads of ``auto_pad = SAME_UPPER / SAME_LOWER`` may differ from the
+    spec's ``max(0, (ceil(L / s) - 1) * s + d * (k - 1) + 1 - L)``, or None when they agree.
+
+    onnxruntime computes ``need = (ceil(L / s) - 1) * s + k - L`` without the ``max(0, ...)``:
+      * a pool with dilations is padded for the undilated kernel (it then reads other windows,
+        and may even give another output size);
+      * when the kernel is 2 or more smaller than the stride, ``need`` can fall below -1 and
+        the head pad goes negative: the windows start inside the input.
+    A Conv with SAME and dilations is refused by onnxruntime; the spec's pads (which the onnx
+    reference evaluator uses) stand for it, ``need`` taken with the dilated kernel.
+    For ``need >= -1`` and an undilated pool both agree (swept against onnxruntime for Conv and
+    AveragePool, SAME_UPPER and SAME_LOWER, ``L <= 16``, ``k <= 5``, ``s <= 7``).
+    """
+    conv = is_op(node, ops.CONV)
+    for n, k, s, d in zip(size, kernel, strides, dilations):
+        if d != 1 and not conv:
+            return f"{node.op} '{node.name}' uses auto_pad={auto_pad} with dilations: onnxruntime pads it for the undilated kernel"
+        need = (ceil(n / s) - 1) * s + d * (k - 1) + 1 - n
+        if need < -1:
+            return (
+                f"{node.op} '{node.name}' uses auto_pad={auto_pad} with a kernel {k} smaller than its stride {s} "
+                f"by 2 or more on a size {n}: onnxruntime pads it negatively"
+            )
+    return None
+
+
 def window_geometry(node: gs.Node, kernel: tuple[int, ...], input_shape: tuple | None) -> Geometry | str:
     """Geometry of a Conv or AveragePool from its attributes; a reason string when it is not static.
 
     ``auto_pad = SAME_UPPER / SAME_LOWER`` is resolved to explicit pads when the input's spatial
     size is known: total ``max(0, (ceil(L / s) - 1) * s + d * (k - 1) + 1 - L)``, the odd one at the
-    end (UPPER) or the beginning (LOWER).
+    end (UPPER) or the beginning (LOWER); a reason when onnxruntime pads otherwise
+    (``same_pad_reason``: a dilated pool, or a kernel 2 or more smaller than the stride).
     """
     rank = len(kernel)
     strides = tuple(int(v) for v in node.attrs.get("strides", [1] * rank))
@@ -55,6 +83,9 @@ def window_geometry(node: gs.Node, kernel: tuple[int, ...], input_shape: tuple |
         if spatial is None or len(spatial) != rank or not all(isinstance(v, int) for v in spatial):
             return f"{node.op} '{node.name}' uses auto_pad={auto_pad} and its input size is not static"
         pads = [0] * (2 * rank)
+        reason = same_pad_reason(node, spatial, kernel, strides, dilations, auto_pad)
+        if reason is not None:
+            return reason
         for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)):
             total = max(0, (ceil(size / s) - 1) * s + d * (k - 1) + 1 - size)
             small, big = total // 2, total - total // 2

@@ -34,7 +34,13 @@ Conditions of a Pad (checked in this order):
 Conditions of SAME auto-padding:
   1. ``static_size``    the input's spatial size is static (the pads depend on it).
   2. ``known_kernel``   the kernel size is known (``kernel_shape`` or the weight's shape).
-  3. ``ceil_mode``      an AveragePool has ``ceil_mode=0``.
+  3. ``runtime_same_pads``  onnxruntime's pads are the spec's: an AveragePool has no dilation
+                        (onnxruntime pads a dilated pool for the undilated kernel; it refuses a
+                        dilated SAME Conv, whose pads are the spec's), and per axis
+                        ``(ceil(L / s) - 1) * s + d * (k - 1) + 1 - L >= -1`` (a kernel 2 or more
+                        smaller than the stride can make onnxruntime's head pad negative: its
+                        windows then start inside the input).
+  4. ``ceil_mode``      an AveragePool has ``ceil_mode=0``.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Decline, Match, NewNode, Plan, run_checks
 
 from . import register
-from ._common import is_op
+from ._common import is_op, same_pad_reason
 from ._spelling import NotConstant, int_operand, normalize_axes
 
 PAD, SAME = "pad", "same"
@@ -309,6 +315,18 @@ def _check_kernel(c, view, ctx):
     return None
 
 
+@_same_only
+def _check_runtime_pads(c, view, ctx):
+    size = _spatial_size(c, ctx)
+    rank = len(size)
+    w = c.window
+    strides = [int(s) for s in w.attrs.get("strides", [1] * rank)]
+    dilations = [int(d) for d in w.attrs.get("dilations", [1] * rank)]
+    if len(strides) != rank or len(dilations) != rank:
+        return f"{w.op} '{w.name}' has strides or dilations of the wrong length"
+    return same_pad_reason(w, size, _kernel(c, view, ctx), strides, dilations, _auto_pad(w))
+
+
 CONDITIONS = [
     ("pad_mode", _check_mode),
     ("pad_value", _check_value),
@@ -318,6 +336,7 @@ CONDITIONS = [
     ("explicit_pads", _check_auto_pad),
     ("static_size", _check_size),
     ("known_kernel", _check_kernel),
+    ("runtime_same_pads", _check_runtime_pads),
     ("avgpool_exact", lambda c, view, ctx: _check_pool(c, view, ctx) if c.kind == PAD else None),
     ("ceil_mode", lambda c, view, ctx: _check_pool(c, view, ctx) if c.kind == SAME else None),
     ("pad_readers", _check_readers),

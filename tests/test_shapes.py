@@ -454,9 +454,6 @@ def test_optimize_leaves_the_input_model_byte_for_byte():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="passes/_common.window_geometry resolves SAME with the spec's pads; "
-                   "onnxruntime pads negatively (windows start inside the input) when the kernel is 2+ "
-                   "smaller than the stride")
 def test_same_conv_with_a_kernel_smaller_than_the_stride_is_not_merged():
     """Conv 1x1 stride 4 SAME_UPPER on 8: onnxruntime's pad_needed is -3, its head pad -1 (it reads
     x[1], x[5]); the spec's pads are 0 (x[0], x[4]). A merge written with explicit pads must not use
@@ -477,8 +474,6 @@ def test_same_conv_with_a_kernel_smaller_than_the_stride_is_not_merged():
         assert_same(model, out, feeds_x((batch, 2, 8, 8), batch))
 
 
-@pytest.mark.xfail(strict=True, reason="passes/normalize_pads.same_pads makes SAME explicit with the spec's pads; "
-                   "onnxruntime pads negatively when the kernel is 2+ smaller than the stride")
 def test_same_conv_with_a_kernel_smaller_than_the_stride_keeps_its_windows():
     """One Conv 1x1 stride 4 SAME_UPPER on 8 through every pass: SAME written as explicit pads must
     be onnxruntime's, or stay SAME."""
@@ -492,3 +487,70 @@ def test_same_conv_with_a_kernel_smaller_than_the_stride_keeps_its_windows():
     out, _ = optimize(model)
     for batch in (1, 2):
         assert_same(model, out, feeds_x((batch, 2, 8, 8), batch))
+
+
+def _same_window_model(op, size, kernel, stride, dilation, mode, rng):
+    attrs = dict(kernel_shape=[kernel, kernel], strides=[stride, stride], auto_pad=mode)
+    if dilation != 1:
+        attrs["dilations"] = [dilation, dilation]
+    inits = []
+    inputs = ["x"]
+    if op == "Conv":
+        inits = [const("w", rng.standard_normal((3, 2, kernel, kernel)).astype(np.float32))]
+        inputs = ["x", "w"]
+    elif op == "AveragePool":
+        attrs["count_include_pad"] = 1
+    return make(
+        [helper.make_node(op, inputs, ["a"], **attrs), helper.make_node("Relu", ["a"], ["y"])],
+        [helper.make_tensor_value_info("x", F, ["N", 2, size, size])],
+        [helper.make_tensor_value_info("y", F, [None] * 4)], inits,
+    )
+
+
+# (op, L, k, s, d, mode, onnxruntime's pads are the spec's)
+SAME_CASES = [
+    ("Conv", 8, 1, 4, 1, "SAME_UPPER", False),  # need -3: head pad -1
+    ("Conv", 7, 1, 4, 1, "SAME_LOWER", False),  # need -2
+    ("AveragePool", 8, 1, 4, 1, "SAME_UPPER", False),
+    ("AveragePool", 9, 2, 5, 1, "SAME_LOWER", False),  # need -2
+    ("AveragePool", 7, 2, 2, 2, "SAME_UPPER", False),  # dilated: padded for the undilated kernel
+    ("AveragePool", 6, 3, 1, 2, "SAME_LOWER", False),
+    ("Conv", 8, 1, 2, 1, "SAME_UPPER", True),  # need -1: both pad 0
+    ("Conv", 9, 2, 4, 1, "SAME_LOWER", True),  # need -1
+    ("Conv", 7, 3, 2, 1, "SAME_UPPER", True),
+    ("AveragePool", 8, 1, 2, 1, "SAME_LOWER", True),
+    ("AveragePool", 7, 3, 2, 1, "SAME_LOWER", True),
+]
+
+
+@pytest.mark.parametrize("op,size,kernel,stride,dilation,mode,agree", SAME_CASES)
+def test_same_pads_are_onnxruntimes(op, size, kernel, stride, dilation, mode, agree):
+    """normalize-pads writes SAME as explicit pads only where onnxruntime's pads are the spec's;
+    elsewhere it declines with ``runtime_same_pads`` and the model keeps its windows."""
+    model = _same_window_model(op, size, kernel, stride, dilation, mode, np.random.default_rng(size))
+    out, report = optimize(model, passes=["normalize-pads"])
+    reasons = list(skips(report).values())
+    if agree:
+        assert report.rewritten == 1 and not reasons
+        assert not any(a.name == "auto_pad" for n in out.graph.node for a in n.attribute)
+    else:
+        assert report.rewritten == 0 and len(reasons) == 1 and reasons[0].startswith("runtime_same_pads:"), reasons
+    for batch in (1, 2):
+        assert_same(model, out, feeds_x((batch, 2, size, size), batch))
+    out, _ = optimize(model)
+    for batch in (1, 2):
+        assert_same(model, out, feeds_x((batch, 2, size, size), batch))
+
+
+def test_window_geometry_declines_the_same_pads_onnxruntime_does_not_use():
+    from passes._common import window_geometry
+
+    # onnxruntime refuses a dilated SAME Conv: the spec's pads (the onnx reference's) stand
+    dilated_conv = [("Conv", 9, 3, 1, 2, "SAME_UPPER", True), ("Conv", 10, 2, 2, 3, "SAME_LOWER", True)]
+    for op, size, kernel, stride, dilation, mode, agree in SAME_CASES + dilated_conv:
+        attrs = dict(kernel_shape=[kernel, kernel], strides=[stride, stride], dilations=[dilation, dilation], auto_pad=mode)
+        node = gs.Node(op, name="w", attrs=attrs)
+        geo = window_geometry(node, (kernel, kernel), ("N", 2, size, size))
+        assert isinstance(geo, str) != agree, (op, size, kernel, stride, dilation, mode, geo)
+        if not agree:
+            assert "onnxruntime" in geo
