@@ -17,6 +17,7 @@ import numpy as np
 
 from . import __version__, api, engine, io
 from .api import mismatch_error
+from .equivalence import progress_steps
 from .errors import InputError, OnnxrepError, UsageError, first_line
 from .rewrite import Options
 
@@ -269,7 +270,7 @@ def optimize(input_path, output_path, only, skip, allow_cost_increase, tolerance
     size_before = io.tensor_bytes(model)
     t0 = time.perf_counter()
     options = Options(allow_cost_increase, tolerance=tolerance)
-    with _progress(check.seeds * 3, "verifying", quiet or no_verify) as step:
+    with _progress(progress_steps(check.seeds, check.inputs, model), "verifying", quiet or no_verify) as step:
         out, report = api.run(
             model, only, skip, options, verify=None if no_verify else check, on_mismatch=on_mismatch, verify_progress=step
         )
@@ -353,18 +354,13 @@ def verify(model_a, model_b, seeds, dims, check_inputs, rtol, atol):
     api.check_options([], [], check=check)
     a, _ = io.load(model_a)
     b, _ = io.load(model_b)
-    api.check_model_args(a, check)
-    with _progress(check.seeds * 3, "verifying") as step:
-        result = api.compare_models(a, b, check, step)
+    with _progress(progress_steps(check.seeds, check.inputs, a), "verifying") as step:
+        result = api.verify(a, b, check.seeds, check.dims, check.rtol, check.atol, check.inputs, step)
     for o in result.outputs:
-        click.echo(
-            f"{'ok  ' if o.ok else 'FAIL'} {o.name}: max abs error {o.max_abs_error:.3g}, "
-            f"max relative error {getattr(o, 'max_rel_error', 0.0):.3g} (tolerance {o.tolerance:.3g}, "
-            f"max magnitude {o.max_magnitude:.3g})"
-        )
+        click.echo(f"{'ok  ' if o.ok else 'FAIL'} {o.describe()}")
     click.echo(f"verification: {verification_line(result.to_dict())}")
     if not result.ok:
-        raise mismatch_error(result)
+        raise mismatch_error(result, result.regions)
 
 
 @main.command()
@@ -439,7 +435,7 @@ def demo(family, resolution, width_scale, rounds, threads, save_dir):
     t0 = time.perf_counter()
     optimized, report = engine.run(train)
     elapsed = time.perf_counter() - t0
-    with _progress(9, "verifying") as step:
+    with _progress(progress_steps(3, (), train), "verifying") as step:
         api.verify_rewrite(train, optimized, report, api.Check(), step)
     if not report.verification["ok"]:
         raise OnnxrepError(f"verification failed: {verification_line(report.verification)}")

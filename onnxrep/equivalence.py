@@ -256,6 +256,7 @@ class VerifyResult:
     widened: list[str] = field(default_factory=list)  # types compared as float32 (see module doc)
     input_sets: list[InputSet] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # input sets left out, and why
+    regions: list = field(default_factory=list)  # onnxrep.regions.RegionCheck, where they were checked
 
     def worst(self) -> OutputCheck | None:
         bad = [o for o in self.outputs if not o.ok] or self.outputs
@@ -285,6 +286,12 @@ class VerifyResult:
             text += f"; near ties in discrete selections accepted for {', '.join(repr(t) for t in ties)}"
         if self.skipped:
             text += f"; {len(self.skipped)} skipped ({self.skipped[0]}{', ...' if len(self.skipped) > 1 else ''})"
+        if self.regions:
+            differ = [r.key for r in self.regions if getattr(r, "status", "") == "differs"]
+            proven = sum(1 for r in self.regions if r.proven)
+            text += f"; {len(self.regions)} changed regions checked on their own, {proven} proven"
+            if differ:
+                text += f", {len(differ)} differ ({differ[0]}{', ...' if len(differ) > 1 else ''})"
         return text
 
     def to_dict(self) -> dict:
@@ -299,6 +306,8 @@ class VerifyResult:
             out["skipped"] = list(self.skipped)
         if self.widened:
             out["widened_to_float32"] = list(self.widened)
+        if self.regions:
+            out["regions"] = [r.to_dict() for r in self.regions]
         return out
 
 
