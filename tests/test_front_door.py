@@ -163,3 +163,56 @@ def test_cli_usage_errors_are_one_line(model_path):
     assert res.exit_code == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
     res = invoke("optimize", model_path)
     assert res.exit_code == 2 and "Missing option '-o'" in res.stderr and res.stderr.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# mismatch policy
+# --------------------------------------------------------------------------------------------
+
+
+def _break(monkeypatch, indices):
+    """Make parallel-merge compute a wrong kernel for the candidates it rewrites at ``indices``."""
+    import onnxrep.passes.parallel_merge as pm
+
+    real = pm.ParallelMerge.rewrite
+    seen = []
+
+    def rewrite(self, match, view, ctx):
+        plan = real(self, match, view, ctx)
+        if match.key not in seen:
+            seen.append(match.key)
+        if seen.index(match.key) in indices:
+            weight = plan.nodes[0].inputs[1]
+            weight.values = weight.values * np.float32(1.001)
+        return plan
+
+    monkeypatch.setattr(pm.ParallelMerge, "rewrite", rewrite)
+    return seen
+
+
+def _three_blocks():
+    c = 8
+    b = Builder(c, input_shape=[1, c, 8, 8])
+    y = "x"
+    for _ in range(3):
+        y = b.relu(b.sum([b.bn(b.conv(y, c, c, 3, bias=False), c), b.bn(b.conv(y, c, c, 1), c), b.bn(y, c)]))
+    return b.model(y)
+
+
+def test_bisect_leaves_out_every_rewrite_whose_region_differs(monkeypatch):
+    seen = _break(monkeypatch, {0, 2})
+    out, report = onnxrep.optimize(_three_blocks(), passes="parallel-merge", verify=True, seeds=1, on_mismatch="bisect")
+    assert report.verification["ok"]
+    assert sorted(c["candidate"] for c in report.verification["left_out"]) == sorted([seen[0], seen[2]])
+    assert histogram(out)["Conv"] == 2 + 1 + 2
+
+
+def test_bisect_says_what_it_tried_when_no_rewrite_explains_the_mismatch(monkeypatch):
+    """Without the region checks to name them, two broken rewrites cannot be isolated by halving:
+    the error says so and lists the runs."""
+    import onnxrep.regions
+
+    monkeypatch.setattr(onnxrep.regions, "check_regions", lambda *a, **k: [])
+    _break(monkeypatch, {0, 2})
+    with pytest.raises(onnxrep.VerificationError, match=r"bisect could not isolate the rewrites responsible \(\d+ runs: .*left out: mismatch"):
+        onnxrep.optimize(_three_blocks(), passes="parallel-merge", verify=True, seeds=1, on_mismatch="bisect")
