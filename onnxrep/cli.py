@@ -15,7 +15,7 @@ import click
 
 import numpy as np
 
-from . import __version__, api, engine, io
+from . import __version__, api, engine, io, misses
 from .api import mismatch_error
 from .equivalence import progress_steps
 from .errors import InputError, OnnxrepError, UsageError, first_line
@@ -285,6 +285,7 @@ def optimize(input_path, output_path, only, skip, allow_cost_increase, tolerance
     io.save(out, output_path, external=had_external if external_data is None else external_data)
     if report_path:
         data = report.to_dict() | {"input": input_path, "output": output_path, "seconds": round(elapsed, 3)}
+        data["not_rewritten"] = misses.to_list(misses.find(out, report))
         _write_json(report_path, data)
     if not quiet:
         click.echo(op_table(report, size_before, size_after))
@@ -328,19 +329,24 @@ def _progress(length: int, label: str, quiet: bool = False):
 @click.argument("input_path", metavar="IN", type=click.Path(path_type=str))
 @_pass_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="List every structure that is not rewritten (default: counts and the first few).")
 @_guarded
-def inspect(input_path, only, skip, allow_cost_increase, tolerance, as_json):
-    """Show what optimize would rewrite in IN, and why the rest is skipped. Writes nothing."""
+def inspect(input_path, only, skip, allow_cost_increase, tolerance, as_json, verbose):
+    """Show what optimize would rewrite in IN, why the rest is skipped, and every sum, affine op
+    next to a linear layer and conv chain left standing, with the condition that stopped it.
+    Writes nothing."""
     model, _ = io.load(input_path)
-    _, report = engine.run(model, _split(only), _split(skip), Options(allow_cost_increase, tolerance=tolerance))
+    out, report = engine.run(model, _split(only), _split(skip), Options(allow_cost_increase, tolerance=tolerance))
+    left = misses.find(out, report)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(report.to_dict() | {"not_rewritten": misses.to_list(left)}, indent=2))
         return
     click.echo(op_table(report))
     click.echo(pass_summary(report, details=True))
     layers = layer_table(report)
     if layers:
         click.echo(layers)
+    click.echo(misses.summary(left, details=verbose) or "not rewritten: 0")
 
 
 @main.command()
