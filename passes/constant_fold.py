@@ -26,6 +26,10 @@ Conditions (checked in this order):
                        tensor, which an initializer cannot hold.
   3. ``no_growth``     the folded tensor is no larger than the constants it is computed from, or
                        at most 4 KiB: an Expand of a small constant into a huge tensor is not folded.
+                       A tensor every reader of which is a Conv / ConvTranspose / Gemm reading it
+                       as its bias only, no larger (elements and bytes) than each reader's
+                       constant weight, folds whatever its size: dynamo's zero bias
+                       ``Expand(CastLike(0, x), [Cout])`` of a conv with more than 1024 channels.
   4. ``evaluates``     onnxruntime computes it (the reason quotes the first line of its error): an
                        op it has no kernel for (bfloat16 arithmetic on the CPU) stays in the graph.
   5. ``type_agrees``   the computed element type and shape are those the graph declares or infers
@@ -316,22 +320,65 @@ def _too_large(read: int, out: int) -> bool:
     return out > max(read, SMALL_BYTES)
 
 
+BIAS_READERS = (ops.CONV, ops.CONV_TRANSPOSE, ops.GEMM)
+
+
+def _bias_bound(c: Candidate, view: GraphView) -> tuple[int, int] | None:
+    """``(elements, bytes)`` of the smallest constant weight among the readers of ``c.tensor``
+    when every reader is a Conv / ConvTranspose / Gemm that reads it as its bias (input 2) only,
+    with a constant weight; None otherwise. A bias no larger than its layer's weight is allowed
+    to grow from the constants it is computed from (dynamo's zero bias
+    ``Expand(CastLike(0, x), [Cout])``): the folded layer holds that many numbers anyway."""
+    users = view.users(c.tensor)
+    if not users:
+        return None
+    bound = None
+    for node in users:
+        if node.op not in BIAS_READERS or len(node.inputs) < 3:
+            return None
+        if any(t is c.tensor for i, t in enumerate(node.inputs) if i != 2) or node.inputs[2] is not c.tensor:
+            return None
+        weight = view.constant(node.inputs[1]) if view.is_constant(node.inputs[1]) else None
+        if weight is None:
+            return None
+        size = (int(weight.size), int(weight.nbytes))
+        bound = size if bound is None else (min(bound[0], size[0]), min(bound[1], size[1]))
+    return bound
+
+
+def _grows(c: Candidate, view: GraphView, read: int, out: int, elements: int | None) -> bool:
+    """``no_growth`` declines: the result is larger than the constants it is computed from (and
+    than :data:`SMALL_BYTES`), unless it is a bias no larger than each reader's weight."""
+    if not _too_large(read, out):
+        return False
+    bound = _bias_bound(c, view)
+    return bound is None or elements is None or elements > bound[0] or out > bound[1]
+
+
+def _elements(c: Candidate, ctx: Context) -> int | None:
+    shape = ctx.shape(c.tensor)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return int(np.prod(shape))
+
+
 def _worth_evaluating(c: Candidate, view: GraphView, ctx: Context) -> bool:
     """False when a condition before ``evaluates`` declines ``c`` without its value."""
     if view.escapes(c.tensor) or _declared_kind(c) != TENSOR_TYPE:
         return False
     read, out = _nbytes(c, view, ctx)
-    return not _too_large(read, out)
+    return out < 0 or not _grows(c, view, read, out, _elements(c, ctx))
 
 
 def _check_growth(c: Candidate, view: GraphView, ctx: Context) -> str | None:
     read, out = _nbytes(c, view, ctx)
+    elements = _elements(c, ctx)
     if out < 0:
         value = _evaluate(c, view, ctx)
         if isinstance(value, Exception):
             return None  # reported by ``evaluates``
-        out = value.nbytes
-    if _too_large(read, out):
+        out, elements = value.nbytes, value.size
+    if _grows(c, view, read, out, elements):
         return f"'{c.tensor.name}' would be a {out}-byte constant computed from {read} bytes"
     return None
 

@@ -149,11 +149,11 @@ def runtime_values(model, names, feeds, widen=()):
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(fetch, feeds)
 
 
-def fold(model, feeds):
+def fold(model, feeds, **kw):
     """Constant-fold ``model``; the result passes the checker and computes what the original
     computes in onnxruntime, bit for bit; every folded initializer is bit for bit the value
     onnxruntime computes for that tensor in the original model."""
-    out, report = onnxrep.optimize(model, passes=["constant-fold"])
+    out, report = onnxrep.optimize(model, passes=["constant-fold"], **kw)
     onnx.checker.check_model(out, full_check=True)
     for a, b in zip(run(model, feeds), run(out, feeds)):
         _same(a, b)
@@ -465,3 +465,72 @@ def test_expand_into_a_large_constant_is_declined_without_computing_it(monkeypat
     (reason,) = reasons(report, "constant-fold")
     assert reason.startswith("no_growth: 't' would be a 65536-byte constant computed from")
     assert not [m for m in calls if m.graph.name == "constant_fold"]
+
+
+# --------------------------------------------------------------------------------------------
+# no_growth: a computed bias no larger than its layer's weight
+# --------------------------------------------------------------------------------------------
+
+
+def _zero_bias_model(cout, reader="Conv", extra_add=False, bias_shape=None):
+    """dynamo's unoptimized zero bias: ``Expand(CastLike(0, like), [Cout])`` read by a Conv (or Gemm),
+    computed from 20 bytes of constants."""
+    rng = np.random.default_rng(cout)
+    shape = np.array(bias_shape or [cout], np.int64)
+    nodes = [helper.make_node("CastLike", ["zero", "like"], ["z"]), helper.make_node("Expand", ["z", "shape"], ["bias"])]
+    if reader == "Conv":
+        inits = {"w": rng.standard_normal((cout, 2, 1, 1)).astype(np.float32)}
+        x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 2, 2, 2])
+        nodes.append(helper.make_node("Conv", ["x", "w", "bias"], ["y"]))
+        y = helper.make_tensor_value_info("y", TP.FLOAT, [1, cout, 2, 2])
+    else:
+        inits = {"w": rng.standard_normal((2, cout)).astype(np.float32)}
+        x = helper.make_tensor_value_info("x", TP.FLOAT, [4, 2])
+        nodes.append(helper.make_node("Gemm", ["x", "w", "bias"], ["y"]))
+        y = helper.make_tensor_value_info("y", TP.FLOAT, [4, cout])
+    outputs = [y]
+    if extra_add:
+        nodes.append(helper.make_node("Add", ["bias", "bias"], ["twice"]))
+        outputs.append(helper.make_tensor_value_info("twice", TP.FLOAT, [int(d) for d in shape]))
+    inits |= {"zero": np.array(0, np.int64), "like": np.array(1, np.float32), "shape": shape}
+    feeds = {"x": np.random.default_rng(1).standard_normal([d.dim_value for d in x.type.tensor_type.shape.dim]).astype(np.float32)}
+    return _graph_model(nodes, inits, [x], outputs, 18), feeds
+
+
+@pytest.mark.parametrize("reader", ["Conv", "Gemm"])
+def test_computed_zero_bias_of_a_wide_layer_is_folded(reader):
+    """1100 float32 channels: a 4400-byte bias from 20 bytes of constants, no larger than the
+    layer's weight (2 x 1100): folded (a bias of 1024 channels and less was within 4 KiB). Alone
+    the fold adds weights, which net_cost refuses; a BN after it takes them back (test_spellings)."""
+    model, feeds = _zero_bias_model(1100, reader)
+    out, report, values = fold(model, feeds, allow_cost_increase=True)
+    assert histogram(out) == {reader: 1}
+    assert list(values) == ["bias"] and values["bias"].shape == (1100,) and not values["bias"].any()
+
+
+def test_computed_bias_also_read_by_an_add_is_declined():
+    model, feeds = _zero_bias_model(1100, "Conv", extra_add=True)
+    out, report, values = fold(model, feeds, allow_cost_increase=True)
+    assert not values and histogram(out) == histogram(model)
+    # 'twice' = Add(bias, bias), a graph output, is declined on its own (graph_output)
+    (reason,) = [r for r in reasons(report, "constant-fold") if not r.startswith("graph_output:")]
+    assert reason.startswith("no_growth: 'bias' would be a 4400-byte constant computed from")
+
+
+def test_computed_gemm_bias_larger_than_its_weight_is_declined():
+    """A Gemm bias broadcast to (M, N) = (4, 1100) is twice the 2 x 1100 weight: not folded."""
+    model, feeds = _zero_bias_model(1100, "Gemm", bias_shape=[4, 1100])
+    out, report, values = fold(model, feeds, allow_cost_increase=True)
+    assert not values and histogram(out) == histogram(model)
+    (reason,) = reasons(report, "constant-fold")
+    assert reason.startswith("no_growth: 'bias' would be a 17600-byte constant computed from")
+
+
+def test_expand_into_a_large_tensor_read_by_an_add_is_still_declined():
+    nodes = [helper.make_node("Expand", ["c", "shape"], ["t"]), helper.make_node("Add", ["t", "x"], ["y"])]
+    model = _graph_model(nodes, {"c": np.zeros((1,), np.float32), "shape": np.array([1100], np.int64)},
+                         [helper.make_tensor_value_info("x", TP.FLOAT, [1100])], [helper.make_tensor_value_info("y", TP.FLOAT, [1100])], 13)
+    out, report, values = fold(model, {"x": np.ones(1100, np.float32)}, allow_cost_increase=True)
+    assert not values
+    (reason,) = reasons(report, "constant-fold")
+    assert reason.startswith("no_growth: 't' would be a 4400-byte constant computed from")

@@ -732,11 +732,6 @@ def test_dynamo_unoptimized_families(family, tmp_path):
     assert_matches_torch(outs[0], model, shape)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="constant-fold no_growth: the zero bias Expand(0, [1100]) of a conv with more than 1024 "
-    "float32 output channels is a 4400-byte constant computed from 12 bytes",
-)
 def test_dynamo_unoptimized_wide_conv(tmp_path):
     pytest.importorskip("torch")
     import torch
