@@ -2,8 +2,11 @@
 
 Pattern. ``Conv1 -> Conv2`` (Conv2 may be an AveragePool, a depthwise conv with a ``1/|k|`` kernel)
 where Conv1's output is read by nothing else; or ``Conv1 -> ring -> Conv2`` where ``ring`` pads
-Conv1's output and fills the border with one value per channel (DBB's BNAndPadLayer; see
-:mod:`onnxrep.passes._ring`). Covers DBB's 1x1->kxk and 1x1->avg branches, ResRep's compactor
+Conv1's output and fills the border with one value per channel (DBB's BNAndPadLayer, in any of its
+spellings: Pad and scatter writes, ``Concat(strip, Y, strip)`` along each spatial axis in either
+order, ``Sub(b) -> Pad(0) -> Add(b)``; see :mod:`onnxrep.passes._ring`, which recognizes a ring from
+what it computes). :func:`shift_ring_reason` tells affine-fold which Add/Sub nodes belong to a ring
+this pass takes whole. Covers DBB's 1x1->kxk and 1x1->avg branches, ResRep's compactor
 after a conv, pointwise pairs (1x1 C->4C -> 1x1 4C->C of a depth-pruned ConvNeXt block), and their
 grouped forms.
 
@@ -359,6 +362,49 @@ CONDITIONS = [
 ]
 
 
+def _match_at(view: GraphView, node2: gs.Node) -> Match | None:
+    """The chain that ends in ``node2`` (a Conv or AveragePool), if any."""
+    if not (is_op(node2, ops.CONV) and len(node2.inputs) >= 2) and not _is_pool(node2):
+        return None
+    y = view.source(node2.inputs[0])
+    prev = view.producer(y)
+    if is_op(prev, ops.CONV) and len(prev.inputs) >= 2:
+        return Match(f"{prev.name}->{node2.name}", [prev, node2], Candidate(prev, node2, y))
+    a = _ring.select_chain_source(view, y)
+    conv1 = view.producer(a) if a is not None else None
+    if not (is_op(conv1, ops.CONV) and len(conv1.inputs) >= 2):
+        return None
+    region = _ring.region(view, a, y)
+    ring_nodes = region if isinstance(region, list) else []
+    cand = Candidate(conv1, node2, a, ring_nodes, region)
+    return Match(f"{conv1.name}->ring->{node2.name}", [conv1, node2, *ring_nodes], cand)
+
+
+def shift_ring_reason(view: GraphView, node: gs.Node, ctx: Context) -> str | None:
+    """Why an Add/Sub ``node`` should be left to this pass, or None.
+
+    ``node`` is a shift of a ring spelled ``Sub(b) -> Pad(0) -> Add(b)`` (see
+    :func:`onnxrep.passes._ring.shift_ring_reader`) in front of a Conv or AveragePool, and either
+    this pass accepts the chain from the Conv before the ring, or the ring's source is a per-channel
+    affine of a Conv output (a BatchNormalization that affine-fold folds first). Folding one of the
+    shifts into a conv on its own would leave the ring check comparing a ring of 0 with a rounding
+    leftover of the bias; the whole ring folds exactly here. For affine-fold, as a condition."""
+    found = _ring.shift_ring_reader(view, node, ctx)
+    if found is None:
+        return None
+    a, reader = found
+    producer = view.producer(a)
+    if is_op(producer, ops.CONV):
+        match = _match_at(view, reader)
+        if match is None or match.data.conv1 is not producer or ConvChain().check(match, view, ctx) is not None:
+            return None
+    else:
+        data = affine_data_input(producer, view) if producer is not None else None
+        if data is None or not is_op(view.producer(view.source(data)), ops.CONV):
+            return None
+    return f"{node.op} '{node.name}' is part of a padding ring before '{reader.name}', merged by conv-chain as a whole"
+
+
 @register
 class ConvChain:
     name = "conv-chain"
@@ -366,21 +412,9 @@ class ConvChain:
 
     def match(self, view: GraphView, ctx: Context):
         for node2 in view.graph.nodes:
-            if not (is_op(node2, ops.CONV) and len(node2.inputs) >= 2) and not _is_pool(node2):
-                continue
-            y = view.source(node2.inputs[0])
-            prev = view.producer(y)
-            if is_op(prev, ops.CONV) and len(prev.inputs) >= 2:
-                yield Match(f"{prev.name}->{node2.name}", [prev, node2], Candidate(prev, node2, y))
-                continue
-            a = _ring.select_chain_source(view, y)
-            conv1 = view.producer(a) if a is not None else None
-            if not (is_op(conv1, ops.CONV) and len(conv1.inputs) >= 2):
-                continue
-            region = _ring.region(view, a, y)
-            ring_nodes = region if isinstance(region, list) else []
-            cand = Candidate(conv1, node2, a, ring_nodes, region)
-            yield Match(f"{conv1.name}->ring->{node2.name}", [conv1, node2, *ring_nodes], cand)
+            m = _match_at(view, node2)
+            if m is not None:
+                yield m
 
     def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:
         return run_checks(CONDITIONS, match.data, view, ctx)
