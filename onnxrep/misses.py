@@ -21,6 +21,8 @@ where no pass formed a candidate, a named reason of its own:
                         that computes it);
 * ``not_constant``      the affine op's other operand is computed, not a constant;
 * ``single_use``        the tensor between the layer and the affine op has other readers;
+* ``runtime_fusion``    the structure is part of a decomposition that onnxruntime or OpenVINO fuse
+                        into one kernel (GELU, LayerNorm, ...: :mod:`passes._fusions`);
 * ``not_selected``      the pass that folds the structure did not run (``--passes`` / ``--skip``);
 * ``no_pass_matched``   none of the above: the structure is described.
 
@@ -38,6 +40,7 @@ from . import ops
 from .graph import GraphView, import_model
 from .passes import _linear, _sums, parallel_merge
 from .passes._common import affine_data_input, is_op
+from .passes._fusions import breaks_fusion
 
 SUM, AFFINE, CHAIN = "sum", "affine", "chain"
 
@@ -45,6 +48,7 @@ DIFFERENT_INPUTS = "different_inputs"
 NOT_CONSTANT = "not_constant"
 SINGLE_USE = "single_use"
 NOT_SELECTED = "not_selected"
+RUNTIME_FUSION = "runtime_fusion"
 NO_PASS_MATCHED = "no_pass_matched"
 
 #: The passes that fold each kind of structure, whose declines explain it.
@@ -154,6 +158,9 @@ class _Finder:
         if found is not None:
             self.misses.append(Miss(kind, key, names, found[1], found[2], found[0]))
             return
+        fusion = breaks_fusion(nodes, self.view)
+        if fusion:  # part of a decomposition runtimes fuse into one kernel: that is what keeps it
+            condition, reason = RUNTIME_FUSION, fusion
         if self.report_given() and not any(p in self.ran for p in _PASSES[kind]):
             condition = NOT_SELECTED
             reason = f"{' / '.join(_PASSES[kind])} did not run"

@@ -356,3 +356,42 @@ def test_squeeze_excitation_scale_is_listed_once_per_side():
     got = sorted(x.key for x in misses.find(model) if x.condition == misses.NOT_CONSTANT)
     mul = node_name(model, m)
     assert got == sorted([f"{node_name(model, x)}->{mul}", f"{mul}->{node_name(model, y)}"])
+
+
+def gelu_erf(b, x):
+    """TorchScript's GELU: x * (Erf(x / sqrt 2) + 1) * 0.5."""
+    erf = b.node("Erf", [b.node("Div", [x, b.const(np.array(1.4142135))])])
+    return b.node("Mul", [b.node("Mul", [x, b.node("Add", [erf, b.const(np.array(1.0))])]), b.const(np.array(0.5))])
+
+
+def test_affine_ops_inside_a_fused_gelu_are_runtime_fusion():
+    """Linear -> GELU -> Linear: the GELU's Div (after fc1) and Mul(0.5) (before fc2) stay for
+    the fused kernel; both say runtime_fusion, none says single_use."""
+    c = 8
+    b = Builder(c, input_shape=[2, 5, c])
+    fc1 = b.node("MatMul", ["x", b.const(b.rng.standard_normal((c, c)))])
+    act = gelu_erf(b, fc1)
+    fc2 = b.node("MatMul", [act, b.const(b.rng.standard_normal((c, c)))])
+    model = b.model(fc2)
+    found = run(model)[2]
+    assert sorted(m.condition for m in found) == ["runtime_fusion", "runtime_fusion"], found
+    assert all("GELU" in m.reason for m in found)
+    assert {m.nodes for m in found} == {
+        (node_name(model, fc1), next(n.name for n in model.graph.node if n.op_type == "Div")),
+        (node_name(model, act), node_name(model, fc2)),
+    }
+
+
+def test_layer_norm_decomposition_sum_is_runtime_fusion():
+    """LayerNorm as TorchScript writes it: its Sub(x, ReduceMean(x)) is a sum of two computed terms
+    that the runtime fuses with the rest into one kernel."""
+    c = 8
+    b = Builder(c, input_shape=[2, 5, c])
+    d = b.node("Sub", ["x", b.node("ReduceMean", ["x"], axes=[-1])])
+    var = b.node("ReduceMean", [b.node("Pow", [d, b.const(np.array(2.0))])], axes=[-1])
+    y = b.node("Div", [d, b.node("Sqrt", [b.node("Add", [var, b.const(np.array(1e-5))])])])
+    y = b.node("Add", [b.node("Mul", [y, b.const(np.ones(c))]), b.const(np.zeros(c))])
+    fc = b.node("MatMul", [y, b.const(b.rng.standard_normal((c, c)))])
+    found = run(b.model(fc), skip=["linear-affine"])[2]
+    sums = only(found, misses.SUM)
+    assert [m.condition for m in sums] == ["runtime_fusion"], found
