@@ -148,7 +148,9 @@ class _Finder:
                         return name, cond, reason, key
         return None
 
-    def add(self, kind: str, key: str, nodes, found, condition: str, reason: str) -> None:
+    def add(self, kind: str, key: str, nodes, found, condition: str, reason: str, folders=None) -> None:
+        """Record a miss; ``folders``: the passes that would fold it (default: those of ``kind``),
+        for ``not_selected``."""
         if found is not None:
             key = found[3]
         if (kind, key) in self.seen:
@@ -161,9 +163,10 @@ class _Finder:
         fusion = breaks_fusion(nodes, self.view)
         if fusion:  # part of a decomposition runtimes fuse into one kernel: that is what keeps it
             condition, reason = RUNTIME_FUSION, fusion
-        if self.report_given() and not any(p in self.ran for p in _PASSES[kind]):
+        folders = folders or _PASSES[kind]
+        if self.report_given() and not any(p in self.ran for p in folders):
             condition = NOT_SELECTED
-            reason = f"{' / '.join(_PASSES[kind])} did not run"
+            reason = f"{' / '.join(folders)} did not run"
         self.misses.append(Miss(kind, key, names, condition, reason))
 
     def report_given(self) -> bool:
@@ -181,7 +184,7 @@ class _Finder:
                 key = node.outputs[0].name
                 found = self.lookup(SUM, [key])
                 what = f"a variadic {node.op} of {len(terms)}: {', '.join(_describe(t, view) for t in terms)}"
-                self.add(SUM, key, [node], found, NO_PASS_MATCHED, f"no pass matched: {what}")
+                self.add(SUM, key, [node], found, NO_PASS_MATCHED, f"no pass matched: {what}", ("normalize-sums",))
                 continue
             if not _sums._is_sum(node, view) or not _sums.is_root(node, view):
                 continue
@@ -276,7 +279,7 @@ class _Finder:
                     cond, reason = SINGLE_USE, _outside(out, user, users, view)
                 else:
                     cond, reason = NO_PASS_MATCHED, f"no pass matched: {node.op} '{node.name}' -> {user.op} '{user.name}'"
-                self.add(AFFINE, key, [node, user], found, cond, reason)
+                self.add(AFFINE, key, [node, user], found, cond, reason, _folders(node))
             prev = view.producer(x)
             if prev is None:
                 continue
@@ -300,7 +303,7 @@ class _Finder:
                 cond, reason = SINGLE_USE, _outside(x, node, readers, view)
             else:
                 cond, reason = NO_PASS_MATCHED, f"no pass matched: {prev.op} '{prev.name}' -> {node.op} '{node.name}'"
-            self.add(AFFINE, key, [prev, node], found, cond, reason)
+            self.add(AFFINE, key, [prev, node], found, cond, reason, _folders(node))
 
     # -- conv chains ---------------------------------------------------------------------------
 
@@ -325,6 +328,11 @@ class _Finder:
                     f"no pass matched: Conv '{prev.name}' {_kernel(prev, view)} -> Conv '{node2.name}' {_kernel(node2, view)}"
                 )
             self.add(CHAIN, key, [prev, node2], found, cond, reason)
+
+
+def _folders(layer: gs.Node) -> tuple[str, ...]:
+    """The passes that fold an affine op into ``layer``."""
+    return ("affine-fold",) if is_op(layer, ops.CONV) else ("linear-affine", "token-bn")
 
 
 def _outside(tensor: gs.Tensor, node: gs.Node, users: list[gs.Node], view: GraphView) -> str:

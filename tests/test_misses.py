@@ -395,3 +395,12 @@ def test_layer_norm_decomposition_sum_is_runtime_fusion():
     found = run(b.model(fc), skip=["linear-affine"])[2]
     sums = only(found, misses.SUM)
     assert [m.condition for m in sums] == ["runtime_fusion"], found
+
+
+def test_not_selected_names_the_pass_of_the_layer():
+    """A BN after a Conv with affine-fold left out is not_selected, though linear-affine ran."""
+    c = 4
+    b = Builder(c)
+    bn = b.bn(b.conv("x", c, c, 3), c)
+    (m,) = run(b.model(bn), skip=["affine-fold", "parallel-merge"])[2]
+    assert (m.condition, m.reason) == (misses.NOT_SELECTED, "affine-fold did not run")
