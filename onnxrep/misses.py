@@ -134,7 +134,7 @@ class _Finder:
 
     def lookup(self, kind: str, keys, prefix: str | None = None) -> tuple[str, str, str, str] | None:
         """The first recorded decline of one of ``keys`` (or of a key starting with ``prefix``) by a
-        pass of ``kind``: (pass, condition, reason)."""
+        pass of ``kind``: (pass, condition, reason, the declined candidate's key)."""
         for name in _PASSES[kind]:
             skipped = self.declines.get(name, {})
             for key in keys:
