@@ -404,3 +404,13 @@ def test_not_selected_names_the_pass_of_the_layer():
     bn = b.bn(b.conv("x", c, c, 3), c)
     (m,) = run(b.model(bn), skip=["affine-fold", "parallel-merge"])[2]
     assert (m.condition, m.reason) == (misses.NOT_SELECTED, "affine-fold did not run")
+
+
+@pytest.mark.parametrize("family", ["repvgg-a0", "mobileone-s0"])
+def test_folded_networks_list_nothing(family):
+    """Whole training-form networks that fold to their deploy form leave nothing standing."""
+    from onnxrep import models
+
+    model = models.BUILDERS[family](deploy=False, resolution=32, width_scale=0.25)
+    out, report, found = run(model)
+    assert report.rewritten > 0 and found == []
