@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from . import ops
 from . import passes as _passes
 from . import scopes
-from .cost import Cost, infer, model_cost
+from .cost import Cost, ShapeEvidence, infer_evidence, model_cost
 from .errors import OnnxrepError
 from .graph import GraphView, body_histogram, export_model, finalize, import_model, op_histogram
 from .rewrite import Context, Options, Plan
@@ -103,6 +103,11 @@ class Report:
     #: candidate key -> reason, for rewrites left out because the run would have cost more
     left_out_for_cost: dict[str, str] = field(default_factory=dict)
     runs: int = 1  # pipeline runs (more than one when rewrites were left out for cost)
+    #: declared shapes (value_info, graph outputs) that the evidence contradicts: each
+    #: ``{"tensor", "declared_in", "declared", "evidence"}`` (and ``"observed"`` when it ran)
+    declared_shape_contradictions: list[dict] = field(default_factory=list)
+    #: where the shapes the passes relied on came from (:meth:`onnxrep.cost.ShapeEvidence.to_dict`)
+    shape_evidence: dict = field(default_factory=dict)
 
     @property
     def rewritten(self) -> int:
@@ -128,6 +133,8 @@ class Report:
             "body_ops_after": self.body_ops_after,
             "left_out_for_cost": sorted(self.left_out_for_cost),
             "runs": self.runs,
+            "declared_shape_contradictions": self.declared_shape_contradictions,
+            "shape_evidence": self.shape_evidence,
         }
         if timings:
             d["passes_seconds"] = round(self.passes_seconds, 6)
@@ -460,14 +467,14 @@ def run(
     """
     options = options or Options()
     selected = select_passes(only, skip)
-    shapes, dtypes = infer(model)
-    cost_before = model_cost(model, shapes)
+    evidence = infer_evidence(model, runtime=True)  # once: every run below shares it
+    cost_before = model_cost(model, evidence.shapes)
     weights_before = model_weights(model, cost_before)
     held: dict[str, str] = {}
     hold_all = None
     for attempt in range(1, MAX_COST_RUNS + 1):
         out, report, state, graph = _run_once(
-            model, selected, options, progress, held, hold_all, shapes, dtypes, cost_before
+            model, selected, options, progress, held, hold_all, evidence, cost_before
         )
         report.runs = attempt
         if options.allow_cost_increase or hold_all is not None:
@@ -511,13 +518,16 @@ def _culprits(state: _Run, names: set[str], held: dict[str, str]) -> list[str]:
     return surviving or dearer or [k for k, _ in charged]
 
 
-def _run_once(model, selected, options, progress, held, hold_all, shapes, dtypes, cost_before):
+def _run_once(model, selected, options, progress, held, hold_all, evidence: ShapeEvidence, cost_before):
     graph = import_model(model)
     input_names = {i.name for i in model.graph.input}
     opsets = list(model.opset_import)
     taken = _all_names(graph)  # shared by every scope: names stay unique across the model
-    main = _Scope(graph, Context(options, shapes=dict(shapes), dtypes=dict(dtypes), taken_names=taken, opsets=opsets))
-    types = scopes.body_types(model, graph) if scopes.has_subgraphs(graph) else {}
+    main = _Scope(
+        graph,
+        Context(options, shapes=dict(evidence.shapes), dtypes=dict(evidence.dtypes), taken_names=taken, opsets=opsets),
+    )
+    types = scopes.body_types(model, graph, evidence) if scopes.has_subgraphs(graph) else {}
     labels = {key: t.label for key, t in types.items()}
     contexts: dict[int, Context] = {}
     state = _Run({p.name: PassReport(p.name) for p in selected}, {}, held, hold_all)
@@ -560,5 +570,7 @@ def _run_once(model, selected, options, progress, held, hold_all, shapes, dtypes
     report = Report(
         list(reports.values()), rounds, op_histogram(model), op_histogram(out), cost_before, cost_after,
         body_ops_before=body_histogram(model), body_ops_after=body_histogram(out),
+        declared_shape_contradictions=[dict(c) for c in evidence.contradictions],
+        shape_evidence=evidence.to_dict(),
     )
     return out, report, state, graph

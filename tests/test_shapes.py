@@ -554,3 +554,65 @@ def test_window_geometry_declines_the_same_pads_onnxruntime_does_not_use():
         assert isinstance(geo, str) != agree, (op, size, kernel, stride, dilation, mode, geo)
         if not agree:
             assert "onnxruntime" in geo
+
+
+# --------------------------------------------------------------------------------------------
+# the report: declared shapes the runtime contradicts
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_lists_declared_shapes_the_runtime_contradicts():
+    """A stale value_info batch 1 on a model with a dynamic batch: reported, with what the runs
+    observed; the model is still optimized by the evidence, not the declaration."""
+    out, report = optimize(stale_batch_model())
+    d = report.to_dict()
+    assert d["declared_shape_contradictions"] == [
+        {"tensor": "t", "declared_in": "value_info", "declared": [1, 2, 3], "evidence": ["N", 2, 3],
+         "observed": [[1, 2, 3], [2, 2, 3]]}
+    ]
+    assert d["shape_evidence"]["method"] == "onnxruntime"
+    assert d["shape_evidence"]["contradictions"] == d["declared_shape_contradictions"]
+    assert report.declared_shape_contradictions == d["declared_shape_contradictions"]
+
+
+def test_report_without_stale_declarations_lists_no_contradiction():
+    _, report = optimize(stale_batch_model(value_info=False))
+    d = report.to_dict()
+    assert d["declared_shape_contradictions"] == [] and d["shape_evidence"]["method"] == "onnxruntime"
+
+
+def test_shape_evidence_is_computed_once_for_every_net_cost_run(monkeypatch):
+    """The net-cost loop runs the pipeline again with rewrites left out: the evidence (an
+    onnxruntime run) is computed once, and every run and every body sees the same."""
+    from onnxrep import engine, scopes
+
+    calls, seen = [], []
+    real, real_body_types = cost.infer_evidence, scopes.body_types
+    monkeypatch.setattr(engine, "infer_evidence", lambda m, runtime=True: calls.append(runtime) or real(m, runtime=runtime))
+
+    def body_types(model, graph, evidence=None):
+        seen.append(evidence)
+        return real_body_types(model, graph, evidence)
+
+    monkeypatch.setattr(scopes, "body_types", body_types)
+    # a 1100-channel zero bias computed by Expand: folded alone it adds weights (net_cost: a
+    # second run without it); in an If branch so that the bodies' types are read too
+    rng = np.random.default_rng(0)
+    then = helper.make_graph(
+        [helper.make_node("Expand", ["zero", "shape"], ["bias"]), helper.make_node("Conv", ["x", "w", "bias"], ["a"])],
+        "then", [], [helper.make_tensor_value_info("a", F, [None] * 4)],
+    )
+    other = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["b"])], "else", [], [helper.make_tensor_value_info("b", F, [None] * 4)])
+    model = make(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+        [helper.make_tensor_value_info("x", F, ["N", 2, 2, 2]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", F, [None] * 4)],
+        [const("w", rng.standard_normal((1100, 2, 1, 1)).astype(np.float32)), const("zero", np.zeros(1, np.float32)),
+         const("shape", np.array([1100], np.int64))],
+    )
+    out, report = optimize(model)
+    assert report.runs == 2 and report.left_out_for_cost
+    assert calls == [True]
+    assert len(seen) == 2 and seen[0] is seen[1] is not None
+    for cond in (True, False):
+        assert_same(model, out, feeds_x((2, 2, 2, 2)) | {"cond": np.array(cond)})
