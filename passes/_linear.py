@@ -152,3 +152,140 @@ def emit(ctx: Context, name: str, x: gs.Tensor, w: np.ndarray, b: np.ndarray, dt
         NewNode(ops.MATMUL, ctx.fresh_name(f"{name}/matmul"), {}, [x, wc], [mid]),
         NewNode(ops.ADD, ctx.fresh_name(f"{name}/add"), {}, [mid, bc], [target]),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Affine fields seen through layout ops
+# --------------------------------------------------------------------------------------------
+#
+# An affine node ``y = S * x + T`` whose constants broadcast against ``x`` (BatchNormalization:
+# ``[1, C, 1, ...]``; Mul/Add/Sub/Div: the constant's shape) is a *field*: two float64 arrays of the
+# data's rank, each dim 1 or the data's. A layout op ``L`` that only moves, regroups or averages
+# elements commutes with it exactly: ``L(S * x + T) = S' * L(x) + T'`` with ``(S', T')`` the same
+# move applied to the field (for an average pool only when the field is constant over the window
+# and, for ``T``, when every window divides by its own element count; see ``pool_reason``).
+
+#: ops that only regroup elements in C order (a Reshape to the static output shape)
+RESHAPE_LIKE = frozenset({ops.RESHAPE, ops.FLATTEN, ops.SQUEEZE, ops.UNSQUEEZE})
+#: ops an affine field is seen through (``LAYOUT_OPS``); Identity nodes are looked through by the view
+LAYOUT_OPS = RESHAPE_LIKE | frozenset({ops.TRANSPOSE, ops.AVERAGE_POOL, ops.GLOBAL_AVERAGE_POOL})
+
+
+@dataclass
+class Field:
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+def _blocks(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Contiguous blocks of axes of shapes ``a`` and ``b`` (no dim 1 in either) with equal element
+    counts, the finest such; a symbolic dim must be a block of its own on both sides. None when
+    the shapes do not regroup into each other."""
+    out, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        if i >= len(a) or j >= len(b):
+            return None
+        if isinstance(a[i], str) or isinstance(b[j], str):
+            if a[i] != b[j]:
+                return None
+            out.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        ia, jb, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(a) or isinstance(a[i], str):
+                    return None
+                pa *= a[i]
+                ia.append(i)
+                i += 1
+            else:
+                if j >= len(b) or isinstance(b[j], str):
+                    return None
+                pb *= b[j]
+                jb.append(j)
+                j += 1
+        out.append((ia, jb))
+    return out
+
+
+def _reshape_array(v: np.ndarray, src: tuple, dst: tuple) -> np.ndarray | None:
+    """``v`` (broadcastable to ``src``: each dim 1 or ``src``'s) regrouped as a C-order reshape of
+    the data from ``src`` to ``dst`` would regroup it (broadcastable to ``dst``), or None."""
+    keep_a = [k for k, d in enumerate(src) if d != 1]
+    keep_b = [k for k, d in enumerate(dst) if d != 1]
+    a, b = tuple(src[k] for k in keep_a), tuple(dst[k] for k in keep_b)
+    blocks = _blocks(a, b)
+    if blocks is None:
+        return None
+    core = v.reshape(tuple(v.shape[k] for k in keep_a))
+    full_in, full_out = [], []
+    for ia, jb in blocks:
+        if all(core.shape[k] == 1 for k in ia):
+            full_in += [1] * len(ia)
+            full_out += [1] * len(jb)
+        else:
+            if any(isinstance(a[k], str) for k in ia):
+                return None
+            full_in += [a[k] for k in ia]
+            full_out += [b[k] for k in jb]
+    core = np.broadcast_to(core, tuple(full_in)).reshape(tuple(full_out))
+    shape = [1] * len(dst)
+    for pos, k in enumerate(keep_b):
+        shape[k] = core.shape[pos]
+    return core.reshape(shape)
+
+
+def reshape_field(f: Field, src: tuple, dst: tuple) -> Field | None:
+    s, t = _reshape_array(f.scale, src, dst), _reshape_array(f.shift, src, dst)
+    return None if s is None or t is None else Field(s, t)
+
+
+def transpose_field(f: Field, perm) -> Field:
+    return Field(np.transpose(f.scale, perm), np.transpose(f.shift, perm))
+
+
+def spatial_reason(f: Field, node: gs.Node) -> str | None:
+    """Why the field is not constant over the spatial axes (2 and up) that ``node`` pools, or None."""
+    for arr in (f.scale, f.shift):
+        if arr.ndim < 3 or any(d != 1 for d in arr.shape[2:]) :
+            return f"the affine varies along the axes that {node.op} '{node.name}' averages"
+    return None
+
+
+def pool_reason(f: Field, node: gs.Node, view: GraphView, in_shape: tuple | None) -> str | None:
+    """Why an AveragePool does not commute with the field's shift, or None.
+
+    ``avg(s x + t) = s avg(x) + t`` when each window divides by the number of elements it sums:
+    no window reads padding, or ``count_include_pad = 0`` (the divisor is then the count of
+    input elements in the window). With ``count_include_pad = 1`` a window over ``r`` of ``k``
+    input elements gives ``s avg(x) + t r / k``; ``ceil_mode = 1`` windows are declined alike.
+    The scale alone always commutes."""
+    if not np.any(f.shift):
+        return None
+    if not is_op(node, ops.AVERAGE_POOL):
+        return None  # GlobalAveragePool reads no padding
+    from ._common import has_padding, window_geometry
+
+    kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", ()))
+    geo = window_geometry(node, kernel, in_shape)
+    if isinstance(geo, str):
+        return geo
+    if int(node.attrs.get("ceil_mode", 0)):
+        return f"AveragePool '{node.name}' has ceil_mode=1: a shift before it does not commute with its last windows"
+    if has_padding(geo) and int(node.attrs.get("count_include_pad", 0)):
+        return (
+            f"AveragePool '{node.name}' reads padding with count_include_pad=1: the shift before it "
+            "is averaged with the padded zeros at the border"
+        )
+    return None
+
+
+def feature_vectors(f: Field, features: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(s, t)`` of length ``features`` when the field varies along the last axis only, else None."""
+    s = per_channel(f.scale, features, f.scale.ndim, -1) if f.scale.ndim else None
+    t = per_channel(f.shift, features, f.shift.ndim, -1) if f.shift.ndim else None
+    if s is None or t is None:
+        return None
+    return s, t
