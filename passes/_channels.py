@@ -48,8 +48,10 @@ from ._common import (
     conv_geometry,
     conv_groups,
     conv_params,
+    graph_opset,
     has_padding,
     is_op,
+    legacy_operand,
     node_affine,
     per_channel,
     window_geometry,
@@ -90,6 +92,33 @@ def _slice_along(values: np.ndarray, flow: Flow, keep: np.ndarray) -> np.ndarray
     if ax < 0 or v.shape[ax] != flow.width:
         return v
     return np.take(v, keep, axis=ax)
+
+
+def _slice_operand(node: gs.Node, values: np.ndarray, const_first: bool, flow: Flow, keep: np.ndarray,
+                   view: GraphView) -> np.ndarray:
+    """The constant operand of a Mul/Add/Sub/Div with the channel positions not in ``keep``
+    removed, in its own layout. From opset 7 numpy's broadcasting places it (``_slice_along``);
+    below, legacy broadcasting (``broadcast=1`` and ``axis``): it is placed by
+    :func:`legacy_operand`, sliced there and written back in its own shape, the node keeping its
+    attributes. A constant legacy broadcasting does not place was declined (``per_channel``)."""
+    v = np.asarray(values)
+    placed = legacy_operand(node, v, const_first, flow.rank, graph_opset(view))
+    assert not isinstance(placed, str), placed  # checked by ``_legacy_reason``
+    if placed is v or placed.ndim == v.ndim:
+        return _slice_along(v, flow, keep)
+    start = int(node.attrs["axis"]) if "axis" in node.attrs else flow.rank - v.ndim
+    start = start + flow.rank if start < 0 else start
+    sliced = _slice_along(placed, flow, keep)
+    return sliced.reshape(sliced.shape[start:start + v.ndim])
+
+
+def _legacy_reason(node: gs.Node, flow: Flow, view: GraphView) -> str | None:
+    """Why the constant of a Mul/Add/Sub/Div is not placed by legacy broadcasting below opset 7
+    (:func:`legacy_operand`), or None."""
+    const_first = view.is_constant(node.inputs[0])
+    values = view.constant(node.inputs[0] if const_first else node.inputs[1])
+    placed = legacy_operand(node, np.asarray(values), const_first, flow.rank, graph_opset(view))
+    return placed if isinstance(placed, str) else None
 
 
 def _channel_values(values: np.ndarray, flow: Flow) -> np.ndarray | None:
@@ -218,13 +247,18 @@ class AffineStep(Step):
         node, flow = self.node, self.inputs[0]
         bn = is_op(node, ops.BATCH_NORM)
         inputs = []
-        for t in node.inputs[:5] if bn else node.inputs:
+        for i, t in enumerate(node.inputs[:5] if bn else node.inputs):
             value = self.view.constant(t) if t is not None and t.name else None
             if t is not None and t.name and self.view.source(t) is flow.tensor:
                 inputs.append(new_in[0])
             elif value is not None:
                 # BN parameters are vectors of C; a Mul/Add constant broadcasts against the data
-                sliced = (value[keep] if value.size == flow.width else value) if bn else _slice_along(value, flow, keep)
+                # (legacy broadcasting below opset 7)
+                sliced = (
+                    (value[keep] if value.size == flow.width else value)
+                    if bn
+                    else _slice_operand(node, value, i == 0, flow, keep, self.view)
+                )
                 inputs.append(ctx.constant(t.name, np.asarray(sliced)))
             else:
                 inputs.append(t)
@@ -644,7 +678,7 @@ def _classify(node: gs.Node, region: Region, view: GraphView, ctx: Context) -> S
         if isinstance(affine, str):
             return Decline("per_channel", affine)
         if not is_op(node, ops.BATCH_NORM):
-            reason = _broadcast_reason(node, flow, view, ctx)
+            reason = _legacy_reason(node, flow, view) or _broadcast_reason(node, flow, view, ctx)
             if reason:
                 return Decline("per_channel", reason)
         return AffineStep(node, [flow], _new_flow(node, flow), affine=affine, view=view)

@@ -209,3 +209,88 @@ def test_legacy_sum_with_broadcast_is_a_term_not_a_sum():
     model = legacy_model(nodes, inits)
     out, report = onnxrep.optimize(model, passes=["parallel-merge"])
     assert histogram(out) == histogram(model) and report.passes[0].matched == 0
+
+
+# --------------------------------------------------------------------------------------------
+# channel pruning through a legacy-broadcast Mul / Add
+# --------------------------------------------------------------------------------------------
+
+
+def pruning_model(op, const, shape_attrs, dead=True):
+    """conv (channel 2 dead: zero filter and bias, or a copy of channel 0) -> op(h, k, legacy
+    broadcast) -> Relu -> conv2."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((C, C, 3, 3)).astype(np.float32) / 6
+    b = rng.standard_normal(C).astype(np.float32) * 0.1
+    if dead:
+        w[2], b[2] = 0, 0
+    else:
+        w[2], b[2] = w[0], b[0]
+    w2 = rng.standard_normal((C, C, 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.asarray(const, np.float32), "k")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["h"], name="conv", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node(op, ["h", "k"], ["m"], name="binary", **shape_attrs),
+        helper.make_node("Relu", ["m"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", kernel_shape=[1, 1]),
+    ]
+    return legacy_model(nodes, inits)
+
+
+def pruning_reference(model, op, const, shape_attrs):
+    """The original in float64, the constant placed by legacy broadcasting."""
+    h, inits = conv_of(model, feeds()["x"])
+    k = np.asarray(const, np.float32).astype(np.float64)
+    start = shape_attrs.get("axis", 4 - k.ndim)
+    k = k.reshape((1,) * start + k.shape + (1,) * (4 - start - k.ndim))
+    m = h * k if op == "Mul" else h + k
+    return conv_ref(np.maximum(m, 0.0), inits["w2"])
+
+
+SHARED = np.array([0.5, -2.0, 0.5, 1.5])  # channels 0 and 2 alike (identical-filters merges them)
+LEGACY_PRUNING_CASES = [
+    ("Mul", SHARED, {"broadcast": 1, "axis": 1}),  # [C] at axis 1: per channel
+    ("Add", SHARED * 0.1, {"broadcast": 1, "axis": 1}),
+    ("Mul", SHARED.reshape(C, 1, 1), {"broadcast": 1}),  # [C, 1, 1] aligned at the end: per channel
+    ("Mul", SHARED.reshape(1, C, 1), {"broadcast": 1, "axis": 0}),  # [1, C, 1] at axis 0: per channel
+    ("Mul", SHARED.reshape(1, C, 1, 1), {}),  # broadcast=0: equal ranks
+]
+
+
+@pytest.mark.parametrize("dead", [True, False], ids=["dead-channels", "identical-filters"])
+@pytest.mark.parametrize("op,const,attrs", LEGACY_PRUNING_CASES)
+def test_channel_pruning_through_a_legacy_broadcast_is_exact(op, const, attrs, dead):
+    """A channel pruned before a Mul/Add with legacy broadcasting: its constant is sliced where
+    legacy broadcasting places the channels (not where numpy's would), or the candidate is
+    declined; never a wrong model."""
+    model = pruning_model(op, const, attrs, dead)
+    reference = pruning_reference(model, op, const, attrs)
+    out, report = onnxrep.optimize(model, passes=["dead-channels" if dead else "identical-filters"])
+    onnx.checker.check_model(out, full_check=True)
+    assert report.rewritten == 1, skips(report)
+    weights = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    assert weights[conv.input[1]].shape[0] == C - 1
+    binary = next(n for n in out.graph.node if n.op_type == op)
+    assert {a.name: helper.get_attribute_value(a) for a in binary.attribute} == attrs
+    k = weights[binary.input[1]]
+    assert k.ndim == np.ndim(const) and k.size == C - 1
+    # the pruned model in float64 (its Mul/Add legacy too), against the original
+    h, _ = conv_of(out, feeds()["x"], w=conv.input[1], b=conv.input[2])
+    start = attrs.get("axis", 4 - k.ndim)
+    k64 = k.astype(np.float64).reshape((1,) * start + k.shape + (1,) * (4 - start - k.ndim))
+    m = h * k64 if op == "Mul" else h + k64
+    conv2 = [n for n in out.graph.node if n.op_type == "Conv"][1]
+    got = conv_ref(np.maximum(m, 0.0), weights[conv2.input[1]], weights.get(conv2.input[2]) if len(conv2.input) > 2 else None)
+    err = float(np.max(np.abs(got - reference)))
+    assert err <= 1e-5 * float(np.max(np.abs(reference))), err
+
+
+def test_channel_pruning_through_a_constant_first_legacy_broadcast_is_declined():
+    model = pruning_model("Mul", SHARED, {"broadcast": 1, "axis": 1})
+    node = model.graph.node[1]
+    node.input[0], node.input[1] = "k", "h"
+    out, report = onnxrep.optimize(model, passes=["dead-channels"])
+    assert report.rewritten == 0
+    assert any(r.startswith("per_channel:") and "first operand" in r for r in skips(report)), skips(report)
