@@ -282,10 +282,23 @@ def pool_reason(f: Field, node: gs.Node, view: GraphView, in_shape: tuple | None
     return None
 
 
+def _constant_axes_dropped(arr: np.ndarray) -> np.ndarray:
+    """``arr`` with every axis but the last reduced to size 1 where its values do not change along
+    it (an affine over ``(tokens, features)`` with equal rows is exactly per feature)."""
+    for axis in range(arr.ndim - 1):
+        if arr.shape[axis] > 1:
+            first = np.take(arr, [0], axis=axis)
+            if np.array_equal(np.broadcast_to(first, arr.shape), arr):
+                arr = first
+    return arr
+
+
 def feature_vectors(f: Field, features: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(s, t)`` of length ``features`` when the field varies along the last axis only, else None."""
-    s = per_channel(f.scale, features, f.scale.ndim, -1) if f.scale.ndim else None
-    t = per_channel(f.shift, features, f.shift.ndim, -1) if f.shift.ndim else None
+    """``(s, t)`` of length ``features`` when the field varies along the last axis only (exactly:
+    equal values along another axis count as not varying), else None."""
+    scale, shift = _constant_axes_dropped(f.scale), _constant_axes_dropped(f.shift)
+    s = per_channel(scale, features, scale.ndim, -1) if scale.ndim else None
+    t = per_channel(shift, features, shift.ndim, -1) if shift.ndim else None
     if s is None or t is None:
         return None
     return s, t

@@ -249,9 +249,9 @@ def _through(f: _linear.Field, node: gs.Node, view: GraphView, ctx: Context, bac
     if node.op in _linear.RESHAPE_LIKE:
         moved = _linear.reshape_field(f, dst, src) if backward else _linear.reshape_field(f, src, dst)
         if moved is None:
-            return "per_feature", (
-                f"{node.op} '{node.name}' from {list(src)} to {list(dst)} does not regroup the affine's axes into "
-                "whole axes (symbolic dims merged with the affine's)"
+            return "static_shape", (
+                f"{node.op} '{node.name}' from {list(src)} to {list(dst)}: how it regroups the affine's axes is not "
+                "known (symbolic dims)"
             )
         return moved
     if node.op == ops.TRANSPOSE:
