@@ -1,0 +1,541 @@
+"""Normalize layout: the Transposes that NHWC exports (tf2onnx, jax2onnx, Keras) put around every
+convolution are de-duplicated, cancelled, and moved below sums and per-channel affines, so that a
+block's linear chain sits in one layout (NCHW, where the Conv reads it) and the folds see
+``Y + Conv(Y)`` and ``Affine(Conv(Y))`` as they do in a PyTorch export.
+
+Rewrites (``T(x, p)`` is ``Transpose(x, perm=p)``):
+  * ``dedupe``      several Transposes with the same perm reading the same tensor: the readers of
+                    every later one read the first instead (each reader is issued again with that
+                    input; the later Transposes are left without readers and removed).
+  * ``cancel``      ``T(T(x, p), q)`` with ``p[q[i]] = i`` for every axis: the readers of the outer
+                    one read ``x`` (the inner one stays while something else reads it).
+  * ``sink_sum``    ``Add/Sub(T(a, p), T(b, p))`` -> ``T(Add/Sub(a, b), p)``: one Transpose less.
+                    Both operands have the rank ``len(p)``, so broadcasting acts axis by axis and
+                    commutes with the permutation.
+  * ``sink_mixed``  ``Add/Sub(T(a, p), Z)`` where ``Z = A_k(...A_1(X))`` is a chain (maybe empty) of
+                    Add/Sub/Mul/Div by a constant on a tensor ``X`` that some Transpose already reads
+                    as ``Y = T(X, q)`` with ``q`` the inverse of ``p`` -> ``T(Add/Sub(a, Z'), p)``
+                    with ``Z' = A'_k(...A'_1(Y))``, each constant ``K`` (right-aligned to the rank)
+                    permuted by ``q``: ``T(Z, q) = Z'`` element for element and ``T(T(Z, q), p) = Z``.
+                    No node is added: the chain is issued again on ``Y`` and the Transpose moves
+                    below the sum (the residual ``X + T(Conv(T(X)))`` of an NHWC block).
+  * ``sink_unary``  ``U(T(x, p))`` for an element-wise activation ``U`` whose output a Transpose
+                    with the inverse perm reads -> ``T(U(x), p)``, which that Transpose then cancels
+                    (``T -> Relu -> T`` between two NHWC blocks).
+  * ``sink_affine`` ``A_k(...A_1(T(c, p)))`` where ``c`` is a Conv's output and each ``A_i`` is
+                    Add/Sub/Mul/Div by a constant that acts on the channel axis only (shape ``[C]``,
+                    ``[1, 1, 1, C]``, a scalar, wherever ``p`` puts channel axis 1) ->
+                    ``T(A'_k(...A'_1(c)), p)`` with the constants reshaped to ``[C, 1, 1]``: the
+                    affine then sits on the Conv's output, where affine-fold takes it in.
+Every rewrite computes the same floating-point operations on the same elements: transposition only
+moves elements, so the results are bit for bit equal. None adds a node: dedupe, cancel and
+sink_sum remove Transposes; sink_mixed and sink_affine move them (and are taken only where a merge
+or a fold follows: an existing inverse Transpose, a Conv's output).
+
+Conditions (checked in this order):
+  1. ``opset``         the graph's default opset is 7 or more and the element-wise nodes have no
+                       legacy ``broadcast`` attribute (older broadcasting aligns operands otherwise).
+  2. ``perm``          every Transpose involved has an explicit ``perm`` (the default reverses the
+                       axes of a rank that may not be known).
+  3. ``same_perm``     sink_sum: both Transposes have the same perm; cancel: the two perms compose
+                       to the identity.
+  4. ``inverse_transpose`` sink_mixed: a Transpose with the inverse perm already reads ``X`` (else
+                       a new one would only move a node, and nothing merges); sink_unary: one reads
+                       the activation's output (else nothing cancels).
+  5. ``single_use``    the tensors the rewrite stops computing (a sunk Transpose's output, the
+                       chain's intermediates) are read by nothing else and are not graph outputs;
+                       sink_affine: the Conv's output is read by the Transpose only (so the fold
+                       follows). dedupe / cancel: the Transpose whose readers move is no graph output.
+  6. ``readers``       dedupe / cancel: each reader that is issued again is a default-domain node
+                       with one output and no subgraph.
+  7. ``conv_producer`` sink_affine: the Transpose reads the output of a Conv with constant weights.
+  8. ``static_shape``  sink_affine: the Conv output's shape is known (evidence, ``ctx.shape``) with
+                       rank ``len(p)``; sink_mixed: each chain constant has at most that rank.
+  9. ``per_channel``   sink_affine: the constant broadcasts along the channel axis only (a
+                       constant over spatial positions would not fold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxrep import ops
+from onnxrep.graph import GraphView
+from onnxrep.rewrite import Context, Decline, Match, NewNode, Plan, run_checks
+
+from . import register
+from ._common import LEGACY_OPSET, affine_data_input, graph_opset, is_op, outside_reader_reason
+
+DEDUPE, CANCEL, SINK_SUM, SINK_MIXED, SINK_AFFINE = "dedupe", "cancel", "sink_sum", "sink_mixed", "sink_affine"
+SINK_UNARY = "sink_unary"
+
+
+def _perm(node: gs.Node) -> tuple[int, ...] | None:
+    perm = node.attrs.get("perm")
+    return None if perm is None else tuple(int(v) for v in perm)
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+def _is_perm(perm) -> bool:
+    return perm is not None and sorted(perm) == list(range(len(perm)))
+
+
+@dataclass
+class Candidate:
+    kind: str
+    root: gs.Node  # DEDUPE/CANCEL: the Transpose whose readers move; sums: the Add/Sub; SINK_AFFINE: the Transpose
+    keep: gs.Node | None = None  # DEDUPE: the first Transpose; CANCEL: the inner one
+    transposes: list[gs.Node] = field(default_factory=list)  # sums: the sunk Transposes (by operand)
+    chain: list[gs.Node] = field(default_factory=list)  # affine nodes, in data order
+    sides: list[int] = field(default_factory=list)  # SINK_MIXED: [index of T(a) operand, index of Z operand]
+    base: gs.Tensor | None = None  # SINK_MIXED: X; SINK_AFFINE: the Conv output c
+    inverse: gs.Node | None = None  # SINK_MIXED: the Transpose T(X, q)
+
+    @property
+    def target(self) -> gs.Tensor:
+        if self.kind in (SINK_AFFINE, SINK_UNARY):
+            return self.chain[-1].outputs[0]
+        return self.root.outputs[0]
+
+    def nodes(self, view: GraphView) -> list[gs.Node]:
+        out = [self.root, *self.transposes, *self.chain]
+        if self.keep is not None:
+            out.append(self.keep)
+        if self.kind in (DEDUPE, CANCEL):
+            out += _raw_readers(self.root.outputs[0])
+        return out
+
+
+def _raw_readers(tensor: gs.Tensor) -> list[gs.Node]:
+    seen, out = set(), []
+    for n in tensor.outputs:
+        if id(n) not in seen:
+            seen.add(id(n))
+            out.append(n)
+    return out
+
+
+def _affine_step(node: gs.Node | None, data: gs.Tensor, view: GraphView) -> bool:
+    """``node`` is Add/Sub/Mul/Div of ``data`` by a constant (not ``constant / data``)."""
+    if not is_op(node, *ops.AFFINE_BINARY_OPS) or len(node.outputs) != 1:
+        return False
+    inp = affine_data_input(node, view)
+    return inp is not None and view.source(inp) is data
+
+
+def _const_operand(node: gs.Node, view: GraphView) -> tuple[int, np.ndarray]:
+    """(index, values) of the constant operand of an affine step."""
+    idx = 0 if view.is_constant(node.inputs[0]) else 1
+    return idx, view.constant(node.inputs[idx])
+
+
+# --------------------------------------------------------------------------------------------
+# match
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_chain(tensor: gs.Tensor, view: GraphView) -> list[gs.Node]:
+    """Affine steps after ``tensor`` while each tensor has exactly one reader."""
+    chain = []
+    while True:
+        users = view.users(tensor)
+        if len(users) != 1 or not _affine_step(users[0], tensor, view):
+            return chain
+        chain.append(users[0])
+        tensor = users[0].outputs[0]
+
+
+def _inverse_reader(tensor: gs.Tensor, perm: tuple[int, ...], view: GraphView, exclude: gs.Node | None,
+                    kept: bool = False) -> gs.Node | None:
+    """A Transpose (not ``exclude``) with the inverse of ``perm`` that reads ``tensor``; ``kept``:
+    only one whose output is no graph output (so that it can cancel)."""
+    want = _inverse(perm)
+    for u in view.users(tensor):
+        if kept and view.escapes(u.outputs[0]):
+            continue
+        if is_op(u, ops.TRANSPOSE) and _perm(u) == want and u is not exclude:
+            return u
+    return None
+
+
+def _backward_chain(z: gs.Tensor, perm: tuple[int, ...], view: GraphView, exclude: gs.Node):
+    """(X, chain, T(X, inverse perm)) with ``z = chain(X)``: walk back through affine steps until a
+    tensor that a Transpose with the inverse perm reads; None when there is none."""
+    chain: list[gs.Node] = []
+    while True:
+        inv = _inverse_reader(z, perm, view, exclude)
+        if inv is not None:
+            return z, chain[::-1], inv
+        node = view.producer(z)
+        if node is None or not is_op(node, *ops.AFFINE_BINARY_OPS) or len(node.outputs) != 1:
+            return None
+        data = affine_data_input(node, view)
+        if data is None:
+            return None
+        chain.append(node)
+        z = view.source(data)
+        if len(chain) > 64:
+            return None
+
+
+def _per_channel_reason(node: gs.Node, perm, channels: int, view: GraphView) -> str | None:
+    """Why the constant of affine step ``node`` on ``T(c, perm)`` (``c`` with ``channels`` on axis 1)
+    does not act on the channel axis only, or None."""
+    rank, axis = len(perm), perm.index(1)
+    _, k = _const_operand(node, view)
+    if np.ndim(k) > rank:
+        return f"{node.op} '{node.name}' constant of rank {np.ndim(k)} exceeds the data's rank {rank}"
+    shape = (1,) * (rank - np.ndim(k)) + tuple(np.shape(k))
+    if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] not in (1, channels):
+        return (
+            f"{node.op} '{node.name}' constant of shape {list(np.shape(k))} is not per channel on axis {axis} "
+            f"(where the Transpose puts the {channels} channels)"
+        )
+    return None
+
+
+def _per_channel_prefix(chain: list[gs.Node], node: gs.Node, x: gs.Tensor, view: GraphView, ctx: Context) -> list[gs.Node]:
+    """The longest start of ``chain`` whose constants act on the channel axis only (all of it when
+    that cannot be told yet, or when no step does: the check then names the reason)."""
+    perm, shape = _perm(node), ctx.shape(x)
+    if not _is_perm(perm) or 1 not in perm or shape is None or len(shape) != len(perm) or not isinstance(shape[1], int):
+        return chain
+    n = 0
+    while n < len(chain) and _per_channel_reason(chain[n], perm, shape[1], view) is None:
+        n += 1
+    return chain[:n] if n else chain
+
+
+def _match_transpose(node: gs.Node, view: GraphView, firsts: dict, ctx: Context) -> list[Candidate]:
+    out = []
+    x = view.source(node.inputs[0]) if node.inputs else None
+    if x is None:
+        return out
+    key = (id(x), tuple(node.attrs.get("perm", ())) if "perm" in node.attrs else None)
+    first = firsts.get(key)
+    if first is None:
+        firsts[key] = node
+    else:
+        out.append(Candidate(DEDUPE, node, keep=first))
+        return out
+    inner = view.producer(node.inputs[0])
+    if is_op(inner, ops.TRANSPOSE):
+        out.append(Candidate(CANCEL, node, keep=inner))
+        return out
+    chain = _forward_chain(node.outputs[0], view)
+    if chain:
+        chain = _per_channel_prefix(chain, node, x, view, ctx)
+        out.append(Candidate(SINK_AFFINE, node, chain=chain, base=x))
+        return out
+    users = view.users(node.outputs[0])
+    if len(users) == 1 and is_op(users[0], *ops.UNARY_ACTIVATIONS) and len(users[0].outputs) == 1 \
+            and users[0].inputs and view.source(users[0].inputs[0]) is node.outputs[0]:
+        perm = _perm(node)
+        inv = _inverse_reader(users[0].outputs[0], perm, view, None, kept=True) if _is_perm(perm) else None
+        out.append(Candidate(SINK_UNARY, node, chain=[users[0]], base=x, inverse=inv))
+    return out
+
+
+def _match_sum(node: gs.Node, view: GraphView) -> Candidate | None:
+    if len(node.inputs) != 2:
+        return None
+    prods = [view.producer(t) for t in node.inputs]
+    ts = [is_op(p, ops.TRANSPOSE) for p in prods]
+    if all(ts):
+        return Candidate(SINK_SUM, node, transposes=list(prods))
+    if not any(ts):
+        return None
+    i = ts.index(True)
+    perm = _perm(prods[i])
+    if not _is_perm(perm):
+        return Candidate(SINK_MIXED, node, transposes=[prods[i]], sides=[i, 1 - i])
+    found = _backward_chain(view.source(node.inputs[1 - i]), perm, view, prods[i])
+    if found is None:
+        return Candidate(SINK_MIXED, node, transposes=[prods[i]], sides=[i, 1 - i])
+    x, chain, inv = found
+    return Candidate(SINK_MIXED, node, transposes=[prods[i]], chain=chain, sides=[i, 1 - i], base=x, inverse=inv)
+
+
+# --------------------------------------------------------------------------------------------
+# check
+# --------------------------------------------------------------------------------------------
+
+
+def _check_opset(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    opset = graph_opset(view)
+    if opset is not None and opset < LEGACY_OPSET:
+        return f"the graph's opset {opset} broadcasts element-wise operands the legacy way"
+    for n in [c.root, *c.chain] if c.kind in (SINK_SUM, SINK_MIXED) else c.chain:
+        if "broadcast" in n.attrs or "axis" in n.attrs:
+            return f"{n.op} '{n.name}' has a legacy broadcast attribute"
+    return None
+
+
+def _check_perm(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    nodes = [c.root] if c.kind in (DEDUPE, CANCEL, SINK_AFFINE, SINK_UNARY) else list(c.transposes)
+    if c.keep is not None:
+        nodes.append(c.keep)
+    for n in nodes:
+        if not _is_perm(_perm(n)):
+            return f"Transpose '{n.name}' has no explicit perm"
+    return None
+
+
+def _check_same_perm(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if c.kind == SINK_SUM:
+        p, q = (_perm(t) for t in c.transposes)
+        if p != q:
+            return f"the summed Transposes have different perms {list(p)} and {list(q)}"
+    if c.kind == CANCEL:
+        p, q = _perm(c.keep), _perm(c.root)
+        if len(p) != len(q) or any(p[q[i]] != i for i in range(len(q))):
+            return f"Transposes '{c.keep.name}' {list(p)} then '{c.root.name}' {list(q)} do not cancel"
+    return None
+
+
+def _check_inverse(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if c.kind == SINK_UNARY and c.inverse is None:
+        u = c.chain[0]
+        return (
+            f"no Transpose with the inverse of '{c.root.name}' perm {list(_perm(c.root))} reads the output of "
+            f"{u.op} '{u.name}': moving the Transpose below it would cancel nothing"
+        )
+    if c.kind == SINK_MIXED and c.inverse is None:
+        t = c.transposes[0]
+        return (
+            f"no Transpose with the inverse of '{t.name}' perm {list(_perm(t))} reads the other operand "
+            f"'{c.root.inputs[c.sides[1]].name}' of {c.root.op} '{c.root.name}' (or the tensor an affine chain "
+            "computes it from): sinking the Transpose would only move it"
+        )
+    return None
+
+
+def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if c.kind in (DEDUPE, CANCEL):
+        if view.escapes(c.root.outputs[0]):
+            return f"tensor '{c.root.outputs[0].name}' is a graph output"
+        return None
+    if c.kind in (SINK_SUM, SINK_MIXED):
+        for t in c.transposes:
+            reason = outside_reader_reason(t.outputs[0], [c.root], view)
+            if reason:
+                return reason
+        for i, n in enumerate(c.chain):
+            reader = c.chain[i + 1] if i + 1 < len(c.chain) else c.root
+            reason = outside_reader_reason(n.outputs[0], [reader], view)
+            if reason:
+                return reason
+        return None
+    reason = outside_reader_reason(c.root.outputs[0], c.chain[:1], view)
+    if reason or c.kind == SINK_UNARY:
+        return reason
+    # SINK_AFFINE
+    for i, n in enumerate(c.chain[:-1]):
+        reason = outside_reader_reason(n.outputs[0], [c.chain[i + 1]], view)
+        if reason:
+            return reason
+    return outside_reader_reason(c.base, [c.root], view)
+
+
+def _check_readers(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if c.kind not in (DEDUPE, CANCEL):
+        return None
+    readers = _raw_readers(c.root.outputs[0])
+    if not readers:
+        return f"Transpose '{c.root.name}' has no reader"
+    for r in readers:
+        if (r.domain or "") not in ops.DEFAULT_DOMAINS:
+            return f"reader {r.op} '{r.name}' is not in the default domain"
+        if len(r.outputs) != 1:
+            return f"reader {r.op} '{r.name}' has {len(r.outputs)} outputs"
+        if any(isinstance(a, gs.Graph) or (isinstance(a, list) and any(isinstance(s, gs.Graph) for s in a))
+               for a in r.attrs.values()):
+            return f"reader {r.op} '{r.name}' holds a subgraph"
+    return None
+
+
+def _check_conv(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if c.kind != SINK_AFFINE:
+        return None
+    conv = view.producer(c.base)
+    if not is_op(conv, ops.CONV):
+        what = "a graph input" if conv is None else f"{conv.op} '{conv.name}'"
+        return f"Transpose '{c.root.name}' reads {what}, not a Conv: no fold follows"
+    if len(conv.inputs) < 2 or not view.is_constant(conv.inputs[1]):
+        return f"Conv '{conv.name}' weight is not a constant"
+    return None
+
+
+def _check_shape(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if c.kind == SINK_AFFINE:
+        rank = len(_perm(c.root))
+        shape = ctx.shape(c.base)
+        if shape is None or len(shape) != rank or not isinstance(shape[1], int):
+            return f"the shape of '{c.base.name}' is not known with rank {rank} and static channels"
+    if c.kind in (SINK_AFFINE, SINK_MIXED):
+        rank = len(_perm(c.root if c.kind == SINK_AFFINE else c.transposes[0]))
+        for n in c.chain:
+            _, k = _const_operand(n, view)
+            if np.ndim(k) > rank:
+                return f"{n.op} '{n.name}' constant of rank {np.ndim(k)} exceeds the data's rank {rank}"
+    return None
+
+
+def _check_per_channel(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if c.kind != SINK_AFFINE:
+        return None
+    perm = _perm(c.root)
+    if 1 not in perm:
+        return f"Transpose '{c.root.name}' perm {list(perm)} has no channel axis 1"
+    for n in c.chain:
+        reason = _per_channel_reason(n, perm, ctx.shape(c.base)[1], view)
+        if reason:
+            return reason
+    return None
+
+
+CONDITIONS = [
+    ("opset", _check_opset),
+    ("perm", _check_perm),
+    ("same_perm", _check_same_perm),
+    ("inverse_transpose", _check_inverse),
+    ("single_use", _check_single_use),
+    ("readers", _check_readers),
+    ("conv_producer", _check_conv),
+    ("static_shape", _check_shape),
+    ("per_channel", _check_per_channel),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# rewrite
+# --------------------------------------------------------------------------------------------
+
+
+def _permuted_shape(shape, perm):
+    """Shape of ``T(x, perm)`` for ``x`` of ``shape`` (None stays None)."""
+    return None if shape is None else tuple(shape[p] for p in perm)
+
+
+def _var(ctx: Context, base: str, like: gs.Tensor, shape) -> gs.Variable:
+    dtype = ctx.dtype(like)
+    var = gs.Variable(ctx.fresh_name(base), dtype=dtype, shape=list(shape) if shape is not None else None)
+    if shape is not None:
+        ctx.shapes[var.name] = tuple(shape)
+    if dtype is not None:
+        ctx.dtypes[var.name] = dtype
+    return var
+
+
+def _permuted_constant(ctx: Context, node: gs.Node, values: np.ndarray, rank: int, perm) -> gs.Constant:
+    """``values`` right-aligned to ``rank`` dims, transposed by ``perm``, leading 1s dropped."""
+    k = np.asarray(values)
+    if k.ndim == 0:
+        return ctx.constant(f"{node.name or node.op}.const", k.copy())
+    k4 = k.reshape((1,) * (rank - k.ndim) + k.shape).transpose(perm)
+    lead = 0
+    while lead < k4.ndim - 1 and k4.shape[lead] == 1:
+        lead += 1
+    return ctx.constant(f"{node.name or node.op}.const", np.ascontiguousarray(k4.reshape(k4.shape[lead:])))
+
+
+def _reissue_chain(c: Candidate, view: GraphView, ctx: Context, start: gs.Tensor, perm, last_out=None):
+    """The chain's nodes issued again on ``start``, constants transposed by ``perm``; returns
+    (new nodes, output tensor)."""
+    nodes, cur = [], start
+    rank = len(perm)
+    for i, n in enumerate(c.chain):
+        idx, k = _const_operand(n, view)
+        const = _permuted_constant(ctx, n, k, rank, perm)
+        inputs = [const, cur] if idx == 0 else [cur, const]
+        if last_out is not None and i == len(c.chain) - 1:
+            out = last_out
+        else:
+            out = _var(ctx, f"{n.outputs[0].name}.perm", n.outputs[0], _permuted_shape(ctx.shape(n.outputs[0]), perm))
+        nodes.append(NewNode(n.op, ctx.fresh_name(f"{n.name or n.op}/perm"), dict(n.attrs), inputs, [out]))
+        cur = out
+    return nodes, cur
+
+
+def _reissue_readers(c: Candidate, replacement: gs.Tensor, ctx: Context, summary: str) -> list[Plan]:
+    old = c.root.outputs[0]
+    plans = []
+    for r in _raw_readers(old):
+        inputs = [replacement if t is old else t for t in r.inputs]
+        node = NewNode(r.op, ctx.fresh_name(r.name or r.op), dict(r.attrs), inputs, [r.outputs[0]])
+        plans.append(Plan(r.outputs[0], [node], summary))
+    return plans
+
+
+@register
+class NormalizeLayout:
+    name = "normalize-layout"
+    summary = "NHWC Transposes de-duplicated, cancelled, and moved below sums and per-channel affines"
+
+    def match(self, view: GraphView, ctx: Context):
+        firsts: dict = {}
+        for node in list(view.graph.nodes):
+            cands: list[Candidate] = []
+            if is_op(node, ops.TRANSPOSE) and len(node.outputs) == 1:
+                cands = _match_transpose(node, view, firsts, ctx)
+            elif is_op(node, ops.ADD, ops.SUB):
+                cand = _match_sum(node, view)
+                cands = [cand] if cand is not None else []
+            for cand in cands:
+                yield Match(f"{cand.kind}:{cand.target.name}", cand.nodes(view), cand)
+
+    def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:
+        return run_checks(CONDITIONS, match.data, view, ctx)
+
+    def rewrite(self, match: Match, view: GraphView, ctx: Context):
+        c: Candidate = match.data
+        if c.kind == DEDUPE:
+            return _reissue_readers(c, c.keep.outputs[0], ctx,
+                                    f"Transpose '{c.root.name}' is a copy of '{c.keep.name}': its readers read that one")
+        if c.kind == CANCEL:
+            x = view.source(c.keep.inputs[0])
+            return _reissue_readers(c, x, ctx, f"Transposes '{c.keep.name}' then '{c.root.name}' cancel")
+        target = c.target
+        if c.kind == SINK_UNARY:
+            perm, u = _perm(c.root), c.chain[0]
+            inner = _var(ctx, f"{target.name}.inner", target, _permuted_shape(ctx.shape(target), _inverse(perm)))
+            nodes = [
+                NewNode(u.op, ctx.fresh_name(f"{u.name or u.op}/perm"), dict(u.attrs), [c.base, *u.inputs[1:]], [inner]),
+                NewNode(ops.TRANSPOSE, ctx.fresh_name(f"{c.root.name or 'transpose'}/sunk"), {"perm": list(perm)}, [inner], [target]),
+            ]
+            return Plan(target, nodes, f"Transpose '{c.root.name}' moved below {u.op} '{u.name}' (an inverse Transpose follows)")
+        if c.kind == SINK_AFFINE:
+            perm = _perm(c.root)
+            inv = _inverse(perm)
+            nodes, cur = _reissue_chain(c, view, ctx, c.base, inv)
+            nodes.append(NewNode(ops.TRANSPOSE, ctx.fresh_name(f"{c.root.name or 'transpose'}/sunk"), {"perm": list(perm)},
+                                 [cur], [target]))
+            return Plan(target, nodes, f"{len(c.chain)} per-channel affine(s) moved before Transpose '{c.root.name}'")
+        perm = _perm(c.transposes[0])
+        out_shape = ctx.shape(target)
+        inner_shape = _permuted_shape(out_shape, _inverse(perm))
+        inner = _var(ctx, f"{target.name}.inner", target, inner_shape)
+        base = c.root.name or c.root.op
+        if c.kind == SINK_SUM:
+            a, b = (view.source(t.inputs[0]) for t in c.transposes)
+            nodes = [NewNode(c.root.op, ctx.fresh_name(f"{base}/inner"), {}, [a, b], [inner])]
+            what = f"{c.root.op} of two Transposes {list(perm)} -> one Transpose after it"
+        else:
+            nodes, z = _reissue_chain(c, view, ctx, c.inverse.outputs[0], _inverse(perm))
+            operands = [None, None]
+            operands[c.sides[0]] = view.source(c.transposes[0].inputs[0])
+            operands[c.sides[1]] = z
+            nodes.append(NewNode(c.root.op, ctx.fresh_name(f"{base}/inner"), {}, operands, [inner]))
+            what = (f"{c.root.op} of Transpose {list(perm)} and '{c.base.name}' (read as '{c.inverse.outputs[0].name}'"
+                    f"{f' through {len(c.chain)} affine(s)' if c.chain else ''}) -> one Transpose after it")
+        nodes.append(NewNode(ops.TRANSPOSE, ctx.fresh_name(f"{base}/transpose"), {"perm": list(perm)}, [inner], [target]))
+        return Plan(target, nodes, what)
