@@ -23,6 +23,36 @@ Cost condition (``--allow-cost-increase`` lifts it):
                            OpenVINO fuse into one kernel (the ``Mul(0.5)`` of TorchScript's GELU,
                            the scale and bias of a decomposed LayerNorm before a linear layer):
                            folding it would leave the rest unfused (see :mod:`passes._fusions`).
+
+Through layout ops. The affine may also reach the linear layers through Reshape, Flatten,
+Squeeze, Unsqueeze, Transpose, AveragePool and GlobalAveragePool (Identity looked through):
+  before: ``A -> layout ops -> linear layers`` with fan-out (NextViT: ``BN(NCHW) -> Reshape
+          [N, C, HW] -> Transpose -> q, k, v``, and ``-> AveragePool -> Transpose -> k, v``); every
+          layer absorbs the affine, the layout ops are re-emitted on A's input;
+  after:  ``linear -> layout ops -> A`` (LeViT: ``MatMul -> Flatten(axis=2) -> BN -> Reshape``);
+          the layer absorbs A, and a chain of reshapes with the Reshape after A becomes one
+          Reshape, or none when it gives back the layer's own output shape.
+The affine is a *field* (``S * x + T`` with constants broadcast over the data's static shape, see
+:mod:`passes._linear`) moved through each op exactly: a Transpose permutes it; a reshape
+regroups it in C order, block by block of axes with equal element counts (an axis split or merged
+with others gives the field repeated over the block); an average pool keeps it when it is constant
+over the pooled axes. At each linear layer it must vary along the feature axis only (equal values
+along another axis count as constant). Conditions, in order:
+  1. ``inference_bn``   as above.
+  2. ``readers``        (before) every reader along the way is a layout op or a linear layer that
+                        reads the tensor as its input.
+  3. ``single_use``     no tensor along the way is a graph output; (after) each is read only by
+                        the next step.
+  4. ``layout``         every linear layer as in 2. above.
+  5. ``static_shape``   the shapes along the way are known, and each reshape's regrouping of the
+                        affine's axes is static (symbolic dims only where the field is constant).
+  6. ``per_feature``    the constants broadcast along the data without enlarging it, the field is
+                        constant over pooled axes, and it reaches every layer per feature.
+  7. ``pool_border``    a shift passes an AveragePool only when each window divides by its own
+                        element count: no padding read or ``count_include_pad = 0`` (with
+                        ``count_include_pad = 1`` a border window over ``r`` of ``k`` elements gives
+                        ``t r / k``), and ``ceil_mode = 0``. A scale alone always passes.
+  8. ``runtime_fusion`` as above, for the affine, the layout ops and all layers.
 """
 
 from __future__ import annotations
