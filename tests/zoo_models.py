@@ -170,7 +170,7 @@ KNOWN_MISSES: dict[tuple[str, str], str] = {
         "constant-fold/net_cost x190, affine-fold/net_cost x96, parallel-merge/net_cost x16)"
     ),
     ("fastvit_mci0", "torchscript"): (
-        "BatchNormalization 12 > 2 (left over: Add +14, BatchNormalization +10, Sub +3; declined: "
+        "BatchNormalization 10 > 2 (left over: Add +14, BatchNormalization +8, Sub +3; declined: "
         "affine-fold/runtime_fusion x22, conv-chain/cost x20, conv-chain/pointwise x15)"
     ),
     ("fastvit_t8", "torchscript"): (
@@ -185,25 +185,9 @@ KNOWN_MISSES: dict[tuple[str, str], str] = {
         "BatchNormalization 48 > 0 (left over: BatchNormalization +48, Add +5; declined: "
         "affine-fold/net_cost x47, affine-fold/runtime_fusion x18, constant-fold/net_cost x11)"
     ),
-    ("levit_128s", "dynamo"): (
-        "BatchNormalization 46 > 0 (left over: Reshape +79, BatchNormalization +46; declined: "
-        "nothing matched)"
-    ),
-    ("levit_128s", "torchscript"): (
-        "BatchNormalization 46 > 0 (left over: BatchNormalization +46, Flatten +46, Reshape +46; declined: "
-        "nothing matched)"
-    ),
     ("levit_128s", "torchscript-nofold"): (
-        "BatchNormalization 46 > 0 (left over: BatchNormalization +46, Flatten +46, Reshape +46, Shape +16; declined: "
-        "nothing matched)"
-    ),
-    ("nextvit_small", "dynamo"): (
-        "BatchNormalization 8 > 1 (left over: BatchNormalization +7; declined: "
-        "conv-chain/border x9)"
-    ),
-    ("nextvit_small", "torchscript"): (
-        "BatchNormalization 8 > 1 (left over: Identity +14, BatchNormalization +7; declined: "
-        "conv-chain/border x9)"
+        "BatchNormalization 17 > 0 (left over: BatchNormalization +17, Flatten +17, Reshape +17, Shape +16; declined: "
+        "linear-affine/single_use x18, linear-affine/readers x1, linear-chain/single_use x1)"
     ),
     ("repghostnet_050", "dynamo"): (
         "BatchNormalization 16 > 0 (left over: Add +16, BatchNormalization +16; declined: "
