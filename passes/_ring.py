@@ -70,23 +70,33 @@ class Ring:
     values: np.ndarray  # one per channel
 
 
-def data_free(view: GraphView, t: gs.Tensor | None, _memo: dict | None = None) -> bool:
-    """Whether ``t`` is computed from constants and tensor shapes alone (a fill value)."""
-    memo = {} if _memo is None else _memo
+#: At most this many nodes are looked at to tell a fill value: strips and fill values are computed
+#: by a few nodes; a tensor whose computation is larger counts as data.
+_FILL_NODES = 64
+
+
+def data_free(view: GraphView, t: gs.Tensor | None, memo: dict | None = None) -> bool:
+    """Whether ``t`` is computed from constants and tensor shapes alone (a fill value), within
+    :data:`_FILL_NODES` nodes."""
+    memo = {} if memo is None else memo
     if t is None or not t.name:
         return True
     t = view.source(t)
     if id(t) in memo:
         return memo[id(t)]
-    if isinstance(t, gs.Constant) or view.is_constant(t):
-        memo[id(t)] = True
-        return True
-    node = view.producer(t)
-    if node is None:
-        memo[id(t)] = False
-        return False
-    memo[id(t)] = False  # a cycle is not data-free
-    free = node.op in SHAPE_OPS or all(data_free(view, i, memo) for i in node.inputs)
+    seen, stack, free = set(), [t], True
+    while stack and free:
+        u = view.source(stack.pop())
+        if id(u) in seen or isinstance(u, gs.Constant) or view.is_constant(u):
+            continue
+        if memo.get(id(u)) is True:
+            continue
+        seen.add(id(u))
+        node = view.producer(u)
+        if node is None or memo.get(id(u)) is False or len(seen) > _FILL_NODES:
+            free = False
+        elif node.op not in SHAPE_OPS:
+            stack.extend(i for i in node.inputs if i is not None and i.name)
     memo[id(t)] = free
     return free
 

@@ -261,3 +261,19 @@ def test_shift_ring_that_rounds_in_float32_is_declined():
     declined(b.model(y), b.feeds(), "ring")
     _, report = optimize(b.model(y), b.feeds(), passes=[PASS])
     assert any("round in float32" in r for r in reasons(report)), reasons(report)
+
+
+def test_concat_ring_deep_in_a_graph_merges():
+    """The data input of the Concats is told from the strips within a few nodes: a ring behind
+    hundreds of nodes is found as quickly and merges."""
+    c = 4
+    b = Builder(c, spatial=SPATIAL)
+    t = "x"
+    for _ in range(300):
+        t = b.relu(t)
+    bias = np.random.default_rng(11).standard_normal(c).astype(np.float32)
+    w = np.random.default_rng(12).standard_normal((c, c, 1, 1))
+    one = b.node("Conv", [t, b.const(w), b.const(bias)], kernel_shape=[1, 1], pads=[0] * 4)
+    y = b.conv(concat_ring(b, one, c, bias), c, c, 3, pads=[0] * 4)
+    out, _ = optimize(b.model(y), b.feeds(), passes=[PASS])
+    assert histogram(out) == {"Relu": 300, "Conv": 1}
