@@ -110,6 +110,8 @@ class Candidate:
         out = [self.root, *self.transposes, *self.chain]
         if self.keep is not None:
             out.append(self.keep)
+        if self.inverse is not None and self.kind == SINK_MIXED:
+            out.append(self.inverse)
         if self.kind in (DEDUPE, CANCEL):
             out += _raw_readers(self.root.outputs[0])
         return out
