@@ -11,7 +11,7 @@ back after the merged node.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import onnx_graphsurgeon as gs
@@ -93,21 +93,106 @@ class SumCandidate:
     constants: list[tuple[gs.Tensor, float]]
     post: list[gs.Node]  # affine nodes after the sum (only when the group covers the whole sum)
     nodes: list[gs.Node] = field(default_factory=list)  # everything the merge replaces
+    split: str | None = None  # set on a report-only candidate: why its branches form no group
 
     @property
     def x(self) -> gs.Tensor:
         return self.group[0].x
 
 
+def leaf_options(leaf, identity: Callable, view: GraphView) -> list:
+    """Every way to read ``leaf`` as a branch, shallowest first: the identity of ``leaf.tensor``,
+    then of each tensor below one more of its affine nodes (those nodes kept on the branch), and
+    ``leaf`` itself (its base, or the identity of the deepest tensor). Each option is a leaf of
+    ``leaf.tensor`` with its own ``x``; no two options share an ``x``."""
+    options, seen = [], set()
+    for k in range(len(leaf.affines), -1, -1):  # k: the affine nodes the option keeps, outermost last
+        if k == len(leaf.affines):
+            x = leaf.tensor
+        else:
+            data = affine_data_input(leaf.affines[k], view)
+            if data is None:
+                break
+            x = view.source(data)
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        options.append(replace(identity(x, leaf.sign), tensor=leaf.tensor, affines=list(leaf.affines[k:])))
+    return [opt for opt in options if opt.x is not leaf.x] + [leaf]
+
+
+def _valid_group(group: list, tree: list[gs.Node], view: GraphView) -> list:
+    """``group`` less the leaves with a tensor read outside the nodes the group would replace (the
+    ``single_use`` condition), dropped until none is."""
+    while True:
+        inside = tree + [n for leaf in group for n in leaf.nodes()]
+        keep = [leaf for leaf in group if not any(outside_reader_reason(t, inside, view) for t in leaf.internal_tensors())]
+        if len(keep) == len(group):
+            return group
+        group = keep
+
+
+def choose_groups(
+    leaves: list, tree: list[gs.Node], wanted: Callable, identity: Callable, view: GraphView, strict: bool = True, left=None
+) -> list[dict]:
+    """The groups a sum's leaves form, each ``{leaf index: the leaf as read in the group}``:
+    repeatedly, the tensor that the most remaining leaves can read (trying every tensor along each
+    leaf's chain of affine producers, see :func:`leaf_options`) while no tensor inside a branch is
+    read outside the merge; ties go to the group that replaces the most nodes, then to the
+    deepest. Affine nodes above the chosen tensor stay in the graph. Each group has two or more
+    leaves and is ``wanted``. ``strict=False``: no leaf is dropped for a tensor read elsewhere
+    (such a group is a candidate that ``single_use`` declines, with the reason). ``left``: the
+    indices of the leaves to group (default: all)."""
+    options = [leaf_options(leaf, identity, view) for leaf in leaves]
+    left = list(range(len(leaves))) if left is None else list(left)
+    groups: list[dict] = []
+    while len(left) >= 2:
+        best, best_score = None, None
+        tensors: dict[int, None] = {}
+        for i in left:
+            for opt in options[i]:
+                tensors.setdefault(id(opt.x))
+        for key in tensors:
+            group = [(i, opt) for i in left for opt in options[i] if id(opt.x) == key]
+            valid = [opt for _, opt in group]
+            if strict:
+                valid = _valid_group(valid, tree, view)
+            if len(valid) < 2 or not wanted(valid):
+                continue
+            chosen = [(i, opt) for i, opt in group if any(opt is v for v in valid)]
+            depth = sum(options[i].index(opt) for i, opt in chosen)
+            score = (len(chosen), sum(len(opt.nodes()) for _, opt in chosen), depth)
+            if best_score is None or score > best_score:
+                best, best_score = chosen, score
+        if best is None:
+            break
+        groups.append(dict(best))
+        left = [i for i in left if i not in groups[-1]]
+    return groups
+
+
 def candidates(
-    view: GraphView, decompose: Callable, wanted: Callable[[list], bool], identity: Callable, roots=None
+    view: GraphView,
+    decompose: Callable,
+    wanted: Callable[[list], bool],
+    identity: Callable,
+    roots=None,
+    report_split: bool = False,
 ) -> Iterator[Match]:
     """One Match per (sum, group of leaves on one tensor) that ``wanted`` accepts.
 
-    ``identity(tensor, sign)`` makes the identity leaf of ``tensor``: a summand that is itself the
-    tensor another group reads (``x + conv(x)`` where ``x`` is a conv's output) joins that group
-    as its identity instead of standing alone as a branch of its own input. ``roots``: only the
-    sums under these nodes (default: every sum of the graph).
+    ``decompose(tensor, sign, view)`` reads a summand as deeply as it goes (through every affine
+    producer down to its base); the group a leaf joins is then chosen by :func:`choose_groups`
+    among every tensor along that chain, so ``X = Conv(Y); DWConv(X) + BN(X)`` groups both
+    branches on ``X`` with the Conv kept; a summand that is itself the tensor another group reads
+    (``x + conv(x)`` where ``x`` is a conv's output) joins that group as its identity.
+    ``identity(tensor, sign)`` makes the identity leaf of ``tensor`` (its ``affines`` are set
+    here). Leaves that no choice groups are then grouped the same way without dropping those with
+    a tensor read elsewhere, so that such a group is still a candidate (declined as
+    ``single_use`` with the reason). ``roots``: only the sums
+    under these nodes (default: every sum of the graph). ``report_split``: a sum that yields no
+    group although two or more of its leaves are each ``wanted`` yields one report-only candidate
+    whose ``split`` says which tensors the branches read (its group holds those leaves).
     """
     for root in view.graph.nodes if roots is None else roots:
         if not _is_sum(root, view) or not is_root(root, view):
@@ -119,27 +204,26 @@ def candidates(
                 constants.append((tensor, sign))
             else:
                 leaves.append(decompose(tensor, sign, view))
-        reads = {}
-        for leaf in leaves:
-            reads[id(leaf.x)] = reads.get(id(leaf.x), 0) + 1
-        leaves = [
-            identity(leaf.tensor, leaf.sign)
-            if leaf.x is not leaf.tensor and id(leaf.tensor) in reads and reads[id(leaf.x)] == 1
-            else leaf
-            for leaf in leaves
-        ]
-        by_x: dict[int, list] = {}
-        for leaf in leaves:
-            by_x.setdefault(id(leaf.x), []).append(leaf)
-        for group in by_x.values():
-            if len(group) < 2 or not wanted(group):
-                continue
-            rest = [(leaf.tensor, leaf.sign) for leaf in leaves if leaf not in group]
+        groups = choose_groups(leaves, tree, wanted, identity, view)
+        left = [i for i in range(len(leaves)) if not any(i in g for g in groups)]
+        groups += choose_groups(leaves, tree, wanted, identity, view, strict=False, left=left)
+        yielded = False
+        for members in groups:
+            group = list(members.values())
+            rest = [(leaf.tensor, leaf.sign) for i, leaf in enumerate(leaves) if i not in members]
             post = post_affines(root, view) if not rest else []
             cand = SumCandidate(root, tree, group, rest, constants, post)
-            nodes = tree + [n for leaf in group for n in leaf.nodes()] + post
-            cand.nodes = nodes
-            yield Match(f"{root.outputs[0].name}<-{group[0].x.name}", nodes, cand)
+            cand.nodes = tree + [n for leaf in group for n in leaf.nodes()] + post
+            yielded = True
+            yield Match(f"{root.outputs[0].name}<-{group[0].x.name}", cand.nodes, cand)
+        if yielded or not report_split:
+            continue
+        lone = [leaf for leaf in leaves if wanted([leaf])]
+        if len(lone) < 2:
+            continue
+        names = ", ".join(f"'{leaf.tensor.name}' reads '{leaf.x.name}'" for leaf in lone)
+        cand = SumCandidate(root, tree, lone, [], constants, [], list(tree), split=f"branches read different tensors: {names}")
+        yield Match(f"{root.outputs[0].name}<-split", cand.nodes, cand)
 
 
 def inference_bn_reason(cand: SumCandidate, view: GraphView, opset: int | None = None) -> str | None:
