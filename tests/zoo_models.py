@@ -159,11 +159,11 @@ ABSENT: dict[str, str] = {}
 KNOWN_MISSES: dict[tuple[str, str], str] = {
     ("efficientvit_m0", "dynamo"): (
         "BatchNormalization 1 > 0 (left over: BatchNormalization +1; declined: "
-        "conv-chain/single_use x16, constant-fold/net_cost x12, conv-chain/border x2)"
+        "conv-chain/single_use x16, constant-fold/net_cost x12, normalize-layout/inverse_transpose x6)"
     ),
     ("efficientvit_m0", "torchscript"): (
         "BatchNormalization 1 > 0 (left over: BatchNormalization +1; declined: "
-        "constant-fold/net_cost x40, parallel-merge/net_cost x16, conv-chain/border x2)"
+        "constant-fold/net_cost x40, parallel-merge/net_cost x16, normalize-layout/net_cost x6)"
     ),
     ("efficientvit_m0", "torchscript-nofold"): (
         "BatchNormalization 97 > 0 (left over: BatchNormalization +97; declined: "
@@ -199,7 +199,7 @@ KNOWN_MISSES: dict[tuple[str, str], str] = {
     ),
     ("tiny_vit_5m_224", "torchscript-nofold"): (
         "BatchNormalization 27 > 0 (left over: BatchNormalization +27; declined: "
-        "constant-fold/net_cost x220, affine-fold/net_cost x27, affine-fold/runtime_fusion x12)"
+        "constant-fold/net_cost x220, affine-fold/net_cost x27, normalize-layout/inverse_transpose x13)"
     ),
 }
 
