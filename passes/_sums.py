@@ -160,7 +160,7 @@ def choose_groups(
             if len(valid) < 2 or not wanted(valid):
                 continue
             chosen = [(i, opt) for i, opt in group if any(opt is v for v in valid)]
-            depth = sum(options[i].index(opt) for i, opt in chosen)
+            depth = sum(next(d for d, o in enumerate(options[i]) if o is opt) for i, opt in chosen)
             score = (len(chosen), sum(len(opt.nodes()) for _, opt in chosen), depth)
             if best_score is None or score > best_score:
                 best, best_score = chosen, score
