@@ -130,6 +130,15 @@ def test_nhwc_identity_spellings(identity, shared):
     assert_folds(model, b.feeds())
 
 
+@pytest.mark.parametrize("order", ["x_first", "conv_first"])
+def test_nhwc_residual_difference(order):
+    """``x - T(Conv(T(x)))`` and ``T(Conv(T(x))) - x``: the Sub keeps its operand order."""
+    b = nhwc_builder(seed=11)
+    t = b.node("Transpose", [b.conv(b.node("Transpose", ["x"], perm=TO_NCHW), C, C, 3)], perm=TO_NHWC)
+    diff = b.sub("x", t) if order == "x_first" else b.sub(t, "x")
+    assert_folds(b.model(b.relu(diff)), b.feeds())
+
+
 def test_two_nhwc_blocks_in_a_row_cancel_between():
     """Block 2 reads block 1's NHWC output: its Transposes cancel with block 1's last one."""
     b = nhwc_builder(seed=5)
