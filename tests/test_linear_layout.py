@@ -301,3 +301,29 @@ def test_fixed_point():
     out, _ = optimize(b.model(*outs), b.feeds())
     again, report = onnxrep.optimize(out, passes=PASSES)
     assert report.rewritten == 0
+
+
+# timm ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["nextvit_small", "levit_128s"])
+def test_timm_torchscript_export_reaches_deploy_bn_count(name, tmp_path):
+    """NextViT and LeViT (TorchScript, 64x64, random BN statistics): no more BatchNormalization
+    nor linear layers than the export of timm's deploy form, and the same outputs."""
+    pytest.importorskip("torch")
+    zm = pytest.importorskip("zoo_models")
+    try:
+        zm.import_timm()
+    except ImportError:
+        pytest.skip("timm is not importable")
+    from torch_export import assert_close, op_count, run_ort
+
+    model = zm.build(name)
+    train = onnx.load(zm.export(model, zm.example_input(name), tmp_path / "train.onnx", zm.TORCHSCRIPT))
+    deploy = onnx.load(zm.export(zm.deploy_form(model), zm.example_input(name), tmp_path / "deploy.onnx", zm.TORCHSCRIPT))
+    out, report = onnxrep.optimize(train)
+    assert op_count(out, "BatchNormalization") <= op_count(deploy, "BatchNormalization")
+    assert op_count(out, "Gemm", "MatMul", "Conv") <= op_count(deploy, "Gemm", "MatMul", "Conv")
+    x = zm.example_input(name, seed=1)
+    assert_close(run_ort(out, x), run_ort(train, x), rel=1e-4)
