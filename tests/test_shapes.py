@@ -543,7 +543,7 @@ def test_same_pads_are_onnxruntimes(op, size, kernel, stride, dilation, mode, ag
 
 
 def test_window_geometry_declines_the_same_pads_onnxruntime_does_not_use():
-    from passes._common import window_geometry
+    from onnxrep.passes._common import window_geometry
 
     # onnxruntime refuses a dilated SAME Conv: the spec's pads (the onnx reference's) stand
     dilated_conv = [("Conv", 9, 3, 1, 2, "SAME_UPPER", True), ("Conv", 10, 2, 2, 3, "SAME_LOWER", True)]
