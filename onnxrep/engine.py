@@ -510,12 +510,26 @@ def _dearer(report: Report, state: _Run, weights_before: int, weights_after: int
 
 
 def _culprits(state: _Run, names: set[str], held: dict[str, str]) -> list[str]:
-    """The rewrites to leave out next: those that added cost and whose nodes are still in the
-    output; else those that added cost; else every rewrite."""
+    """The rewrites to leave out next: among the dearer rewrites of the passes whose rewrites add
+    up to more cost (else among all dearer rewrites), those whose nodes are still in the output,
+    else all of them; else every rewrite."""
     charged = [(k, c) for k, c in state.charges.items() if k not in held]
     dearer = [k for k, c in charged if c.macs > 0 or c.params > 0]
-    surviving = [k for k in dearer if any(n in names for n in state.charges[k].names)]
-    return surviving or dearer or [k for k, _ in charged]
+    # a pass whose rewrites add up to no increase (constant folds that gather from a table the
+    # last of them frees) is not to blame for the run's: its dearer rewrites are held only after
+    # those of the passes whose rewrites do add up to more
+    pass_of = {r["candidate"]: name for name, rep in state.reports.items() for r in rep.rewrites}
+    totals: dict[str | None, list[int]] = {}
+    for k, c in charged:
+        t = totals.setdefault(pass_of.get(k), [0, 0])
+        t[0] += c.macs
+        t[1] += c.params
+    blamed = [k for k in dearer if max(totals[pass_of.get(k)]) > 0]
+    for group in (blamed, dearer):
+        surviving = [k for k in group if any(n in names for n in state.charges[k].names)]
+        if surviving or group:
+            return surviving or group
+    return [k for k, _ in charged]
 
 
 def _run_once(model, selected, options, progress, held, hold_all, evidence: ShapeEvidence, cost_before):

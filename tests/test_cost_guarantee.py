@@ -235,3 +235,40 @@ def test_constant_plan_region_has_no_inputs():
     assert entry["output"] == k and entry["inputs"] == []
     assert entry["macs_delta"] == 0 and entry["params_delta"] == c - 2 * c
     assert_equivalent(model, out, b.feeds())
+
+
+def test_only_the_pass_that_adds_up_to_more_is_left_out():
+    """Two constant folds gather rows of one table (each adds a row, the last frees the table: no
+    net change) and a BatchNormalization before a 10 -> 100 Gemm would fold into a 100-element bias
+    (+100 - 40 weights): the run keeps the folds and leaves out the BN fold alone (efficientvit's
+    attention biases and head)."""
+    rng = np.random.default_rng(5)
+    c, n = 10, 100
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((2, c)).astype(np.float32), "table"),
+        numpy_helper.from_array(np.array(0, np.int64), "i0"),
+        numpy_helper.from_array(np.array(1, np.int64), "i1"),
+        numpy_helper.from_array(rng.standard_normal((n, c)).astype(np.float32), "w"),
+    ]
+    inits += [numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), k) for k in ("s", "t", "m", "v")]
+    nodes = [
+        helper.make_node("Gather", ["table", "i0"], ["g0"], axis=0),
+        helper.make_node("Gather", ["table", "i1"], ["g1"], axis=0),
+        helper.make_node("Add", ["x", "g0"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Add", ["r", "g1"], ["h"]),
+        helper.make_node("BatchNormalization", ["h", "s", "t", "m", "v"], ["bn"], name="bn"),
+        helper.make_node("Gemm", ["bn", "w"], ["y"], name="head", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, report = onnxrep.optimize(model)
+    assert "Gather" not in histogram(out) and histogram(out)["BatchNormalization"] == 1
+    assert report.runs == 2 and list(report.left_out_for_cost) == ["bn->head"]
+    assert_not_dearer(model, out)
+    x = {"x": rng.standard_normal((1, c)).astype(np.float32)}
+    np.testing.assert_allclose(run(out, x)[0], run(model, x)[0], rtol=1e-5, atol=1e-6)
