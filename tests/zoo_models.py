@@ -173,10 +173,6 @@ KNOWN_MISSES: dict[tuple[str, str], str] = {
         "BatchNormalization 10 > 2 (left over: Add +14, BatchNormalization +8, Sub +3; declined: "
         "affine-fold/runtime_fusion x22, conv-chain/cost x20, conv-chain/pointwise x15)"
     ),
-    ("fastvit_t8", "torchscript"): (
-        "BatchNormalization 9 > 0 (left over: Add +10, BatchNormalization +9, Sub +4, Constant +1; declined: "
-        "conv-chain/cost x13, affine-fold/runtime_fusion x11, conv-chain/pointwise x6)"
-    ),
     ("iformer_t", "torchscript"): (
         "BatchNormalization 1 > 0 (left over: Add +5, BatchNormalization +1; declined: "
         "affine-fold/runtime_fusion x18, conv-chain/cost x11, constant-fold/net_cost x6)"
