@@ -26,11 +26,12 @@ Rewrites (``T(x, p)`` is ``Transpose(x, perm=p)``):
                     Add/Sub/Mul/Div by a constant that acts on the channel axis only (shape ``[C]``,
                     ``[1, 1, 1, C]``, a scalar, wherever ``p`` puts channel axis 1) ->
                     ``T(A'_k(...A'_1(c)), p)`` with the constants reshaped to ``[C, 1, 1]``: the
-                    affine then sits on the Conv's output, where affine-fold takes it in.
+                    affine then sits on the Conv's output, where affine-fold takes it in. The
+                    chain ends before the first step whose constant is not per channel.
 Every rewrite computes the same floating-point operations on the same elements: transposition only
 moves elements, so the results are bit for bit equal. None adds a node: dedupe, cancel and
-sink_sum remove Transposes; sink_mixed and sink_affine move them (and are taken only where a merge
-or a fold follows: an existing inverse Transpose, a Conv's output).
+sink_sum remove Transposes; sink_mixed, sink_unary and sink_affine move them (and are taken only
+where a merge, a cancellation or a fold follows: an existing inverse Transpose, a Conv's output).
 
 Conditions (checked in this order):
   1. ``opset``         the graph's default opset is 7 or more and the element-wise nodes have no
