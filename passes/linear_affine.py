@@ -174,6 +174,7 @@ class LayoutAfter:
     lin: _linear.Linear
     chain: list
     affine: gs.Node
+    shapes: list = field(default_factory=list)  # Shape nodes reading the layer's output (``reshape_as``)
     cache: dict = field(default_factory=dict)
 
 
@@ -216,7 +217,8 @@ def _after_chain(affine: gs.Node, view: GraphView) -> LayoutAfter | None:
         t = view.source(node.inputs[0])
         lin = _linear.producer_linear(t, view)
         if lin is not None:
-            return LayoutAfter(lin, chain, affine)
+            shapes = [u for u in view.users(lin.out) if is_op(u, ops.SHAPE) and u is not chain[0]]
+            return LayoutAfter(lin, chain, affine, shapes)
         node = view.producer(t)
     return None
 
@@ -412,12 +414,12 @@ def _la_single_use(c: LayoutAfter, view, ctx):
         reason = outside_reader_reason(t, [c.lin.nodes[-1]], view)
         if reason:
             return reason
-    prev = c.lin.out
+    prev, extra = c.lin.out, c.shapes  # a Shape of the layer's output reads the new layer's
     for node in nodes:
-        reason = outside_reader_reason(prev, [node], view)
+        reason = outside_reader_reason(prev, [node] + extra, view)
         if reason:
             return reason
-        prev = node.outputs[0]
+        prev, extra = node.outputs[0], []
     return None
 
 
@@ -509,20 +511,33 @@ def _rewrite_after(c: LayoutAfter, view: GraphView, ctx: Context) -> Plan:
         final = users[0].outputs[0]
         shape = _shape(final, view, ctx)
         if shape is not None and tuple(shape) == tuple(lin_shape):
-            return Plan(final, _linear.emit(ctx, name, c.lin.x, w, b, dtype, final, rank), summary)
+            plan = Plan(final, _linear.emit(ctx, name, c.lin.x, w, b, dtype, final, rank), summary)
+            return _with_shapes(plan, final, c, ctx)
         if shape is not None and all(isinstance(d, int) and d > 0 for d in shape):
             mid = ctx.like(f"{name}.out", c.lin.out)
             nodes = _linear.emit(ctx, name, c.lin.x, w, b, dtype, mid, rank)
             const = ctx.constant(f"{name}.shape", np.array(shape, dtype=np.int64))
             nodes.append(NewNode(ops.RESHAPE, ctx.fresh_name(f"{name}/reshape"), {}, [mid, const], [final]))
-            return Plan(final, nodes, summary)
-    prev = ctx.like(f"{name}.out", c.lin.out)
+            return _with_shapes(Plan(final, nodes, summary), mid, c, ctx)
+    first = prev = ctx.like(f"{name}.out", c.lin.out)
     nodes = _linear.emit(ctx, name, c.lin.x, w, b, dtype, prev, rank)
     for i, node in enumerate(c.chain):
         out = c.affine.outputs[0] if i == len(c.chain) - 1 else ctx.like(f"{node.outputs[0].name}.scaled", node.outputs[0])
         nodes.append(_copy(node, prev, out, ctx))
         prev = out
-    return Plan(c.affine.outputs[0], nodes, summary)
+    return _with_shapes(Plan(c.affine.outputs[0], nodes, summary), first, c, ctx)
+
+
+def _with_shapes(plan: Plan, out: gs.Tensor, c: LayoutAfter, ctx: Context) -> Plan | list[Plan]:
+    """``plan``, and a Shape of the new layer's output ``out`` (the old one's shape) for each Shape
+    node that read the old layer's output."""
+    if not c.shapes:
+        return plan
+    extra = [
+        Plan(sh.outputs[0], [NewNode(ops.SHAPE, ctx.fresh_name(sh.name or ops.SHAPE), dict(sh.attrs), [out], [sh.outputs[0]])])
+        for sh in c.shapes
+    ]
+    return [plan] + extra
 
 
 @register
@@ -552,7 +567,7 @@ class LinearAffine:
                 yield Match(f"{node.name}->layout->{tree.linears[0].head.name}", nodes, tree)
             after = _after_chain(node, view)
             if after is not None:
-                nodes = after.lin.nodes + after.chain + [node]
+                nodes = after.lin.nodes + after.chain + [node] + after.shapes
                 yield Match(f"{after.lin.head.name}->layout->{node.name}", nodes, after)
 
     def check(self, match: Match, view: GraphView, ctx: Context) -> Decline | None:

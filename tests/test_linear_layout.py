@@ -130,6 +130,18 @@ def test_levit_dynamo_reshape_bn_reshape_to_heads():
     assert histogram(out) == {"MatMul": 1, "Add": 1, "Reshape": 1, "Relu": 1}
 
 
+def test_levit_reshape_as_reads_the_shape_of_the_layer_output():
+    """TorchScript without constant folding: ``reshape_as(x)`` is ``Reshape(BN(Flatten(x)),
+    Shape(x))``; the Shape reads the new layer's output instead."""
+    c, n = 8, 16
+    b = Builder(c, input_shape=[2, 5, c])
+    m = linear(b, "x", c, n, bias=False)
+    f = b.node("Flatten", [m], axis=2)
+    r = b.node("Reshape", [b.bn(f, n), b.node("Shape", [m])])
+    out, report = optimize(b.model(b.relu(r)), b.feeds())
+    assert histogram(out).get("BatchNormalization", 0) == 0 and histogram(out).get("Flatten", 0) == 0
+
+
 def test_after_through_transpose_keeps_the_layout_ops():
     c, n = 8, 6
     b = Builder(c, input_shape=[2, 5, c])
