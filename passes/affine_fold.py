@@ -20,8 +20,12 @@ Exactness conditions (checked in this order):
   5. ``no_padding``        an affine with a shift before the conv: the conv has no padding.
   6. ``single_use``        the tensor between the two nodes is read by nothing else and is not a
                            graph output.
+  7. ``ring_shift``        the affine node is not one of the shifts of a padding ring spelled
+                           ``Sub(b) -> Pad(0) -> Add(b)`` that conv-chain takes whole
+                           (:func:`passes.conv_chain.shift_ring_reason`): folding the shifts apart
+                           would leave a ring of 0 against a bias rounded once more.
 Cost condition (``--allow-cost-increase`` lifts it):
-  7. ``runtime_fusion``    the affine node is not part of a decomposition that onnxruntime or
+  8. ``runtime_fusion``    the affine node is not part of a decomposition that onnxruntime or
                            OpenVINO fuse into one kernel (TorchScript's GELU ends in ``Mul(0.5)``
                            before the next Conv): folding it would leave the rest unfused, several
                            kernels instead of one (see :mod:`passes._fusions`).
@@ -41,6 +45,7 @@ from onnxrep.rewrite import Context, Decline, Match, NewNode, Plan, run_checks
 
 from . import register
 from ._fusions import breaks_fusion
+from .conv_chain import shift_ring_reason
 from ._common import (
     affine_data_input,
     bn_inference_reason,
@@ -133,6 +138,10 @@ def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None
     return outside_reader_reason(c.between, [c.affine if c.side == AFTER else c.conv], view)
 
 
+def _check_ring_shift(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    return shift_ring_reason(view, c.affine, ctx)
+
+
 def _check_runtime_fusion(c: Candidate, view: GraphView, ctx: Context) -> str | None:
     if ctx.options.allow_cost_increase:
         return None
@@ -146,6 +155,7 @@ CONDITIONS = [
     ("per_channel", _check_per_channel),
     ("no_padding", _check_padding),
     ("single_use", _check_single_use),
+    ("ring_shift", _check_ring_shift),
     ("runtime_fusion", _check_runtime_fusion),
 ]
 

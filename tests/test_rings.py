@@ -157,36 +157,13 @@ def one_ulp_ring(bn):
     return b.model(y), b.feeds()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="affine-fold folds the Sub into the 1x1 and the Add into the 3x3 first, leaving a ring of 0 "
-    "against a one-ulp bias leftover; needs affine-fold to leave the shifts of a ring to conv-chain "
-    "(a condition calling passes.conv_chain.shift_ring_reason)",
-)
 @pytest.mark.parametrize("bn", [False, True], ids=["bias", "bn"])
 def test_shift_ring_with_one_ulp_bias_merges_in_the_pipeline(bn):
+    """affine-fold leaves the shifts of the ring to conv-chain (ring_shift), which takes it whole."""
     merged(*one_ulp_ring(bn))
 
 
-@pytest.fixture
-def ring_shift_condition(monkeypatch):
-    """affine-fold with the condition it needs for the shift spelling of a ring."""
-    from onnxrep.passes import affine_fold, conv_chain
-
-    def check(c, view, ctx):
-        return conv_chain.shift_ring_reason(view, c.affine, ctx)
-
-    conditions = list(affine_fold.CONDITIONS)
-    conditions.insert(len(conditions) - 1, ("ring_shift", check))
-    monkeypatch.setattr(affine_fold, "CONDITIONS", conditions)
-
-
-@pytest.mark.parametrize("bn", [False, True], ids=["bias", "bn"])
-def test_shift_ring_reason_leaves_the_ring_to_conv_chain(ring_shift_condition, bn):
-    merged(*one_ulp_ring(bn))
-
-
-def test_shift_ring_reason_lets_affine_fold_take_the_shifts_of_a_wrong_ring(ring_shift_condition):
+def test_shift_ring_reason_lets_affine_fold_take_the_shifts_of_a_wrong_ring():
     """conv-chain declines the ring (its value is not the bias): the shifts fold as before."""
     c = 4
     b, bias, one = setup(c)
