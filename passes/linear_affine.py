@@ -501,7 +501,8 @@ def _rewrite_after(c: LayoutAfter, view: GraphView, ctx: Context) -> Plan:
     users = view.users(c.affine.outputs[0])
     lin_shape = _shape(c.lin.out, view, ctx)
     if (
-        all(n.op in _linear.RESHAPE_LIKE for n in c.chain)
+        not c.shapes  # the Reshape after A may read them: it stays, and they read the new layer
+        and all(n.op in _linear.RESHAPE_LIKE for n in c.chain)
         and len(users) == 1
         and is_op(users[0], *_linear.RESHAPE_LIKE)
         and _data_reads(users[0], view.source(c.affine.outputs[0]), view)
