@@ -8,22 +8,11 @@ import sys
 import onnx
 import pytest
 import numpy as np
-from click.testing import CliRunner
 from onnx import numpy_helper
 
 from graphs import Builder, histogram
-from onnxrep import cli, engine
-
-
-def _runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always keeps stderr apart
-        return CliRunner()
-
-
-def invoke(*args):
-    return _runner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+from helpers import break_parallel_merge, invoke
+from onnxrep import engine
 
 
 @pytest.fixture
@@ -236,9 +225,7 @@ def test_bench_without_cuda_provider_says_so(model_path):
 
 
 def test_on_mismatch_bisect_writes_the_verified_rest(model_path, tmp_path, monkeypatch):
-    from test_engine import _break_one
-
-    _break_one(monkeypatch, 0)
+    break_parallel_merge(monkeypatch, {0})
     out = tmp_path / "opt.onnx"
     res = invoke("optimize", model_path, "-o", out)
     assert res.exit_code == 1 and not out.exists()

@@ -9,6 +9,7 @@ from onnx import helper, numpy_helper
 
 import onnxrep
 from graphs import Builder, histogram
+from helpers import break_parallel_merge
 from onnxrep import engine, equivalence
 from onnxrep.graph import GraphView, import_model
 
@@ -193,29 +194,9 @@ def _three_blocks():
     return b.model(t)
 
 
-def _break_one(monkeypatch, index):
-    """Make parallel-merge compute a wrong kernel for the ``index``-th candidate it rewrites."""
-    import onnxrep.passes.parallel_merge as pm
-
-    real = pm.ParallelMerge.rewrite
-    seen = []
-
-    def rewrite(self, match, view, ctx):
-        plan = real(self, match, view, ctx)
-        if match.key not in seen:
-            seen.append(match.key)
-        if seen.index(match.key) == index:
-            weight = plan.nodes[0].inputs[1]
-            weight.values = weight.values * np.float32(1.001)
-        return plan
-
-    monkeypatch.setattr(pm.ParallelMerge, "rewrite", rewrite)
-    return seen
-
-
 def test_mismatch_bisection_finds_and_drops_the_broken_rewrite(monkeypatch):
     model = _three_blocks()
-    seen = _break_one(monkeypatch, 1)
+    seen = break_parallel_merge(monkeypatch, {1})
     with pytest.raises(onnxrep.VerificationError):
         onnxrep.optimize(model, passes=["parallel-merge"], verify=True)
     out, report = onnxrep.optimize(model, passes=["parallel-merge"], verify=True, on_mismatch="bisect")

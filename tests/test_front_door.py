@@ -7,22 +7,11 @@ import os
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
 import onnxrep
 from graphs import Builder, histogram
-from onnxrep import UsageError, cli
-
-
-def _runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always keeps stderr apart
-        return CliRunner()
-
-
-def invoke(*args):
-    return _runner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+from helpers import break_parallel_merge, invoke
+from onnxrep import UsageError
 
 
 def _model(c=8, batch="N"):
@@ -170,26 +159,6 @@ def test_cli_usage_errors_are_one_line(model_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _break(monkeypatch, indices):
-    """Make parallel-merge compute a wrong kernel for the candidates it rewrites at ``indices``."""
-    import onnxrep.passes.parallel_merge as pm
-
-    real = pm.ParallelMerge.rewrite
-    seen = []
-
-    def rewrite(self, match, view, ctx):
-        plan = real(self, match, view, ctx)
-        if match.key not in seen:
-            seen.append(match.key)
-        if seen.index(match.key) in indices:
-            weight = plan.nodes[0].inputs[1]
-            weight.values = weight.values * np.float32(1.001)
-        return plan
-
-    monkeypatch.setattr(pm.ParallelMerge, "rewrite", rewrite)
-    return seen
-
-
 def _three_blocks():
     c = 8
     b = Builder(c, input_shape=[1, c, 8, 8])
@@ -200,7 +169,7 @@ def _three_blocks():
 
 
 def test_bisect_leaves_out_every_rewrite_whose_region_differs(monkeypatch):
-    seen = _break(monkeypatch, {0, 2})
+    seen = break_parallel_merge(monkeypatch, {0, 2})
     out, report = onnxrep.optimize(_three_blocks(), passes="parallel-merge", verify=True, seeds=1, on_mismatch="bisect")
     assert report.verification["ok"]
     assert sorted(c["candidate"] for c in report.verification["left_out"]) == sorted([seen[0], seen[2]])
@@ -213,6 +182,6 @@ def test_bisect_says_what_it_tried_when_no_rewrite_explains_the_mismatch(monkeyp
     import onnxrep.regions
 
     monkeypatch.setattr(onnxrep.regions, "check_regions", lambda *a, **k: [])
-    _break(monkeypatch, {0, 2})
+    break_parallel_merge(monkeypatch, {0, 2})
     with pytest.raises(onnxrep.VerificationError, match=r"bisect could not isolate the rewrites responsible \(\d+ runs: .*left out: mismatch"):
         onnxrep.optimize(_three_blocks(), passes="parallel-merge", verify=True, seeds=1, on_mismatch="bisect")

@@ -8,11 +8,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxrep
-from onnxrep import cli
+from helpers import invoke
 from onnxrep.equivalence import reference_session
 
 F = TensorProto.FLOAT
@@ -126,7 +125,7 @@ def test_cli_with_verification_writes_a_right_model(case, tmp_path):
     model, feeds = CASES[case]()
     path, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, path)
-    res = CliRunner().invoke(cli.main, ["optimize", str(path), "-o", str(out), "-q"], catch_exceptions=False)
+    res = invoke("optimize", path, "-o", out, "-q")
     assert res.exit_code == 0, res.stderr
     for want, got in zip(_run(model, feeds), _run(onnx.load(out), feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
