@@ -502,7 +502,13 @@ def _dearer(report: Report, state: _Run, weights_before: int, weights_after: int
     """What the run's output has more of than its input ("" when nothing)."""
     more = []
     body = [sum(v[i] for v in state.body_cost.values() if v[i] > 0) for i in range(2)]
-    if report.cost_after.macs > report.cost_before.macs or body[0] > 0:
+    if report.cost_before.exact and report.cost_after.exact:
+        more_macs = report.cost_after.macs > report.cost_before.macs
+    else:
+        # a count with unknown dims (taken as 1) changes when a fold makes them known: the
+        # rewrites' own charges say what they added
+        more_macs = sum(c.macs for c in state.charges.values()) > 0
+    if more_macs or body[0] > 0:
         more.append("MACs")
     if weights_after > weights_before or body[1] > 0:
         more.append("weights")
