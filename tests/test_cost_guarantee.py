@@ -272,3 +272,22 @@ def test_only_the_pass_that_adds_up_to_more_is_left_out():
     assert_not_dearer(model, out)
     x = {"x": rng.standard_normal((1, c)).astype(np.float32)}
     np.testing.assert_allclose(run(out, x)[0], run(model, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_inexact_mac_counts_are_judged_by_the_rewrites_charges():
+    """With unknown dims counted as 1, a fold that makes them known raises the count without adding
+    work: the net check then adds up the rewrites' own charges (efficientvit TorchScript)."""
+    from types import SimpleNamespace
+
+    from onnxrep.engine import _Charge, _dearer, _Run
+    from onnxrep.cost import Cost
+
+    def report(before, after, exact):
+        return SimpleNamespace(cost_before=Cost(before, 0, exact), cost_after=Cost(after, 0, exact))
+
+    free = _Run({}, {}, {}, charges={"a": _Charge(0, 0), "b": _Charge(-4, 0)})
+    dear = _Run({}, {}, {}, charges={"a": _Charge(5, 0), "b": _Charge(-4, 0)})
+    assert _dearer(report(100, 120, False), free, 10, 10) == ""
+    assert _dearer(report(100, 120, False), dear, 10, 10) == "MACs"
+    assert _dearer(report(100, 120, True), free, 10, 10) == "MACs"
+    assert _dearer(report(100, 100, True), dear, 10, 11) == "weights"
