@@ -159,43 +159,7 @@ ABSENT: dict[str, str] = {}
 KNOWN_MISSES: dict[tuple[str, str], str] = {
     ("efficientvit_m0", "dynamo"): (
         "BatchNormalization 1 > 0 (left over: BatchNormalization +1; declined: "
-        "conv-chain/single_use x16, constant-fold/net_cost x12, normalize-layout/inverse_transpose x6)"
-    ),
-    ("efficientvit_m0", "torchscript"): (
-        "BatchNormalization 1 > 0 (left over: BatchNormalization +1; declined: "
-        "constant-fold/net_cost x40, parallel-merge/net_cost x16, normalize-layout/net_cost x6)"
-    ),
-    ("efficientvit_m0", "torchscript-nofold"): (
-        "BatchNormalization 97 > 0 (left over: BatchNormalization +97; declined: "
-        "constant-fold/net_cost x190, affine-fold/net_cost x96, parallel-merge/net_cost x16)"
-    ),
-    ("fastvit_mci0", "torchscript"): (
-        "BatchNormalization 10 > 2 (left over: Add +14, BatchNormalization +8, Sub +3; declined: "
-        "affine-fold/runtime_fusion x22, conv-chain/cost x20, conv-chain/pointwise x15)"
-    ),
-    ("iformer_t", "torchscript"): (
-        "BatchNormalization 1 > 0 (left over: Add +5, BatchNormalization +1; declined: "
-        "affine-fold/runtime_fusion x18, conv-chain/cost x11, constant-fold/net_cost x6)"
-    ),
-    ("iformer_t", "torchscript-nofold"): (
-        "BatchNormalization 48 > 0 (left over: BatchNormalization +48, Add +5; declined: "
-        "affine-fold/net_cost x47, affine-fold/runtime_fusion x18, constant-fold/net_cost x11)"
-    ),
-    ("levit_128s", "torchscript-nofold"): (
-        "BatchNormalization 17 > 0 (left over: BatchNormalization +17, Flatten +17, Reshape +17, Shape +16; declined: "
-        "linear-affine/single_use x18, linear-affine/readers x1, linear-chain/single_use x1)"
-    ),
-    ("repghostnet_050", "dynamo"): (
-        "BatchNormalization 16 > 0 (left over: Add +16, BatchNormalization +16; declined: "
-        "conv-chain/border x16, conv-chain/cost x7)"
-    ),
-    ("repghostnet_050", "torchscript"): (
-        "BatchNormalization 16 > 0 (left over: Add +16, BatchNormalization +16; declined: "
-        "conv-chain/border x16, conv-chain/cost x7)"
-    ),
-    ("tiny_vit_5m_224", "torchscript-nofold"): (
-        "BatchNormalization 27 > 0 (left over: BatchNormalization +27; declined: "
-        "constant-fold/net_cost x220, affine-fold/net_cost x27, normalize-layout/inverse_transpose x13)"
+        "conv-chain/single_use x16, normalize-layout/inverse_transpose x6, conv-chain/border x2)"
     ),
 }
 
