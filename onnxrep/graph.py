@@ -184,7 +184,9 @@ class GraphView:
         self.graph = graph
         self._outputs = {id(t) for t in graph.outputs}
         self._input_names = {t.name for t in graph.inputs} | set(input_names or ())
-        self._constants: OrderedDict[int, np.ndarray | None] = OrderedDict()
+        # id of a tensor -> (the tensor, its values): the entry holds the tensor, so that its id
+        # cannot be reused by another tensor while the entry lives
+        self._constants: OrderedDict[int, tuple[gs.Tensor, np.ndarray | None]] = OrderedDict()
         self._cached = 0  # bytes held by ``_constants``
         self._users: dict[int, list[gs.Node]] = defaultdict(list)
         for node in graph.nodes:
@@ -257,15 +259,15 @@ class GraphView:
         key = id(tensor)
         if key in self._constants:
             self._constants.move_to_end(key)
-            return self._constants[key]
+            return self._constants[key][1]
         value = self._lookup_constant(tensor)
         # the most recently read constants are kept up to CACHE_BUDGET bytes; older ones are
         # decoded again when asked for again, so that a pass over a big model does not hold every
         # input weight it read at once
-        self._constants[key] = value
+        self._constants[key] = (tensor, value)
         self._cached += 0 if value is None else value.nbytes
         while self._cached > CACHE_BUDGET and len(self._constants) > 1:
-            _, old = self._constants.popitem(last=False)
+            _, (_, old) = self._constants.popitem(last=False)
             self._cached -= 0 if old is None else old.nbytes
         return value
 

@@ -81,7 +81,6 @@ class Candidate:
     between: gs.Tensor  # conv1's output
     ring_nodes: list[gs.Node] = field(default_factory=list)  # empty: a plain chain
     ring_region: list[gs.Node] | None = None
-    stand_ins: list[gs.Node] = field(default_factory=list)  # see _absorption_reason
 
     @property
     def has_ring(self) -> bool:
@@ -283,7 +282,6 @@ def _absorption_reason(c: Candidate, view: GraphView, ctx: Context, shape: tuple
         out = node.outputs[0]
     x = _x(c, view)
     stand_in = _stand_in(c, view, ctx, shape, groups)
-    c.stand_ins.append(stand_in)  # held while the match lives (GraphView caches constants by id)
 
     def decompose(tensor, sign, v):
         leaf = decompose_leaf(tensor, sign, v)

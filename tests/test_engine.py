@@ -319,3 +319,14 @@ def test_reports_of_two_runs_compare_equal_without_timings():
     assert a.to_dict(timings=False) == b.to_dict(timings=False)
     assert "passes_seconds" not in a.to_dict(timings=False)
     assert all("seconds" not in p for p in a.to_dict(timings=False)["passes"])
+
+
+def test_constant_cache_is_not_fooled_by_a_reused_id():
+    """GraphView caches constants by id: a tensor made and dropped while the view lives (a pass's
+    stand-in node) must not hand its values to a later tensor that gets the same id."""
+    b, model = repvgg_block()
+    view = GraphView(import_model(model), set())
+    for i in range(200):
+        tensor = onnxrep.graph.gs.Constant(f"t{i}", np.full((i % 7 + 1,), i, np.float32))
+        assert np.array_equal(view.constant(tensor), np.full((i % 7 + 1,), i, np.float32))
+        del tensor
