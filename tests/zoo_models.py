@@ -32,11 +32,8 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
-import io
 import json
-import logging
 import pathlib
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -252,18 +249,7 @@ def example_input(name: str, seed: int = SEED) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def quiet():
-    """Silence the exporters' warnings, log records and progress prints."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.filterwarnings("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+from torch_export import quiet  # noqa: E402  (the exporters silenced, as the other export tests do)
 
 
 def export(module, x: np.ndarray, path: pathlib.Path | str, exporter: str) -> pathlib.Path:
