@@ -108,6 +108,22 @@ def _declines(report) -> tuple[dict[str, dict[str, str]], set[str]]:
     return declines, ran
 
 
+
+def _affine_reason(first: gs.Node, second: gs.Node, affine: gs.Node, side: str, between: gs.Tensor, computed, view):
+    """(condition, reason) for an affine node ``affine`` next to a linear layer, ``first -> second``
+    through ``between``, that no pass folded: it applies a computed tensor, ``between`` has other
+    readers, or nothing matched."""
+    layer = second if affine is first else first
+    if computed is not None:
+        return NOT_CONSTANT, (
+            f"{affine.op} '{affine.name}' {side} {layer.op} '{layer.name}' applies "
+            f"{_describe(computed, view)}, which is not a constant"
+        )
+    readers = view.users(between)
+    if len(readers) > 1 or view.escapes(between):
+        return SINGLE_USE, _outside(between, second, readers, view)
+    return NO_PASS_MATCHED, f"no pass matched: {first.op} '{first.name}' -> {second.op} '{second.name}'"
+
 def _describe(tensor: gs.Tensor, view: GraphView) -> str:
     node = view.producer(tensor)
     if node is None:
@@ -268,18 +284,8 @@ class _Finder:
                 if computed is None and not self._is_affine_of(user, out):
                     continue
                 key = f"{node.name}->{user.name}"
-                found = self.lookup(AFFINE, [key])
-                if computed is not None:
-                    cond = NOT_CONSTANT
-                    reason = (
-                        f"{user.op} '{user.name}' after {node.op} '{node.name}' applies "
-                        f"{_describe(computed, view)}, which is not a constant"
-                    )
-                elif len(users) > 1 or view.escapes(out):
-                    cond, reason = SINGLE_USE, _outside(out, user, users, view)
-                else:
-                    cond, reason = NO_PASS_MATCHED, f"no pass matched: {node.op} '{node.name}' -> {user.op} '{user.name}'"
-                self.add(AFFINE, key, [node, user], found, cond, reason, _folders(node))
+                cond, reason = _affine_reason(node, user, user, "after", out, computed, view)
+                self.add(AFFINE, key, [node, user], self.lookup(AFFINE, [key]), cond, reason, _folders(node))
             prev = view.producer(x)
             if prev is None:
                 continue
@@ -291,19 +297,8 @@ class _Finder:
                 if computed is None:
                     continue
             key = f"{prev.name}->{node.name}"
-            found = self.lookup(AFFINE, [key])
-            readers = view.users(x)
-            if computed is not None:
-                cond = NOT_CONSTANT
-                reason = (
-                    f"{prev.op} '{prev.name}' before {node.op} '{node.name}' applies "
-                    f"{_describe(computed, view)}, which is not a constant"
-                )
-            elif len(readers) > 1 or view.escapes(x):
-                cond, reason = SINGLE_USE, _outside(x, node, readers, view)
-            else:
-                cond, reason = NO_PASS_MATCHED, f"no pass matched: {prev.op} '{prev.name}' -> {node.op} '{node.name}'"
-            self.add(AFFINE, key, [prev, node], found, cond, reason, _folders(node))
+            cond, reason = _affine_reason(prev, node, prev, "before", x, computed, view)
+            self.add(AFFINE, key, [prev, node], self.lookup(AFFINE, [key]), cond, reason, _folders(node))
 
     # -- conv chains ---------------------------------------------------------------------------
 
