@@ -21,6 +21,17 @@ than its input (the main graph by :func:`onnxrep.cost.model_cost` plus the value
 nodes, :func:`model_weights`; each subgraph body by the sum of its rewrites' charges) is run again with the rewrites responsible left out (condition
 ``net_cost``): first those that added cost and whose nodes are still in the output, then any that
 added cost, and as a last resort all of them.
+
+Kernels. MACs and weights do not see a runtime's fusions: folding one step of a decomposition that
+onnxruntime runs as one kernel is cheaper by the count and slower in fact. The passes keep the
+decompositions catalogued in :mod:`passes._fusions`; as a check on the whole result, unless
+``Options.allow_cost_increase``, a run that rewrote anything compares the node counts of
+onnxruntime's own optimized graphs (CPU, ``ORT_ENABLE_ALL``) of its input and its output
+(:mod:`onnxrep.kernels`; models of at most ``kernels.MAX_WEIGHT_BYTES`` of weights and
+``kernels.MAX_NODES`` nodes). With more kernels in the output, the rewrites responsible are
+narrowed down by halves (each half left out in a run of its own, at most ``MAX_KERNEL_RUNS``
+runs) and left out (condition ``kernel_count``), or, when no half is found, every rewrite. The
+report gives both counts (``kernels_before``, ``kernels_after``) and ``kernel_check``.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import ops
+from . import kernels, ops
 from . import passes as _passes
 from . import scopes
 from .cost import Cost, ShapeEvidence, infer_evidence, model_cost
@@ -48,6 +59,10 @@ MAX_ROUNDS = 64
 #: last one leaves out every rewrite.
 MAX_COST_RUNS = 6
 NET_COST = "net_cost"
+#: Runs of the pipeline at most that narrow down the rewrites that raised onnxruntime's kernel
+#: count (each with the net-cost runs it takes); then the rewrites narrowed down to are left out.
+MAX_KERNEL_RUNS = 8
+KERNEL_COUNT = "kernel_count"
 
 
 @dataclass
@@ -108,6 +123,11 @@ class Report:
     declared_shape_contradictions: list[dict] = field(default_factory=list)
     #: where the shapes the passes relied on came from (:meth:`onnxrep.cost.ShapeEvidence.to_dict`)
     shape_evidence: dict = field(default_factory=dict)
+    #: nodes of onnxruntime's optimized graph (CPU, ORT_ENABLE_ALL) of the input and the output
+    #: (:mod:`onnxrep.kernels`), None where not counted; ``kernel_check`` says what came of it
+    kernels_before: int | None = None
+    kernels_after: int | None = None
+    kernel_check: str = ""
 
     @property
     def rewritten(self) -> int:
@@ -135,6 +155,7 @@ class Report:
             "runs": self.runs,
             "declared_shape_contradictions": self.declared_shape_contradictions,
             "shape_evidence": self.shape_evidence,
+            "kernels": {"before": self.kernels_before, "after": self.kernels_after, "check": self.kernel_check},
         }
         if timings:
             d["passes_seconds"] = round(self.passes_seconds, 6)
@@ -463,15 +484,38 @@ def run(
 
     Unless ``options.allow_cost_increase``, the output never has more MACs or weights than the
     input: a run that would end dearer is repeated with the rewrites responsible left out
-    (reported as skipped for ``net_cost`` and in ``Report.left_out_for_cost``).
+    (reported as skipped for ``net_cost`` and in ``Report.left_out_for_cost``); nor, where
+    :mod:`onnxrep.kernels` counts them, more kernels in onnxruntime's optimized graph (skipped for
+    ``kernel_count``).
     """
     options = options or Options()
     selected = select_passes(only, skip)
     evidence = infer_evidence(model, runtime=True)  # once: every run below shares it
     cost_before = model_cost(model, evidence.shapes)
     weights_before = model_weights(model, cost_before)
-    held: dict[str, str] = {}
-    hold_all = None
+
+    def costed(held: dict[str, str], hold_all: str | None = None):
+        return _run_costed(model, selected, options, progress, dict(held), hold_all, evidence, cost_before, weights_before)
+
+    out, report, _, held = costed({})
+    if options.allow_cost_increase:
+        report.kernel_check = "not made: a cost increase is allowed"
+    elif report.rewritten == 0:
+        report.kernel_check = "not made: nothing was rewritten"
+    else:
+        out, report, held = _kernel_check(model, out, report, held, costed)
+    report.left_out_for_cost = dict(held)
+    report.left_out_for_cost.update(
+        {k: v for p in report.passes for k, v in p.skipped.items() if v.startswith((NET_COST + ":", KERNEL_COUNT + ":"))}
+    )
+    return out, report
+
+
+def _run_costed(model, selected, options, progress, held, hold_all, evidence, cost_before, weights_before):
+    """Runs of the pipeline until the output costs no more MACs and weights than the input (unless
+    ``options.allow_cost_increase``), each leaving out more rewrites (condition ``net_cost``);
+    ``held`` (candidate key -> reason) and ``hold_all`` are left out from the start. Returns the
+    output, its report, the run's state and every rewrite left out."""
     for attempt in range(1, MAX_COST_RUNS + 1):
         out, report, state, graph = _run_once(
             model, selected, options, progress, held, hold_all, evidence, cost_before
@@ -491,11 +535,75 @@ def run(
             hold_all = reason
             continue
         held.update({key: reason for key in culprits})
-    report.left_out_for_cost = dict(held)
-    report.left_out_for_cost.update(
-        {k: v for p in report.passes for k, v in p.skipped.items() if v.startswith(NET_COST + ":")}
+    return out, report, state, held
+
+
+def _applied(report: Report) -> list[str]:
+    """The candidate keys of the rewrites a run applied, in the order the passes ran."""
+    keys: list[str] = []
+    for p in report.passes:
+        for r in p.rewrites:
+            if r["candidate"] not in keys:
+                keys.append(r["candidate"])
+    return keys
+
+
+def _kernel_check(model, out, report: Report, held: dict[str, str], costed):
+    """Compare the kernels of onnxruntime's optimized graphs of ``model`` and ``out``
+    (:mod:`onnxrep.kernels`); with more in ``out``, narrow down the rewrites responsible by halves
+    (each half left out in a run of its own; a half whose leaving out is enough is narrowed down
+    further, at most :data:`MAX_KERNEL_RUNS` runs) and leave them out (condition ``kernel_count``).
+    Returns the output, its report and every rewrite left out."""
+    before = kernels.count_kernels(model)
+    report.kernels_before = before.count
+    if not before.taken:
+        report.kernel_check = f"not made: the input: {before.reason}"
+        return out, report, held
+    after = kernels.count_kernels(out)
+    report.kernels_after = after.count
+    if not after.taken:
+        report.kernel_check = f"not made: the output: {after.reason}"
+        return out, report, held
+    if after.count <= before.count:
+        report.kernel_check = "ok"
+        return out, report, held
+    reason = (
+        f"{KERNEL_COUNT}: left out: onnxruntime's optimized graph of the model would have {after.count} "
+        f"kernels, more than the input's {before.count}"
     )
-    return out, report
+    first_after = after.count
+    suspects = [k for k in _applied(report) if k not in held]
+    best = None  # (out, report, held, kernels) of the last run with no more kernels than the input
+    runs, pipeline_runs = 0, report.runs
+    while suspects and runs < MAX_KERNEL_RUNS:
+        halves = [suspects] if best is None else [suspects[: len(suspects) // 2], suspects[len(suspects) // 2:]]
+        narrowed = False
+        for half in halves:
+            if not half or runs >= MAX_KERNEL_RUNS:
+                continue
+            trial_held = dict(held)
+            trial_held.update({k: reason for k in half})
+            t_out, t_report, _, t_held = costed(trial_held)
+            runs += 1
+            pipeline_runs += t_report.runs
+            count = kernels.count_kernels(t_out)
+            if count.taken and count.count <= before.count:
+                best, suspects, narrowed = (t_out, t_report, t_held, count.count), half, True
+                break
+        if best is None or not narrowed or len(suspects) == 1:
+            break
+    if best is None:  # the last resort: no rewrite at all
+        t_out, t_report, _, t_held = costed(dict(held), hold_all=reason)
+        pipeline_runs += t_report.runs
+        best = (t_out, t_report, t_held, kernels.count_kernels(t_out).count)
+        left_out = "every rewrite"
+    else:
+        left_out = f"{len(suspects)} rewrite(s)"
+    out, report, held, count = best
+    report.kernels_before, report.kernels_after = before.count, count
+    report.kernel_check = f"{left_out} left out ({KERNEL_COUNT}): with them the output had {first_after} kernels"
+    report.runs = pipeline_runs
+    return out, report, held
 
 
 def _dearer(report: Report, state: _Run, weights_before: int, weights_after: int) -> str:
