@@ -17,8 +17,10 @@ from typing import Callable
 import onnx
 import onnxruntime as ort
 
-from .equivalence import random_inputs
-from .errors import OnnxrepError
+import numpy as np
+
+from .equivalence import graph_inputs, has_symbolic_batch, random_inputs
+from .errors import OnnxrepError, UsageError
 
 
 @dataclass
@@ -67,6 +69,43 @@ def session(model: onnx.ModelProto, threads: int = 2, provider: str = "CPUExecut
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
 
 
+def static_batch(model: onnx.ModelProto) -> tuple[str, int] | None:
+    """The first input whose batch dim (axis 0) is static, with its size; None when some input
+    has a symbolic batch dim (then the batch is the caller's to choose) or no input has a batch
+    axis."""
+    if has_symbolic_batch(model):
+        return None
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return vi.name, dims[0].dim_value
+    return None
+
+
+def feeds_for(
+    models: dict[str, onnx.ModelProto], dims: dict[str, int] | None = None, batch: int | None = None
+) -> dict[str, np.ndarray]:
+    """The one input every model is timed on: random values for the first model's inputs, its
+    symbolic batch dims at ``batch`` (default 1). A model whose batch is static is timed at that
+    size only: an explicit ``batch`` that differs from it is a :class:`UsageError` rather than a
+    batch-1 timing labelled ``batch``."""
+    if batch is not None:
+        for name, model in models.items():
+            fixed = static_batch(model)
+            if fixed is not None and fixed[1] != batch:
+                raise UsageError(
+                    f"--batch {batch}: {name} has a static batch of {fixed[1]} (input {fixed[0]!r}); it can be "
+                    f"timed only at that size (leave out --batch, or export with a dynamic batch dim)"
+                )
+    first = next(iter(models.values()))
+    return random_inputs(first, seed=0, dims=dims, batch=1 if batch is None else batch)
+
+
+def batch_of(feeds: dict[str, np.ndarray]) -> int | None:
+    """The batch size the feeds hold: the size of axis 0 of the first input that has one."""
+    return next((int(v.shape[0]) for v in feeds.values() if v.ndim), None)
+
+
 def interleaved_latency(
     models: dict[str, onnx.ModelProto],
     rounds: int = 20,
@@ -75,12 +114,15 @@ def interleaved_latency(
     dims: dict[str, int] | None = None,
     provider: str = "CPUExecutionProvider",
     progress: Callable[[int], None] | None = None,
-    batch: int = 1,
+    batch: int | None = None,
+    feeds: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Timing]:
     """Time one inference of each model ``rounds`` times, interleaved; the same input for all
-    (symbolic batch dims set to ``batch``)."""
-    first = next(iter(models.values()))
-    feeds = random_inputs(first, seed=0, dims=dims, batch=batch)
+    (``feeds``, else :func:`feeds_for` with ``dims`` and ``batch``)."""
+    if rounds < 1 or warmup < 0:
+        raise UsageError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds!r}, warmup={warmup!r}")
+    if feeds is None:
+        feeds = feeds_for(models, dims, batch)
     sessions = {name: session(m, threads, provider) for name, m in models.items()}
     names = list(sessions)
     for _ in range(warmup):

@@ -1,27 +1,64 @@
-"""The ``onnxrep`` command line: optimize, inspect, verify, demo, passes."""
+"""The ``onnxrep`` command line: optimize, check, inspect, verify, bench, passes, demo.
+
+Every command checks all of its options before any work, reports a failure as one line on
+stderr (``error: ...``) and exits with one of the codes below, the same in every command:
+
+====  ================================================================================
+0     success (``check``: nothing left to fold)
+1     error: an input that cannot be read or is not a valid model, an output that cannot
+      be written, a failure while running
+2     usage error: an unknown option or pass, a value out of range, a dim or input the
+      model does not have (click's own usage errors exit 2 as well)
+3     verification mismatch: the optimized model's outputs differ (nothing written)
+4     ``optimize --fail-if-unchanged``: nothing to rewrite (nothing written)
+5     ``check``: a model still holds foldable training-time structure
+130   interrupted
+====  ================================================================================
+
+The work itself goes through :mod:`onnxrep.api`; this module parses options and formats.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import secrets
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 import numpy as np
+import onnx
 
 from . import __version__, api, engine, io, misses
 from .api import mismatch_error
-from .equivalence import progress_steps
-from .errors import InputError, OnnxrepError, UsageError, first_line
+from .equivalence import graph_inputs, progress_steps
+from .errors import InputError, OnnxrepError, UsageError, VerificationError, first_line
 from .rewrite import Options
 
+EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_MISMATCH = 3
+EXIT_UNCHANGED = 4
+EXIT_FOLDABLE = 5
+EXIT_INTERRUPTED = 130
+
+#: The exit codes, as documented (README and ``onnxrep --help``).
+EXIT_CODES = {
+    EXIT_OK: "success (check: nothing left to fold)",
+    EXIT_ERROR: "error: unreadable or invalid input, output cannot be written, failure while running",
+    EXIT_USAGE: "usage error: unknown option or pass, value out of range, dim or input the model does not have",
+    EXIT_MISMATCH: "verification mismatch: the outputs differ (nothing written)",
+    EXIT_UNCHANGED: "optimize --fail-if-unchanged: nothing to rewrite (nothing written)",
+    EXIT_FOLDABLE: "check: foldable training-time structure left",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
+STDOUT = "-"
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> None:
@@ -29,37 +66,232 @@ def _fail(message: str, code: int = EXIT_ERROR) -> None:
     sys.exit(code)
 
 
+class _Unchanged(OnnxrepError):
+    """``optimize --fail-if-unchanged`` and nothing to rewrite."""
+
+
+def exit_code(err: OnnxrepError) -> int:
+    """The exit code of an error: usage 2, verification mismatch 3, nothing to rewrite with
+    ``--fail-if-unchanged`` 4, anything else 1."""
+    if isinstance(err, _Unchanged):
+        return EXIT_UNCHANGED
+    if isinstance(err, UsageError):
+        return EXIT_USAGE
+    if isinstance(err, VerificationError):
+        return EXIT_MISMATCH
+    return EXIT_ERROR
+
+
 def _guarded(fn):
-    """Turn any failure into one line on stderr and a non-zero exit (ONNXREP_DEBUG=1: traceback)."""
+    """Turn any failure into one line on stderr and its exit code (ONNXREP_DEBUG=1: traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except OnnxrepError as err:
-            _fail(str(err))
+            _Progress.clear_line()
+            _fail(str(err), exit_code(err))
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _Progress.clear_line()
+            _fail("interrupted", EXIT_INTERRUPTED)
         except Exception as err:  # an internal error still gets one line, not a traceback
             if os.environ.get("ONNXREP_DEBUG"):
                 raise
+            _Progress.clear_line()
             _fail(f"internal error: {type(err).__name__}: {first_line(err)} (set ONNXREP_DEBUG=1 for a traceback)")
 
     return wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# option values
+# --------------------------------------------------------------------------------------------
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+def _positive_int(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
 def _parse_dims(values: tuple[str, ...]) -> dict[str, int]:
+    """``--dim H=8 --dim W=8`` or ``--dim H=8,W=8``."""
     dims = {}
     for item in _split(values):
         name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip().isdigit() or int(value) <= 0:
+        if not sep or not name.strip() or _positive_int(value) is None:
             raise UsageError(f"--dim expects NAME=POSITIVE_INT, got {item!r}")
         dims[name.strip()] = int(value)
     return dims
+
+
+def _parse_input_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
+    """``--input-shapes NAME:1,3,224,224`` (repeatable; the name may itself hold ``:``)."""
+    shapes: dict[str, list[int]] = {}
+    for item in values:
+        name, sep, dims = item.strip().rpartition(":")
+        sizes = [_positive_int(d) for d in dims.split(",")] if dims.strip() else []
+        if not sep or not name or not sizes or any(s is None for s in sizes):
+            raise UsageError(f"--input-shapes expects NAME:D1,D2,... with positive sizes, got {item!r}")
+        if name in shapes:
+            raise UsageError(f"--input-shapes: input {name!r} given twice")
+        shapes[name] = [int(s) for s in sizes]
+    return shapes
+
+
+def _load_inputs(specs: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+    """User input sets: each ``FILE.npz`` is one set (arrays named by input); every ``NAME:FILE.npy``
+    together make one more."""
+    sets: list[dict[str, np.ndarray]] = []
+    pairs: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, path = spec.rpartition(":") if not spec.endswith(".npz") else ("", "", spec)
+        if not path.endswith((".npy", ".npz")) or (path.endswith(".npy") and not (sep and name)):
+            raise UsageError(f"--check-inputs expects NAME:FILE.npy or FILE.npz, got {spec!r}")
+        if name in pairs:
+            raise UsageError(f"--check-inputs: input {name!r} given twice")
+        try:
+            if path.endswith(".npz"):
+                with np.load(path, allow_pickle=False) as data:
+                    sets.append({k: data[k] for k in data.files})
+            else:
+                pairs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise InputError(f"--check-inputs: cannot read {path}: {first_line(err)}") from None
+    if pairs:
+        sets.append(pairs)
+    return sets
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.abspath(a) == os.path.abspath(b) or (
+            os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+        )
+    except OSError:
+        return False
+
+
+def _check_json_target(path: str | None, models: list[str], outputs: list[str] = ()) -> None:
+    """A ``--json`` file: writable, and neither a model read nor the model written."""
+    if not path or path == STDOUT:
+        return
+    for other in [*models, *outputs]:
+        if _same_file(path, other):
+            raise UsageError(f"--json {path}: is also a model path; the report would replace it")
+    io.check_writable(path)
+
+
+def _write_json(path: str, data: dict) -> None:
+    """``data`` as JSON to stdout (``-``) or to ``path``, atomically (a temporary file beside it,
+    created with the permissions of any new file under the umask, then renamed)."""
+    text = json.dumps(data, indent=2) + "\n"
+    if path == STDOUT:
+        click.echo(text, nl=False)
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _Out:
+    """Where the human-readable text goes: stdout, or stderr when stdout carries the JSON
+    (``--json -``); nowhere with ``-q``."""
+
+    def __init__(self, quiet: bool, json_path: str | None):
+        self.quiet = quiet
+        self.err = json_path == STDOUT
+
+    def __call__(self, text: str = "") -> None:
+        if not self.quiet and text:
+            click.echo(text, err=self.err)
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+# --------------------------------------------------------------------------------------------
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+_STAGE_WORDS = {"load": "loaded", "passes": "passes:", "verify": "verified", "bisect": "bisected", "write": "wrote", "bench": "timed"}
+
+
+class _Progress:
+    """Progress of the stages (load, pass rounds, verification, write) on stderr: a status line
+    rewritten in place on a terminal, a plain line per finished stage otherwise, nothing with
+    ``quiet``. Keeps each stage's wall time (``timings``)."""
+
+    _live = False  # a status line is on the terminal (cleared before any other output)
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.tty = _stderr_is_tty()
+        self.timings: dict[str, float] = {}
+        self._start: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    @classmethod
+    def clear_line(cls) -> None:
+        if cls._live:
+            click.echo("\r\033[K", err=True, nl=False)
+            cls._live = False
+
+    def _status(self, text: str) -> None:
+        if self.quiet or not self.tty:
+            return
+        width = 100
+        click.echo("\r\033[K" + text[:width], err=True, nl=False)
+        type(self)._live = True
+
+    def start(self, stage: str, detail: str = "") -> None:
+        self._start[stage] = time.perf_counter()
+        self._status(f"{stage} {detail}".rstrip() + " ...")
+
+    def step(self, stage: str, done: int, total: int | None = None, detail: str = "") -> None:
+        if stage not in self._start:
+            self._start[stage] = time.perf_counter()
+        count = f"{done}/{total}" if total else f"{done}"
+        word = "round" if stage == "passes" else ""
+        self._status(f"{stage} {word} {count} {detail}".replace("  ", " ").rstrip())
+
+    def end(self, stage: str, detail: str = "") -> float:
+        seconds = time.perf_counter() - self._start.pop(stage, time.perf_counter())
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+        if self.quiet:
+            return seconds
+        if self.tty:
+            self.clear_line()
+        else:
+            click.echo(f"onnxrep: {_STAGE_WORDS.get(stage, stage)} {detail} in {seconds:.2f} s".replace("  ", " "), err=True)
+        return seconds
+
+    def running(self, stage: str) -> bool:
+        return stage in self._start
+
+    def total(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+# --------------------------------------------------------------------------------------------
+# formatting
+# --------------------------------------------------------------------------------------------
 
 
 def _size(nbytes: int) -> str:
@@ -75,26 +307,75 @@ def _macs(n: int, exact: bool) -> str:
     return text if exact else text + "*"
 
 
-def op_table(report: engine.Report, size_before: int | None = None, size_after: int | None = None) -> str:
-    """The op histogram of the main graph before and after, the node count inside If / Loop / Scan
-    bodies when there are any, MACs, weights and size, as a text table."""
-    ops = sorted(set(report.ops_before) | set(report.ops_after), key=lambda o: (-report.ops_before.get(o, 0), o))
-    rows = [(op, str(report.ops_before.get(op, 0)), str(report.ops_after.get(op, 0))) for op in ops]
-    rows.append(("nodes", str(sum(report.ops_before.values())), str(sum(report.ops_after.values()))))
-    if report.body_ops_before or report.body_ops_after:
-        rows.append(("nodes in bodies", str(sum(report.body_ops_before.values())), str(sum(report.body_ops_after.values()))))
-    cb, ca = report.cost_before, report.cost_after
-    rows.append(("MACs", _macs(cb.macs, cb.exact), _macs(ca.macs, ca.exact)))
-    rows.append(("weights", f"{cb.params:,}", f"{ca.params:,}"))
-    if size_before is not None and size_after is not None:
-        rows.append(("size", _size(size_before), _size(size_after)))
-    header = ("op", "before", "after")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+def _dtype(elem_type: int) -> str:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+    except (KeyError, ValueError, TypeError):
+        return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "?"
+
+
+def _value_info(vi: onnx.ValueInfoProto) -> str:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        return vi.type.WhichOneof("value") or "?"
+    if not t.HasField("shape"):
+        return f"{_dtype(t.elem_type)} (rank unknown)"
+    dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+    return f"{_dtype(t.elem_type)} [{', '.join(dims)}]"
+
+
+def signature(model: onnx.ModelProto) -> dict:
+    """What the summary shows of a model's interface: opset, IR version, inputs, outputs."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "opset": opset,
+        "ir_version": model.ir_version,
+        "inputs": [(vi.name, _value_info(vi)) for vi in graph_inputs(model)],
+        "outputs": [(vi.name, _value_info(vi)) for vi in model.graph.output],
+    }
+
+
+def _table(header: tuple[str, ...], sections: list[list[tuple[str, ...]]]) -> list[str]:
+    rows = [r for s in sections for r in s]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
     fmt = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
-    body = [fmt(r) for r in rows[: len(ops)]]
-    tail = [fmt(r) for r in rows[len(ops) :]]
-    out = [line, fmt(header), line, *body, line, *tail, line]
+    out = [line, fmt(header), line]
+    for s in sections:
+        if s:
+            out.extend(fmt(r) for r in s)
+            out.append(line)
+    return out
+
+
+def op_table(
+    report: engine.Report,
+    size_before: int | None = None,
+    size_after: int | None = None,
+    before: dict | None = None,
+    after: dict | None = None,
+) -> str:
+    """The model's interface (opset and IR version, inputs and outputs with dtypes and shapes,
+    from :func:`signature` when given), the op histogram of the main graph before and after, the
+    node count inside If / Loop / Scan bodies when there are any, MACs, weights and size."""
+    head: list[tuple[str, ...]] = []
+    if before is not None and after is not None:
+        head.append(("opset / IR", f"{before['opset']} / {before['ir_version']}", f"{after['opset']} / {after['ir_version']}"))
+        for kind in ("inputs", "outputs"):
+            b, a = dict(before[kind]), dict(after[kind])
+            for name in list(b) + [n for n in a if n not in b]:
+                head.append((f"{kind[:-1]} {name}", b.get(name, "-"), a.get(name, "-")))
+    ops = sorted(set(report.ops_before) | set(report.ops_after), key=lambda o: (-report.ops_before.get(o, 0), o))
+    body = [(op, str(report.ops_before.get(op, 0)), str(report.ops_after.get(op, 0))) for op in ops]
+    tail = [("nodes", str(sum(report.ops_before.values())), str(sum(report.ops_after.values())))]
+    if report.body_ops_before or report.body_ops_after:
+        tail.append(("nodes in bodies", str(sum(report.body_ops_before.values())), str(sum(report.body_ops_after.values()))))
+    cb, ca = report.cost_before, report.cost_after
+    tail.append(("MACs", _macs(cb.macs, cb.exact), _macs(ca.macs, ca.exact)))
+    tail.append(("weights", f"{cb.params:,}", f"{ca.params:,}"))
+    if size_before is not None and size_after is not None:
+        tail.append(("size", _size(size_before), _size(size_after)))
+    out = _table(("op" if not head else "", "before", "after"), [head, body, tail])
     if not (cb.exact and ca.exact):
         out.append("* MACs with symbolic or unknown dims counted as 1")
     return "\n".join(out)
@@ -102,7 +383,7 @@ def op_table(report: engine.Report, size_before: int | None = None, size_after: 
 
 def pass_summary(report: engine.Report, details: bool) -> str:
     """A line per pass that matched something (every pass with ``details``, and each rewrite and
-    skip under it)."""
+    skip under it); empty when no pass matched anything (and not ``details``)."""
     lines = []
     for p in report.passes:
         if not details and not p.matched:
@@ -116,6 +397,14 @@ def pass_summary(report: engine.Report, details: bool) -> str:
             lines.extend(f"  rewrite {r['candidate']}: {r['summary']}" for r in p.rewrites)
             lines.extend(f"  skip    {k}: {v}" for k, v in p.skipped.items())
     return "\n".join(lines)
+
+
+def nothing_line(report: engine.Report) -> str:
+    """The plain "nothing to rewrite" line: why, in counts."""
+    skipped = sum(len(p.skipped) for p in report.passes)
+    if skipped:
+        return f"nothing to rewrite: {skipped} candidate{'s' if skipped != 1 else ''} matched, all skipped (reasons above)"
+    return "nothing to rewrite: no pass matched anything"
 
 
 def _count(n: int) -> str:
@@ -141,162 +430,6 @@ def layer_table(report: engine.Report) -> str:
     return "\n".join([fmt(header)] + [fmt(r) for r in rows])
 
 
-def _write_json(path: str, data: dict) -> None:
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else ".")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, target)
-
-
-_PASS_OPTIONS = [
-    click.option("--passes", "only", multiple=True, help="Comma-separated passes to run (default: all). See `onnxrep passes`."),
-    click.option("--skip", multiple=True, help="Comma-separated passes to leave out."),
-    click.option(
-        "--allow-cost-increase", is_flag=True, help="Also apply rewrites that raise MACs or weights (e.g. HetConv densifying)."
-    ),
-    click.option(
-        "--tolerance",
-        type=click.FloatRange(min=0.0),
-        default=0.0,
-        show_default=True,
-        help="identical-filters: also merge filters that differ by at most this (max abs). Not exact: opt-in.",
-    ),
-]
-
-
-def _pass_options(fn):
-    for opt in reversed(_PASS_OPTIONS):
-        fn = opt(fn)
-    return fn
-
-
-class _Group(click.Group):
-    """click's group, with a usage error told in one line (``error: ...``, exit status 2) instead
-    of click's usage block."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            _fail("interrupted", 130)
-        except click.ClickException as err:
-            hint = f" (see '{err.ctx.command_path} --help')" if getattr(err, "ctx", None) is not None else ""
-            _fail(f"{err.format_message()}{hint}", err.exit_code)
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="onnxrep")
-def main() -> None:
-    """Fold the training-time branches of re-parameterizable CNNs in ONNX models into single convs."""
-
-
-def _load_inputs(specs: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
-    """User input sets: each ``FILE.npz`` is one set (arrays named by input); every ``NAME:FILE.npy``
-    together make one more."""
-    sets: list[dict[str, np.ndarray]] = []
-    pairs: dict[str, np.ndarray] = {}
-    for spec in specs:
-        name, sep, path = spec.rpartition(":") if not spec.endswith(".npz") else ("", "", spec)
-        if not path.endswith((".npy", ".npz")) or (path.endswith(".npy") and not (sep and name)):
-            raise UsageError(f"--check-inputs expects NAME:FILE.npy or FILE.npz, got {spec!r}")
-        try:
-            if path.endswith(".npz"):
-                with np.load(path, allow_pickle=False) as data:
-                    sets.append({k: data[k] for k in data.files})
-            else:
-                pairs[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise InputError(f"--check-inputs: cannot read {path}: {first_line(err)}") from None
-    if pairs:
-        sets.append(pairs)
-    return sets
-
-
-_CHECK_OPTIONS = [
-    click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Random seeds for verification (each at magnitudes x1, x10, x1000)."),
-    click.option("--dim", "dims", multiple=True, help="Value of a symbolic dim for verification, NAME=INT (repeatable, or comma-separated)."),
-    click.option("--check-inputs", "check_inputs", multiple=True, help="Also verify on these inputs: NAME:FILE.npy (together one set) or FILE.npz (one set each); repeatable."),
-    click.option("--rtol", type=click.FloatRange(min=0.0), default=None, help="Relative tolerance (default: from each output's dtype)."),
-    click.option("--atol", type=click.FloatRange(min=0.0), default=None, help="Absolute tolerance (default: from each output's dtype)."),
-]
-
-
-def _check_options(fn):
-    for opt in reversed(_CHECK_OPTIONS):
-        fn = opt(fn)
-    return fn
-
-
-@main.command()
-@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=True, path_type=str))
-@click.option("-o", "--output", "output_path", required=True, type=click.Path(path_type=str), help="Where to write the optimized model.")
-@_pass_options
-@click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report here.")
-@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
-@_check_options
-@click.option(
-    "--external-data/--no-external-data",
-    default=None,
-    help="Save weights to OUT.data (default: as the input; always above 2 GB).",
-)
-@click.option(
-    "--on-mismatch",
-    type=click.Choice(list(api.ON_MISMATCH)),
-    default="fail",
-    show_default=True,
-    help="On a verification mismatch: write nothing (fail), or leave out the rewrites responsible and verify again (bisect).",
-)
-@click.option("-v", "--verbose", is_flag=True, help="List every rewrite and skip.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@_guarded
-def optimize(input_path, output_path, only, skip, allow_cost_increase, tolerance, report_path, no_verify, seeds, dims, check_inputs, rtol, atol, external_data, on_mismatch, verbose, quiet):
-    """Optimize IN and write the result to OUT (verified in onnxruntime first)."""
-    only, skip = _split(only), _split(skip)
-    check = api.Check(seeds, _parse_dims(dims), tuple(_load_inputs(check_inputs)), rtol, atol)
-    api.check_options(only, skip, on_mismatch, tolerance, check)
-    # where the results go is checked before any work: nothing is written when it cannot be
-    io.check_writable(output_path)
-    if report_path:
-        io.check_writable(report_path)
-    # without verification the input's weights are read only where a pass needs them; the
-    # untouched ones go from the input file to the output when it is written
-    model, had_external = io.load(input_path, lazy=no_verify)
-    if not no_verify:
-        api.check_model_args(model, check)
-    size_before = io.tensor_bytes(model)
-    t0 = time.perf_counter()
-    options = Options(allow_cost_increase, tolerance=tolerance)
-    with _progress(progress_steps(check.seeds, check.inputs, model), "verifying", quiet or no_verify) as step:
-        out, report = api.run(
-            model, only, skip, options, verify=None if no_verify else check, on_mismatch=on_mismatch, verify_progress=step
-        )
-    del model
-    elapsed = time.perf_counter() - t0
-    left_out = (report.verification or {}).get("left_out")
-    if left_out:
-        names = ", ".join(f"{c['candidate']} ({c['pass']})" for c in left_out)
-        verb = "was" if len(left_out) == 1 else "were"
-        click.echo(f"warning: rewrite{'s' if len(left_out) > 1 else ''} {names} broke equivalence and {verb} left out", err=True)
-    size_after = io.tensor_bytes(out)
-    io.save(out, output_path, external=had_external if external_data is None else external_data)
-    if report_path:
-        data = report.to_dict() | {"input": input_path, "output": output_path, "seconds": round(elapsed, 3)}
-        data["not_rewritten"] = misses.to_list(misses.find(out, report))
-        _write_json(report_path, data)
-    if not quiet:
-        click.echo(op_table(report, size_before, size_after))
-        click.echo(pass_summary(report, verbose))
-        layers = layer_table(report)
-        if layers:
-            click.echo(layers)
-        verdict = "skipped" if no_verify else verification_line(report.verification)
-        click.echo(f"verification: {verdict}; written {output_path} in {elapsed:.2f} s")
-
-
 def verification_line(verification: dict) -> str:
     """One line: the input sets, the worst relative error per output and the regions checked."""
     sets = verification.get("input_sets", [])
@@ -315,102 +448,426 @@ def verification_line(verification: dict) -> str:
     return text
 
 
-@contextmanager
-def _progress(length: int, label: str, quiet: bool = False):
-    """A progress bar on stderr when it is a terminal; yields a step callback (a no-op otherwise)."""
-    if quiet or not sys.stderr.isatty():
-        yield lambda _: None
-        return
-    with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
-        yield lambda _: bar.update(1)
+def _rounds(n: int) -> str:
+    return f"{n} round{'' if n == 1 else 's'}"
+
+
+def _timing_line(timings: dict[str, float], total: float) -> str:
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if k != "total")
+    return f"{total:.2f} s" + (f" ({parts})" if parts else "")
+
+
+# --------------------------------------------------------------------------------------------
+# options shared by commands
+# --------------------------------------------------------------------------------------------
+
+
+def _options(*opts):
+    def decorate(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+_pass_options = _options(
+    click.option("--passes", "only", multiple=True, help="Comma-separated passes to run (default: all). See `onnxrep passes`."),
+    click.option("--skip", multiple=True, help="Comma-separated passes to leave out."),
+    click.option(
+        "--allow-cost-increase", is_flag=True, help="Also apply rewrites that raise MACs or weights (e.g. HetConv densifying)."
+    ),
+    click.option(
+        "--tolerance",
+        type=click.FloatRange(min=0.0),
+        default=0.0,
+        show_default=True,
+        help="identical-filters: also merge filters that differ by at most this (max abs). Not exact: opt-in.",
+    ),
+    click.option(
+        "--input-shapes",
+        "input_shapes",
+        multiple=True,
+        metavar="NAME:D1,D2,...",
+        help="Fix an input's shape for the passes and the verification, e.g. x:1,3,224,224 (repeatable).",
+    ),
+)
+
+_check_options = _options(
+    click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Random seeds for verification (each at magnitudes x1, x10, x1000)."),
+    click.option("--dim", "dims", multiple=True, metavar="NAME=INT", help="Value of a symbolic dim for verification (repeatable, or comma-separated: H=8,W=8)."),
+    click.option("--check-inputs", "check_inputs", multiple=True, metavar="NAME:FILE.npy|FILE.npz", help="Also verify on these inputs: NAME:FILE.npy (together one set) or FILE.npz (one set each); repeatable."),
+    click.option("--rtol", type=click.FloatRange(min=0.0), default=None, help="Relative tolerance (default: from each output's dtype)."),
+    click.option("--atol", type=click.FloatRange(min=0.0), default=None, help="Absolute tolerance (default: from each output's dtype)."),
+)
+
+
+def _json_option(what: str):
+    return click.option("--json", "json_path", metavar="PATH", type=click.Path(path_type=str), help=f"Write {what} as JSON to PATH ('-': stdout, the text then goes to stderr).")
+
+
+_quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and JSON asked for with --json -).")
+
+
+class _Group(click.Group):
+    """click's group, with a usage error told in one line (``error: ...``, exit status 2) instead
+    of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except click.ClickException as err:
+            hint = f" (see '{err.ctx.command_path} --help')" if getattr(err, "ctx", None) is not None else ""
+            _fail(f"{err.format_message()}{hint}", err.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+_EPILOG = "Exit codes (every command):\n\n\b\n" + "\n".join(f"  {k:<4} {v}" for k, v in EXIT_CODES.items())
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
+@click.version_option(__version__, prog_name="onnxrep")
+def main() -> None:
+    """Fold the training-time branches of re-parameterizable CNNs in ONNX models into single convs."""
+
+
+# --------------------------------------------------------------------------------------------
+# optimize
+# --------------------------------------------------------------------------------------------
+
+
+def _output_path(positional: str | None, option: str | None) -> str:
+    if positional and option and not _same_file(positional, option):
+        raise UsageError(f"two different outputs given: OUT {positional!r} and -o {option!r}")
+    path = positional or option
+    if not path:
+        raise UsageError("missing output: give OUT or -o OUT")
+    return path
+
+
+@main.command()
+@click.argument("input_path", metavar="IN", type=click.Path(path_type=str))
+@click.argument("output_arg", metavar="OUT", required=False, type=click.Path(path_type=str))
+@click.option("-o", "--output", "output_opt", metavar="OUT", type=click.Path(path_type=str), help="Where to write the optimized model (or OUT as the second argument).")
+@_pass_options
+@_json_option("the report")
+@click.option("--report", "report_path", metavar="PATH", type=click.Path(path_type=str), help="Same as --json.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
+@_check_options
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Save weights to OUT.data (default: as the input; always above 2 GB).",
+)
+@click.option(
+    "--on-mismatch",
+    type=click.Choice(list(api.ON_MISMATCH)),
+    default="fail",
+    show_default=True,
+    help="On a verification mismatch: write nothing (fail), or leave out the rewrites responsible and verify again (bisect).",
+)
+@click.option("--fail-if-unchanged", is_flag=True, help=f"Exit {EXIT_UNCHANGED} and write nothing when there is nothing to rewrite.")
+@click.option("-v", "--verbose", is_flag=True, help="List every rewrite and skip.")
+@_quiet_option
+@_guarded
+def optimize(
+    input_path, output_arg, output_opt, only, skip, allow_cost_increase, tolerance, input_shapes, json_path, report_path,
+    no_verify, seeds, dims, check_inputs, rtol, atol, external_data, on_mismatch, fail_if_unchanged, verbose, quiet,
+):
+    """Optimize IN and write the result to OUT (verified in onnxruntime first)."""
+    # every option is checked before any work, and where the results go too
+    output_path = _output_path(output_arg, output_opt)
+    if json_path and report_path and json_path != report_path:
+        raise UsageError(f"two different reports given: --json {json_path!r} and --report {report_path!r}")
+    json_path = json_path or report_path
+    only, skip = _split(only), _split(skip)
+    shapes = _parse_input_shapes(input_shapes)
+    check = api.Check(seeds, _parse_dims(dims), tuple(_load_inputs(check_inputs)), rtol, atol)
+    api.check_options(only, skip, on_mismatch, tolerance, check)
+    if shapes:
+        raise UsageError("--input-shapes is not available in this version")
+    io.check_writable(output_path)
+    _check_json_target(json_path, [input_path], [output_path])
+    say = _Out(quiet, json_path)
+    progress = _Progress(quiet)
+
+    progress.start("load", input_path)
+    # without verification the input's weights are read only where a pass needs them; the
+    # untouched ones go from the input file to the output when it is written
+    model, had_external = io.load(input_path, lazy=no_verify)
+    if not no_verify:
+        api.check_model_args(model, check)
+    before = signature(model)
+    size_before = io.tensor_bytes(model)
+    progress.end("load", input_path)
+
+    progress.start("passes")
+    steps = progress_steps(check.seeds, check.inputs, model)
+    last_round = [0]
+
+    def on_pass(rounds: int, name: str) -> None:
+        last_round[0] = rounds
+        progress.step("passes", rounds, None, name)
+
+    def on_verify(done: int) -> None:
+        if progress.running("passes"):
+            progress.end("passes", _rounds(last_round[0]))
+            progress.start("verify")
+        progress.step("verify", done, steps)
+
+    options = Options(allow_cost_increase, tolerance=tolerance)
+    out, report = api.run(
+        model, only, skip, options, verify=None if no_verify else check, on_mismatch=on_mismatch,
+        progress=on_pass, verify_progress=on_verify,
+    )
+    del model
+    if progress.running("passes"):
+        progress.end("passes", _rounds(last_round[0]))
+    if progress.running("verify"):
+        progress.end("verify")
+    changed = report.rewritten > 0
+    left_out = (report.verification or {}).get("left_out")
+    if left_out:
+        names = ", ".join(f"{c['candidate']} ({c['pass']})" for c in left_out)
+        verb = "was" if len(left_out) == 1 else "were"
+        click.echo(f"warning: rewrite{'s' if len(left_out) > 1 else ''} {names} broke equivalence and {verb} left out", err=True)
+    size_after = io.tensor_bytes(out)
+    if not changed and fail_if_unchanged:
+        say(pass_summary(report, verbose))
+        raise _Unchanged(f"nothing to rewrite in {input_path} (--fail-if-unchanged): nothing written")
+
+    progress.start("write", output_path)
+    io.save(out, output_path, external=had_external if external_data is None else external_data)
+    progress.end("write", output_path)
+    total = progress.total()
+
+    say(op_table(report, size_before, size_after, before, signature(out)))
+    say(pass_summary(report, verbose))
+    say(layer_table(report))
+    if not changed:
+        say(nothing_line(report) + f"; {output_path} is the input unchanged")
+    verdict = "skipped" if no_verify else verification_line(report.verification)
+    say(f"verification: {verdict}")
+    say(f"written {output_path} in {_timing_line(progress.timings, total)}")
+    if json_path:
+        data = report.to_dict() | {
+            "input": input_path,
+            "output": output_path,
+            "changed": changed,
+            "seconds": round(total, 3),
+            "timings": {k: round(v, 6) for k, v in progress.timings.items()} | {"total": round(total, 6)},
+        }
+        data["not_rewritten"] = misses.to_list(misses.find(out, report))
+        _write_json(json_path, data)
+
+
+# --------------------------------------------------------------------------------------------
+# inspect / check
+# --------------------------------------------------------------------------------------------
+
+#: Passes that only prepare the graph for the folds (spellings, padding, constants); what they
+#: rewrite alone is no training-time structure, so ``check`` does not count it.
+_PREPARING = ("normalize-castlike", "normalize-sums", "normalize-pads", "normalize-layout", "constant-fold", "token-bn")
+
+
+def _inspect(path: str, only, skip, options: Options):
+    model, _ = io.load(path)
+    out, report = engine.run(model, only, skip, options)
+    return model, out, report, misses.find(out, report)
+
+
+def foldable(report: engine.Report) -> list[dict]:
+    """The rewrites of the folding passes in a run: training-time structure left in its input."""
+    return [
+        {"pass": p.name, "candidate": r["candidate"], "summary": r["summary"]}
+        for p in report.passes
+        if p.name not in _PREPARING
+        for r in p.rewrites
+    ]
 
 
 @main.command()
 @click.argument("input_path", metavar="IN", type=click.Path(path_type=str))
 @_pass_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_json_option("the report")
 @click.option("-v", "--verbose", is_flag=True, help="List every structure that is not rewritten (default: counts and the first few).")
+@_quiet_option
 @_guarded
-def inspect(input_path, only, skip, allow_cost_increase, tolerance, as_json, verbose):
+def inspect(input_path, only, skip, allow_cost_increase, tolerance, input_shapes, json_path, verbose, quiet):
     """Show what optimize would rewrite in IN, why the rest is skipped, and every sum, affine op
     next to a linear layer and conv chain left standing, with the condition that stopped it.
-    Writes nothing."""
-    model, _ = io.load(input_path)
-    out, report = engine.run(model, _split(only), _split(skip), Options(allow_cost_increase, tolerance=tolerance))
-    left = misses.find(out, report)
-    if as_json:
-        click.echo(json.dumps(report.to_dict() | {"not_rewritten": misses.to_list(left)}, indent=2))
-        return
-    click.echo(op_table(report))
-    click.echo(pass_summary(report, details=True))
-    layers = layer_table(report)
-    if layers:
-        click.echo(layers)
-    click.echo(misses.summary(left, details=verbose) or "not rewritten: 0")
+    Writes no model."""
+    only, skip = _split(only), _split(skip)
+    shapes = _parse_input_shapes(input_shapes)
+    api.check_options(only, skip, tolerance=tolerance)
+    if shapes:
+        raise UsageError("--input-shapes is not available in this version")
+    _check_json_target(json_path, [input_path])
+    say = _Out(quiet, json_path)
+    model, out, report, left = _inspect(input_path, only, skip, Options(allow_cost_increase, tolerance=tolerance))
+    say(op_table(report, before=signature(model), after=signature(out)))
+    say(pass_summary(report, details=True))
+    say(layer_table(report))
+    if not report.rewritten:
+        say(nothing_line(report))
+    say(misses.summary(left, details=verbose) or "not rewritten: 0")
+    if json_path:
+        _write_json(json_path, report.to_dict() | {"input": input_path, "not_rewritten": misses.to_list(left)})
+
+
+@main.command()
+@click.argument("paths", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=str))
+@_pass_options
+@_json_option("the findings")
+@click.option("-v", "--verbose", is_flag=True, help="Also list every structure left standing that no pass can fold, with its reason.")
+@_quiet_option
+@_guarded
+def check(paths, only, skip, allow_cost_increase, tolerance, input_shapes, json_path, verbose, quiet):
+    """Fail (exit 5) when a MODEL still holds training-time structure that optimize would fold;
+    list it. For CI and pre-commit; writes no model."""
+    only, skip = _split(only), _split(skip)
+    shapes = _parse_input_shapes(input_shapes)
+    api.check_options(only, skip, tolerance=tolerance)
+    if shapes:
+        raise UsageError("--input-shapes is not available in this version")
+    _check_json_target(json_path, list(paths))
+    say = _Out(quiet, json_path)
+    options = Options(allow_cost_increase, tolerance=tolerance)
+    results, code = [], EXIT_OK
+    for path in paths:
+        try:
+            _, _, report, left = _inspect(path, only, skip, options)
+        except OnnxrepError as err:
+            if isinstance(err, UsageError):
+                raise
+            click.echo(f"error: {err}", err=True)
+            results.append({"path": path, "ok": False, "error": str(err)})
+            code = EXIT_ERROR
+            continue
+        found = foldable(report)
+        results.append({"path": path, "ok": not found, "foldable": found, "not_rewritten": misses.to_list(left)})
+        if found:
+            code = code or EXIT_FOLDABLE
+            counts: dict[str, int] = {}
+            for f in found:
+                counts[f["pass"]] = counts.get(f["pass"], 0) + 1
+            by_pass = ", ".join(f"{n} {p}" for p, n in counts.items())
+            say(f"{path}: {len(found)} foldable ({by_pass}); run: onnxrep optimize {path} OUT")
+            for f in found:
+                say(f"  {f['pass']} {f['candidate']}: {f['summary']}")
+        else:
+            say(f"{path}: ok, nothing to fold" + (f" ({len(left)} structures left standing, -v to list)" if left and not verbose else ""))
+        if verbose and left:
+            say("\n".join("  " + line for line in misses.summary(left, details=True).splitlines()))
+    if json_path:
+        _write_json(json_path, {"ok": code == EXIT_OK, "exit_code": code, "models": results})
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+# --------------------------------------------------------------------------------------------
 
 
 @main.command()
 @click.argument("model_a", metavar="A", type=click.Path(path_type=str))
 @click.argument("model_b", metavar="B", type=click.Path(path_type=str))
 @_check_options
+@_json_option("the verification result")
+@_quiet_option
 @_guarded
-def verify(model_a, model_b, seeds, dims, check_inputs, rtol, atol):
-    """Check that B computes the same outputs as A in onnxruntime (exit 1 if not)."""
+def verify(model_a, model_b, seeds, dims, check_inputs, rtol, atol, json_path, quiet):
+    """Check that B computes the same outputs as A in onnxruntime (exit 3 if not)."""
     check = api.Check(seeds, _parse_dims(dims), tuple(_load_inputs(check_inputs)), rtol, atol)
     api.check_options([], [], check=check)
+    _check_json_target(json_path, [model_a, model_b])
+    say = _Out(quiet, json_path)
+    progress = _Progress(quiet)
+    progress.start("load", model_a)
     a, _ = io.load(model_a)
     b, _ = io.load(model_b)
-    with _progress(progress_steps(check.seeds, check.inputs, a), "verifying") as step:
-        result = api.verify(a, b, check.seeds, check.dims, check.rtol, check.atol, check.inputs, step)
+    api.check_model_args(a, check)
+    progress.end("load", f"{model_a} and {model_b}")
+    steps = progress_steps(check.seeds, check.inputs, a)
+    progress.start("verify")
+    result = api.verify(a, b, check.seeds, check.dims, check.rtol, check.atol, check.inputs, lambda done: progress.step("verify", done, steps))
+    progress.end("verify")
     for o in result.outputs:
-        click.echo(f"{'ok  ' if o.ok else 'FAIL'} {o.describe()}")
-    click.echo(f"verification: {verification_line(result.to_dict())}")
+        say(f"{'ok  ' if o.ok else 'FAIL'} {o.describe()}")
+    say(f"verification: {verification_line(result.to_dict())}")
+    if json_path:
+        _write_json(json_path, {"a": model_a, "b": model_b} | result.to_dict())
     if not result.ok:
         raise mismatch_error(result, result.regions)
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
 
 
 @main.command()
 @click.argument("paths", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Execution provider.")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Value of symbolic batch dims.")
+@click.option("--batch", default=None, type=click.IntRange(min=1), help="Batch size: the value of symbolic batch dims (default 1); a model with a static batch is refused unless it is that size.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="Intra-op threads (CPU).")
 @click.option("--rounds", default=50, show_default=True, type=click.IntRange(min=1), help="Timed interleaved rounds.")
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0), help="Untimed runs of each model first.")
-@click.option("--dim", "dims", multiple=True, help="Value of a symbolic dim, NAME=INT (repeatable).")
-@click.option("--json", "json_path", type=click.Path(path_type=str), help="Write the timings as JSON here.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=INT", help="Value of a symbolic dim (repeatable, or comma-separated).")
+@_json_option("the timings")
+@_quiet_option
 @_guarded
-def bench(paths, ep, batch, threads, rounds, warmup, dims, json_path):
+def bench(paths, ep, batch, threads, rounds, warmup, dims, json_path, quiet):
     """Time models in onnxruntime, interleaved round by round; ratios to the first model."""
     from . import bench as bench_mod
 
     dims = _parse_dims(dims)
-    if json_path:
-        io.check_writable(json_path)
+    _check_json_target(json_path, list(paths))
     provider = bench_mod.provider_for(ep)
+    say = _Out(quiet, json_path)
+    progress = _Progress(quiet)
+    progress.start("load")
     models = {}
     for path in paths:
         models[path if path not in models else f"{path} ({len(models)})"] = io.load(path)[0]
     names = list(models)
+    api.check_model_args(models[names[0]], api.Check(dims=dims))
+    feeds = bench_mod.feeds_for(models, dims=dims, batch=batch)
+    progress.end("load", f"{len(models)} model{'s' if len(models) > 1 else ''}")
+    progress.start("bench")
     try:
-        with _progress(rounds, "timing") as step:
-            timings = bench_mod.interleaved_latency(
-                models, rounds=rounds, warmup=warmup, threads=threads, dims=dims, provider=provider,
-                progress=step, batch=batch,
-            )
+        timings = bench_mod.interleaved_latency(
+            models, rounds=rounds, warmup=warmup, threads=threads, provider=provider,
+            progress=lambda done: progress.step("bench", done, rounds), feeds=feeds,
+        )
+    except OnnxrepError:
+        raise
     except Exception as err:
         raise OnnxrepError(f"the models do not run in onnxruntime: {first_line(err)}") from None
+    progress.end("bench", f"{rounds} rounds")
     ref = timings[names[0]].median_ms
     width = max(len(n) for n in names)
-    click.echo(f"onnxruntime {provider}, batch {batch}, {threads} threads, {warmup} warm-up + {rounds} interleaved rounds")
-    click.echo(f"{'model':{width}}  {'median ms':>10}  {'min ms':>8}  {'max ms':>8}  {'ratio':>6}")
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+    say(f"onnxruntime {provider}, inputs {shapes}, {threads} threads, {warmup} warm-up + {rounds} interleaved rounds")
+    say(f"{'model':{width}}  {'median ms':>10}  {'min ms':>8}  {'max ms':>8}  {'ratio':>6}")
     for name in names:
         t = timings[name]
-        click.echo(f"{name:{width}}  {t.median_ms:10.3f}  {t.min_ms:8.3f}  {t.max_ms:8.3f}  {t.median_ms / ref:6.3f}")
+        say(f"{name:{width}}  {t.median_ms:10.3f}  {t.min_ms:8.3f}  {t.max_ms:8.3f}  {t.median_ms / ref:6.3f}")
     if json_path:
         _write_json(json_path, {
-            "provider": provider, "batch": batch, "threads": threads, "rounds": rounds, "warmup": warmup,
+            "provider": provider, "batch": bench_mod.batch_of(feeds), "inputs": {k: list(v.shape) for k, v in feeds.items()},
+            "threads": threads, "rounds": rounds, "warmup": warmup,
             "models": {n: timings[n].to_dict() | {"ratio": timings[n].median_ms / ref} for n in names},
         })
+
+
+# --------------------------------------------------------------------------------------------
+# passes / demo
+# --------------------------------------------------------------------------------------------
 
 
 @main.command(name="passes")
@@ -422,10 +879,10 @@ def list_passes():
 
 @main.command()
 @click.option("--family", default="repvgg-a0", show_default=True, help="Which network from onnxrep.models.")
-@click.option("--resolution", default=224, show_default=True, type=click.IntRange(min=8))
-@click.option("--width-scale", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True))
+@click.option("--resolution", default=224, show_default=True, type=click.IntRange(min=8), help="Input height and width.")
+@click.option("--width-scale", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True), help="Channel width multiplier.")
 @click.option("--rounds", default=20, show_default=True, type=click.IntRange(min=1), help="Timed rounds per model.")
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="Intra-op threads (CPU).")
 @click.option("--save-dir", type=click.Path(file_okay=False, path_type=str), help="Also save the three models here.")
 @_guarded
 def demo(family, resolution, width_scale, rounds, threads, save_dir):
@@ -433,19 +890,22 @@ def demo(family, resolution, width_scale, rounds, threads, save_dir):
     from . import bench, models
 
     if family not in models.BUILDERS:
-        raise OnnxrepError(f"unknown family {family!r}; available: {', '.join(models.BUILDERS)}")
+        raise UsageError(f"unknown family {family!r}; available: {', '.join(models.BUILDERS)}")
     build = models.BUILDERS[family]
     click.echo(f"building {family} (training form and hand-built deploy form) at {resolution}x{resolution}")
     train = build(deploy=False, resolution=resolution, width_scale=width_scale)
     deploy = build(deploy=True, resolution=resolution, width_scale=width_scale)
-    t0 = time.perf_counter()
-    optimized, report = engine.run(train)
-    elapsed = time.perf_counter() - t0
-    with _progress(progress_steps(3, (), train), "verifying") as step:
-        api.verify_rewrite(train, optimized, report, api.Check(), step)
+    progress = _Progress()
+    progress.start("passes")
+    optimized, report = engine.run(train, progress=lambda rounds, name: progress.step("passes", rounds, None, name))
+    elapsed = progress.end("passes")
+    steps = progress_steps(3, (), train)
+    progress.start("verify")
+    api.verify_rewrite(train, optimized, report, api.Check(), lambda done: progress.step("verify", done, steps))
+    progress.end("verify")
     if not report.verification["ok"]:
-        raise OnnxrepError(f"verification failed: {verification_line(report.verification)}")
-    click.echo(op_table(report, io.tensor_bytes(train), io.tensor_bytes(optimized)))
+        raise VerificationError(f"verification failed: {verification_line(report.verification)}")
+    click.echo(op_table(report, io.tensor_bytes(train), io.tensor_bytes(optimized), signature(train), signature(optimized)))
     click.echo(pass_summary(report, details=False))
     click.echo(f"optimized in {elapsed:.2f} s; verified against the training graph: ok")
     if save_dir:
@@ -454,8 +914,9 @@ def demo(family, resolution, width_scale, rounds, threads, save_dir):
             io.save(m, os.path.join(save_dir, f"{family}_{name}.onnx"))
     click.echo(f"onnxruntime CPU latency, {threads} threads, {rounds} interleaved rounds:")
     models_ = {"training": train, "onnxrep": optimized, "deploy": deploy}
-    with _progress(rounds, "timing") as step:
-        timings = bench.interleaved_latency(models_, rounds=rounds, threads=threads, progress=step)
+    progress.start("bench")
+    timings = bench.interleaved_latency(models_, rounds=rounds, threads=threads, progress=lambda done: progress.step("bench", done, rounds))
+    progress.end("bench")
     ref = timings["deploy"].median_ms
     for name, t in timings.items():
         click.echo(f"  {name:9} median {t.median_ms:8.2f} ms   min {t.min_ms:8.2f} ms   vs deploy {t.median_ms / ref:5.2f}x")
