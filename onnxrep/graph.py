@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict, defaultdict
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -20,8 +21,24 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from . import io, ops
 
-logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
-gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+@contextmanager
+def quiet_graphsurgeon() -> Iterator[None]:
+    """onnx-graphsurgeon's warnings (its own logger and the ``onnx_graphsurgeon`` logging logger)
+    silenced for the duration, then both set back as they were: importing onnxrep changes no
+    logger, and a caller's settings hold outside onnxrep's calls."""
+    std = logging.getLogger("onnx_graphsurgeon")
+    level, severity = std.level, gs.logger.G_LOGGER.severity
+    if severity < gs.logger.G_LOGGER.ERROR:
+        gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    if level < logging.ERROR:
+        std.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        if gs.logger.G_LOGGER.severity != severity:
+            gs.logger.G_LOGGER.severity = severity
+        if std.level != level:
+            std.setLevel(level)
 
 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
@@ -32,7 +49,8 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     (a Constant node's ``value`` without a name gets ``name: ""``). The names of those TensorProtos
     are put back by :func:`export_model`, and when the graph is freed, so that ``model`` stays as
     it was, byte for byte."""
-    graph = gs.import_onnx(model)
+    with quiet_graphsurgeon():
+        graph = gs.import_onnx(model)
     names = _tensor_names(model.graph)
     graph._onnxrep_names = names  # noqa: SLF001 - read by export_model
     weakref.finalize(graph, _restore_names, names)
@@ -85,7 +103,8 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     g.name, g.doc_string = og.name, og.doc_string
     g.input.extend(og.input)
     g.output.extend(og.output)
-    g.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+    with quiet_graphsurgeon():
+        g.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
     tensors = graph.tensors()
     for tensor in tensors.values():
         if not isinstance(tensor, gs.Constant):
@@ -128,7 +147,8 @@ def _write_array(proto: onnx.TensorProto, name: str, array: np.ndarray) -> None:
 
 def finalize(graph: gs.Graph) -> None:
     """Remove dead nodes and tensors, and sort the nodes topologically."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    with quiet_graphsurgeon():
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
 
 _RAW_DTYPES = {

@@ -151,7 +151,7 @@ def test_cli_usage_errors_are_one_line(model_path):
     res = invoke("bench", model_path, "--rounds", "0")
     assert res.exit_code == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
     res = invoke("optimize", model_path)
-    assert res.exit_code == 2 and "Missing option '-o'" in res.stderr and res.stderr.count("\n") == 1
+    assert res.exit_code == 2 and "missing output: give OUT or -o OUT" in res.stderr and res.stderr.count("\n") == 1
 
 
 # --------------------------------------------------------------------------------------------
