@@ -113,3 +113,7 @@ SHAPE_INFERENCE_AGREES = UNARY_ACTIVATIONS | AFFINE_BINARY_OPS | frozenset({
     CONSTANT, TRANSPOSE, MAX, MIN, PRELU, POW, SQRT, RELU, SIGMOID, TANH, HARD_SIGMOID,
     MAX_POOL, AVERAGE_POOL, LP_POOL,
 })
+
+# normalize-activations (passes/normalize_activations.py): the standard ops a decomposition becomes
+GELU = "Gelu"
+HARD_SWISH = "HardSwish"
