@@ -79,7 +79,16 @@ attributes and its output tensor, so an activation that read the Conv reads the 
 affine nodes a fold absorbs after a Conv are the ones onnxruntime's own Conv+Add / Conv+Mul /
 Conv+BN fusions absorb the same way; and a folded linear layer is written as a Gemm (2-D input)
 or a MatMul with its bias Add, the spellings ``matmul_add_fusion`` and ``gemm_activation_fusion``
-read.
+read. ``tests/test_fusions.py`` checks each of these against onnxruntime's optimized graph of the
+output (Conv + BN + Relu, an NCHWc Conv with its residual Add and Relu from
+``nchwc_transformer.cc``, MatMul + Add + Relu).
+
+Beyond this catalogue the engine checks the whole result (:mod:`onnxrep.kernels`): onnxruntime's
+optimized graph of the output may not have more nodes than the input's (condition
+``kernel_count``), so that a fusion missing here is kept too, where the model is small enough
+for the check and no saving elsewhere in the graph makes up for it. Decompositions that
+onnxruntime does not fuse at all are rewritten by ``normalize-activations``
+(``passes/normalize_activations.py``) into the standard op or a spelling catalogued here.
 """
 
 from __future__ import annotations
