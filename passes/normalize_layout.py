@@ -4,9 +4,10 @@ block's linear chain sits in one layout (NCHW, where the Conv reads it) and the 
 ``Y + Conv(Y)`` and ``Affine(Conv(Y))`` as they do in a PyTorch export.
 
 Rewrites (``T(x, p)`` is ``Transpose(x, perm=p)``):
-  * ``dedupe``      several Transposes with the same perm reading the same tensor: the readers of
-                    every later one read the first instead (each reader is issued again with that
-                    input; the later Transposes are left without readers and removed).
+  * ``dedupe``      several Transposes with the same perm reading the same tensor: one new
+                    Transpose takes their place, and every reader of every copy is issued again
+                    reading it (the copies are left without readers and removed). The new nodes
+                    read the copies' input, so the rewritten region starts where the copies do.
   * ``cancel``      ``T(T(x, p), q)`` with ``p[q[i]] = i`` for every axis: the readers of the outer
                     one read ``x`` (the inner one stays while something else reads it).
   * ``sink_sum``    ``Add/Sub(T(a, p), T(b, p))`` -> ``T(Add/Sub(a, b), p)``: one Transpose less.
@@ -17,8 +18,9 @@ Rewrites (``T(x, p)`` is ``Transpose(x, perm=p)``):
                     as ``Y = T(X, q)`` with ``q`` the inverse of ``p`` -> ``T(Add/Sub(a, Z'), p)``
                     with ``Z' = A'_k(...A'_1(Y))``, each constant ``K`` (right-aligned to the rank)
                     permuted by ``q``: ``T(Z, q) = Z'`` element for element and ``T(T(Z, q), p) = Z``.
-                    No node is added: the chain is issued again on ``Y`` and the Transpose moves
-                    below the sum (the residual ``X + T(Conv(T(X)))`` of an NHWC block).
+                    The chain is issued again on a new ``T(X, q)`` (a copy of the one that exists,
+                    which dedupe then merges with it) and the Transpose moves below the sum (the
+                    residual ``X + T(Conv(T(X)))`` of an NHWC block).
   * ``sink_unary``  ``U(T(x, p))`` for an element-wise activation ``U`` whose output a Transpose
                     with the inverse perm reads -> ``T(U(x), p)``, which that Transpose then cancels
                     (``T -> Relu -> T`` between two NHWC blocks).
@@ -29,9 +31,11 @@ Rewrites (``T(x, p)`` is ``Transpose(x, perm=p)``):
                     affine then sits on the Conv's output, where affine-fold takes it in. The
                     chain ends before the first step whose constant is not per channel.
 Every rewrite computes the same floating-point operations on the same elements: transposition only
-moves elements, so the results are bit for bit equal. None adds a node: dedupe, cancel and
-sink_sum remove Transposes; sink_mixed, sink_unary and sink_affine move them (and are taken only
-where a merge, a cancellation or a fold follows: an existing inverse Transpose, a Conv's output).
+moves elements, so the results are bit for bit equal. None adds a node for good: dedupe, cancel
+and sink_sum remove Transposes; sink_unary and sink_affine move them, and sink_mixed moves one and
+makes a copy of another that dedupe merges (each is taken only where a merge, a cancellation or a
+fold follows: an existing inverse Transpose, a Conv's output). Every new node reads tensors that the
+nodes it replaces compute from, so that each rewritten region can be checked on its own.
 
 Conditions (checked in this order):
   1. ``opset``         the graph's default opset is 7 or more and the element-wise nodes have no
@@ -46,9 +50,10 @@ Conditions (checked in this order):
   5. ``single_use``    the tensors the rewrite stops computing (a sunk Transpose's output, the
                        chain's intermediates) are read by nothing else and are not graph outputs;
                        sink_affine: the Conv's output is read by the Transpose only (so the fold
-                       follows). dedupe / cancel: the Transpose whose readers move is no graph output.
+                       follows). dedupe: no copy is a graph output; cancel: the Transpose whose
+                       readers move is no graph output.
   6. ``readers``       dedupe / cancel: each reader that is issued again is a default-domain node
-                       with one output and no subgraph.
+                       with one output and no subgraph (dedupe: the copies have a reader).
   7. ``conv_producer`` sink_affine: the Transpose reads the output of a Conv with constant weights.
   8. ``static_shape``  sink_affine: the Conv output's shape is known (evidence, ``ctx.shape``) with
                        rank ``len(p)``; sink_mixed: each chain constant has at most that rank.
@@ -93,9 +98,9 @@ def _is_perm(perm) -> bool:
 @dataclass
 class Candidate:
     kind: str
-    root: gs.Node  # DEDUPE/CANCEL: the Transpose whose readers move; sums: the Add/Sub; SINK_AFFINE: the Transpose
-    keep: gs.Node | None = None  # DEDUPE: the first Transpose; CANCEL: the inner one
-    transposes: list[gs.Node] = field(default_factory=list)  # sums: the sunk Transposes (by operand)
+    root: gs.Node  # DEDUPE: the first copy; CANCEL: the Transpose whose readers move; sums: the Add/Sub; SINK_AFFINE: the Transpose
+    keep: gs.Node | None = None  # CANCEL: the inner one
+    transposes: list[gs.Node] = field(default_factory=list)  # sums: the sunk Transposes (by operand); DEDUPE: the copies
     chain: list[gs.Node] = field(default_factory=list)  # affine nodes, in data order
     sides: list[int] = field(default_factory=list)  # SINK_MIXED: [index of T(a) operand, index of Z operand]
     base: gs.Tensor | None = None  # SINK_MIXED: X; SINK_AFFINE: the Conv output c
@@ -113,8 +118,10 @@ class Candidate:
             out.append(self.keep)
         if self.inverse is not None and self.kind == SINK_MIXED:
             out.append(self.inverse)
-        if self.kind in (DEDUPE, CANCEL):
+        if self.kind == CANCEL:
             out += _raw_readers(self.root.outputs[0])
+        if self.kind == DEDUPE:
+            out += _group_readers(self.transposes)
         return out
 
 
@@ -124,6 +131,17 @@ def _raw_readers(tensor: gs.Tensor) -> list[gs.Node]:
         if id(n) not in seen:
             seen.add(id(n))
             out.append(n)
+    return out
+
+
+def _group_readers(copies: list[gs.Node]) -> list[gs.Node]:
+    """The readers of any of ``copies``' outputs, each once, in order."""
+    seen, out = set(), []
+    for t in copies:
+        for n in _raw_readers(t.outputs[0]):
+            if id(n) not in seen:
+                seen.add(id(n))
+                out.append(n)
     return out
 
 
@@ -218,17 +236,28 @@ def _per_channel_prefix(chain: list[gs.Node], node: gs.Node, x: gs.Tensor, view:
     return chain[:n] if n else chain
 
 
-def _match_transpose(node: gs.Node, view: GraphView, firsts: dict, ctx: Context) -> list[Candidate]:
+def _copies(view: GraphView) -> dict[int, list[gs.Node]]:
+    """Transposes grouped by (input, perm), keyed by the id of each group's first one; only groups
+    of two or more."""
+    groups: dict[tuple, list[gs.Node]] = {}
+    for node in view.graph.nodes:
+        if is_op(node, ops.TRANSPOSE) and len(node.outputs) == 1 and node.inputs:
+            x = view.source(node.inputs[0])
+            if x is not None:
+                key = (id(x), tuple(node.attrs.get("perm", ())) if "perm" in node.attrs else None)
+                groups.setdefault(key, []).append(node)
+    return {id(g[0]): g for g in groups.values() if len(g) > 1}
+
+
+def _match_transpose(node: gs.Node, view: GraphView, copies: dict, ctx: Context) -> list[Candidate]:
     out = []
     x = view.source(node.inputs[0]) if node.inputs else None
     if x is None:
         return out
-    key = (id(x), tuple(node.attrs.get("perm", ())) if "perm" in node.attrs else None)
-    first = firsts.get(key)
-    if first is None:
-        firsts[key] = node
-    else:
-        out.append(Candidate(DEDUPE, node, keep=first))
+    if id(node) in copies:
+        out.append(Candidate(DEDUPE, node, transposes=copies[id(node)]))
+        return out
+    if any(node in g for g in copies.values()):
         return out
     inner = view.producer(node.inputs[0])
     if is_op(inner, ops.TRANSPOSE):
@@ -284,7 +313,7 @@ def _check_opset(c: Candidate, view: GraphView, ctx: Context) -> str | None:
 
 
 def _check_perm(c: Candidate, view: GraphView, ctx: Context) -> str | None:
-    nodes = [c.root] if c.kind in (DEDUPE, CANCEL, SINK_AFFINE, SINK_UNARY) else list(c.transposes)
+    nodes = [c.root] if c.kind in (CANCEL, SINK_AFFINE, SINK_UNARY) else list(c.transposes)
     if c.keep is not None:
         nodes.append(c.keep)
     for n in nodes:
@@ -324,8 +353,9 @@ def _check_inverse(c: Candidate, view: GraphView, ctx: Context) -> str | None:
 
 def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None:
     if c.kind in (DEDUPE, CANCEL):
-        if view.escapes(c.root.outputs[0]):
-            return f"tensor '{c.root.outputs[0].name}' is a graph output"
+        for t in c.transposes if c.kind == DEDUPE else [c.root]:
+            if view.escapes(t.outputs[0]):
+                return f"tensor '{t.outputs[0].name}' is a graph output"
         return None
     if c.kind in (SINK_SUM, SINK_MIXED):
         for t in c.transposes:
@@ -352,7 +382,7 @@ def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None
 def _check_readers(c: Candidate, view: GraphView, ctx: Context) -> str | None:
     if c.kind not in (DEDUPE, CANCEL):
         return None
-    readers = _raw_readers(c.root.outputs[0])
+    readers = _group_readers(c.transposes) if c.kind == DEDUPE else _raw_readers(c.root.outputs[0])
     if not readers:
         return f"Transpose '{c.root.name}' has no reader"
     for r in readers:
@@ -469,14 +499,23 @@ def _reissue_chain(c: Candidate, view: GraphView, ctx: Context, start: gs.Tensor
     return nodes, cur
 
 
-def _reissue_readers(c: Candidate, replacement: gs.Tensor, ctx: Context, summary: str) -> list[Plan]:
-    old = c.root.outputs[0]
+def _reissue_readers(readers: list[gs.Node], olds: list[gs.Tensor], replacement: gs.Tensor, ctx: Context, summary: str,
+                     first: list[NewNode] = ()) -> list[Plan]:
+    """Each of ``readers`` issued again with ``replacement`` for every tensor of ``olds`` it reads;
+    ``first``: new nodes the first plan issues before its reader (the replacement's producer)."""
+    old_ids = {id(t) for t in olds}
     plans = []
-    for r in _raw_readers(old):
-        inputs = [replacement if t is old else t for t in r.inputs]
+    for i, r in enumerate(readers):
+        inputs = [replacement if t is not None and id(t) in old_ids else t for t in r.inputs]
         node = NewNode(r.op, ctx.fresh_name(r.name or r.op), dict(r.attrs), inputs, [r.outputs[0]])
-        plans.append(Plan(r.outputs[0], [node], summary))
+        plans.append(Plan(r.outputs[0], [*(first if i == 0 else ()), node], summary))
     return plans
+
+
+def _new_transpose(ctx: Context, x: gs.Tensor, perm, like: gs.Tensor, name: str) -> tuple[NewNode, gs.Variable]:
+    """``Transpose(x, perm)`` into a new tensor shaped like ``like``."""
+    out = _var(ctx, f"{like.name}.t", like, ctx.shape(like))
+    return NewNode(ops.TRANSPOSE, ctx.fresh_name(name), {"perm": list(perm)}, [x], [out]), out
 
 
 @register
@@ -485,11 +524,11 @@ class NormalizeLayout:
     summary = "NHWC Transposes de-duplicated, cancelled, and moved below sums and per-channel affines"
 
     def match(self, view: GraphView, ctx: Context):
-        firsts: dict = {}
+        copies = _copies(view)
         for node in list(view.graph.nodes):
             cands: list[Candidate] = []
             if is_op(node, ops.TRANSPOSE) and len(node.outputs) == 1:
-                cands = _match_transpose(node, view, firsts, ctx)
+                cands = _match_transpose(node, view, copies, ctx)
             elif is_op(node, ops.ADD, ops.SUB):
                 cand = _match_sum(node, view)
                 cands = [cand] if cand is not None else []
@@ -502,11 +541,14 @@ class NormalizeLayout:
     def rewrite(self, match: Match, view: GraphView, ctx: Context):
         c: Candidate = match.data
         if c.kind == DEDUPE:
-            return _reissue_readers(c, c.keep.outputs[0], ctx,
-                                    f"Transpose '{c.root.name}' is a copy of '{c.keep.name}': its readers read that one")
+            x = view.source(c.root.inputs[0])
+            node, t = _new_transpose(ctx, x, _perm(c.root), c.root.outputs[0], f"{c.root.name or 'transpose'}/merged")
+            return _reissue_readers(_group_readers(c.transposes), [n.outputs[0] for n in c.transposes], t, ctx,
+                                    f"{len(c.transposes)} copies of Transpose '{c.root.name}' -> one", first=[node])
         if c.kind == CANCEL:
             x = view.source(c.keep.inputs[0])
-            return _reissue_readers(c, x, ctx, f"Transposes '{c.keep.name}' then '{c.root.name}' cancel")
+            return _reissue_readers(_raw_readers(c.root.outputs[0]), [c.root.outputs[0]], x, ctx,
+                                    f"Transposes '{c.keep.name}' then '{c.root.name}' cancel")
         target = c.target
         if c.kind == SINK_UNARY:
             perm, u = _perm(c.root), c.chain[0]
@@ -533,7 +575,10 @@ class NormalizeLayout:
             nodes = [NewNode(c.root.op, ctx.fresh_name(f"{base}/inner"), {}, [a, b], [inner])]
             what = f"{c.root.op} of two Transposes {list(perm)} -> one Transpose after it"
         else:
-            nodes, z = _reissue_chain(c, view, ctx, c.inverse.outputs[0], _inverse(perm))
+            copy, y = _new_transpose(ctx, c.base, _perm(c.inverse), c.inverse.outputs[0],
+                                     f"{c.inverse.name or 'transpose'}/copy")
+            nodes, z = _reissue_chain(c, view, ctx, y, _inverse(perm))
+            nodes.insert(0, copy)
             operands = [None, None]
             operands[c.sides[0]] = view.source(c.transposes[0].inputs[0])
             operands[c.sides[1]] = z

@@ -119,7 +119,7 @@ def test_nhwc_repvgg_block_folds(shared, style, shape):
     assert any(("moved before Transpose" if style != "wrapped" else "cancel") in s for s in done)
     assert any("one Transpose after it" in s for s in done)
     if not shared:
-        assert any("is a copy of" in s for s in done)
+        assert any("copies of Transpose" in s for s in done)
 
 
 @pytest.mark.parametrize("identity", ["plain", "bn_nchw"])
@@ -137,6 +137,30 @@ def test_nhwc_residual_difference(order):
     t = b.node("Transpose", [b.conv(b.node("Transpose", ["x"], perm=TO_NCHW), C, C, 3)], perm=TO_NHWC)
     diff = b.sub("x", t) if order == "x_first" else b.sub(t, "x")
     assert_folds(b.model(b.relu(diff)), b.feeds())
+
+
+@pytest.mark.parametrize("spelling", ["copies", "residual", "residual_affine"])
+def test_layout_rewrites_pass_their_own_region_checks(spelling):
+    """Regression: dedupe re-pointed the readers of a copy at the first copy's output, and
+    sink_mixed issued the chain on the existing inverse Transpose's output; neither tensor is on
+    the path the original computes the rewritten tensors by, so the region cut out of the
+    original read the graph input while the rewritten one read that tensor, and verification
+    failed every tf2onnx export without its optimizers (and every jax2onnx residual block). The new
+    nodes now read what the replaced ones read, and ``optimize(verify=True)`` checks every region."""
+    b = nhwc_builder(seed=5)
+    if spelling == "copies":
+        y = nhwc_block(b, shared=False, identity="bn_nchw")
+    else:
+        x = "x" if spelling == "residual" else bn_last_axis(b, "x", "muladd")
+        t = b.node("Transpose", [b.conv(b.node("Transpose", ["x"], perm=TO_NCHW), C, C, 3)], perm=TO_NHWC)
+        y = b.add(x, t)
+    model = b.model(b.relu(y))
+    out, report = optimize(model, verify=True)
+    done = layout(report, "rewrites")
+    assert any(("copies of Transpose" if spelling == "copies" else "one Transpose after it") in s for s in done), done
+    regions = report.to_dict()["verification"]["regions"]
+    assert regions and not [r for r in regions if r["status"] == "failed"], regions
+    assert histogram(out) == FOLDED_NHWC
 
 
 def test_two_nhwc_blocks_in_a_row_cancel_between():
