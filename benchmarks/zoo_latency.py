@@ -34,9 +34,10 @@ Method, per (model, exporter, runtime, batch):
   spinning disabled for the intra-op and the inter-op pools (session config
   ``session.intra_op.allow_spinning=0``, ``session.inter_op.allow_spinning=0``);
 * OpenVINO: ``core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY",
-  "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})`` (f32: this machine's CPU
-  has AMX-BF16, on which OpenVINO would otherwise run in bf16; ``--ov-precision default`` leaves
-  the plugin's choice), one infer request, inputs shared;
+  "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING":
+  False})`` (f32: this machine's CPU has AMX-BF16, on which OpenVINO would otherwise run in bf16;
+  ``--ov-precision default`` leaves the plugin's choice; no pinning: on a machine shared with other
+  work a pinned thread waits for its core, ``--ov-pinning`` pins), one infer request, inputs shared;
 * the same seeded standard-normal input for all graphs; ``--warmup`` runs of each graph; then
   interleaved rounds, each running every graph once, the order rotated by one each round (A B C,
   B C A, C A B, ...); the number of rounds adapts to the time budget (``--budget`` for the whole
@@ -47,7 +48,8 @@ Method, per (model, exporter, runtime, batch):
   times of the same round);
 * a case whose ``onnxrep / deploy`` or ``onnxrep / ts_deploy`` ratio is above ``--target`` (1.02,
   the noise band) or whose ``onnxrep / train`` ratio is above it too (the target "never slower
-  than its input" is 1.00 plus the same noise band) is measured again after all cases, and both
+  than its input" is 1.00 plus the same noise band) is measured again after all cases (onnxrep
+  run afresh; at least ``--min-rounds`` rounds even when the budget is spent), and both
   measurements are reported;
 * for onnxruntime at batch 1 the graph onnxruntime actually runs is saved
   (``SessionOptions.optimized_model_filepath``) for each graph, and its node histogram compared:
@@ -225,23 +227,23 @@ def ort_kernels(path: Path, threads: int, folder: Path) -> dict[str, int]:
     return dict(sorted(hist.items()))
 
 
-def ov_config(threads: int, precision: str) -> dict:
-    cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+def ov_config(threads: int, precision: str, pinning: bool = False) -> dict:
+    cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": pinning}
     if precision != "default":
         cfg["INFERENCE_PRECISION_HINT"] = precision
     return cfg
 
 
-def ov_runner(core, path: Path, x: np.ndarray, threads: int, precision: str) -> Callable[[], object]:
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", ov_config(threads, precision))
+def ov_runner(core, path: Path, x: np.ndarray, threads: int, precision: str, pinning: bool) -> Callable[[], object]:
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", ov_config(threads, precision, pinning))
     request = compiled.create_infer_request()
     feeds = {0: x}
     return lambda: request.infer(feeds, share_inputs=True)
 
 
-def ov_properties(core, threads: int, precision: str, path: Path) -> dict:
+def ov_properties(core, threads: int, precision: str, pinning: bool, path: Path) -> dict:
     """The properties OpenVINO's CPU plugin compiled with (as reported by the compiled model)."""
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", ov_config(threads, precision))
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", ov_config(threads, precision, pinning))
     out = {}
     for key in ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "NUM_STREAMS",
                 "ENABLE_CPU_PINNING", "ENABLE_HYPER_THREADING", "SCHEDULING_CORE_TYPE"):
@@ -356,11 +358,11 @@ class Run:
         if runtime == "ort":
             runners = {g: ort_runner(p, x, args.threads) for g, p in paths.items()}
         else:
-            runners = {g: ov_runner(self.core, p, x, args.threads, args.ov_precision) for g, p in paths.items()}
+            runners = {g: ov_runner(self.core, p, x, args.threads, args.ov_precision, args.ov_pinning) for g, p in paths.items()}
         setup_s = time.perf_counter() - t0
         max_rounds = args.rounds if args.rounds is not None else (300 if batch == 1 else 40)
-        min_rounds = min(args.min_rounds if args.min_rounds is not None else (20 if batch == 1 else 7), max_rounds)
-        warmup = args.warmup if args.warmup is not None else (10 if batch == 1 else 2)
+        min_rounds = min(args.min_rounds if args.min_rounds is not None else (20 if batch == 1 else 5), max_rounds)
+        warmup = args.warmup if args.warmup is not None else (5 if batch == 1 else 1)
         times = interleaved(runners, warmup, min_rounds, max_rounds, max(seconds - setup_s, 0.0))
         del runners
         gc.collect()
@@ -423,9 +425,6 @@ def run_all(args) -> dict:
         again = [r for r in results if "runs" in r and above_target(r["runs"][0], args.target)]
         log(f"repeating {len(again)} case(s) above target")
         for i, row in enumerate(again):
-            if run.remaining() <= 0 and not args.repeat_past_budget:
-                row["repeat_skipped"] = "budget spent"
-                continue
             share = max(run.remaining() / max(len(again) - i, 1), 0.0)
             try:
                 prepared = run.prepare(row["model"], row["exporter"], row["batch"])  # onnxrep run afresh
@@ -507,7 +506,8 @@ def markdown(doc: dict) -> str:
         f"- Date: {doc['date']}; {doc['elapsed_s'] / 60:.1f} min (budget {s['budget'] / 60:.0f} min).",
         f"- Settings: onnxruntime CPU provider, ORT_ENABLE_ALL, {s['threads']} intra-op threads, sequential, "
         "intra-op and inter-op spinning off; OpenVINO CPU, `PERFORMANCE_HINT=LATENCY`, "
-        f"`INFERENCE_NUM_THREADS={s['threads']}`, `INFERENCE_PRECISION_HINT={s['ov_precision']}` "
+        f"`INFERENCE_NUM_THREADS={s['threads']}`, `INFERENCE_PRECISION_HINT={s['ov_precision']}`, "
+        f"`ENABLE_CPU_PINNING={doc['settings']['openvino_config']['ENABLE_CPU_PINNING']}` "
         f"(compiled with {', '.join(f'{k}={v}' for k, v in doc.get('openvino_properties', {}).items()) or '-'}); "
         f"64x64 input, batches {', '.join(map(str, s['batches']))}; warm-up then interleaved rounds in rotating order "
         "(rounds per case in the JSON).",
@@ -613,8 +613,9 @@ def plot(doc: dict, path: Path) -> None:
                 err[0].append(max(q["ratio"] - q["round_q1"], 0))
                 err[1].append(max(q["round_q3"] - q["ratio"], 0))
                 for extra in row["runs"][1:]:
-                    ax.plot(x[models.index(m)] - 0.4 + width * (j + 0.5), extra["ratios"]["onnxrep/deploy"]["ratio"],
-                            marker="x", color="black", markersize=5, zorder=3)
+                    v = extra["ratios"]["onnxrep/deploy"]["ratio"]
+                    ax.plot(x[models.index(m)] - 0.4 + width * (j + 0.5), v, marker="x", color="black", markersize=6, zorder=3)
+                    lo, hi = min(lo, v - 0.03), max(hi, v + 0.05)
             vals = np.array(vals, dtype=float)
             ax.bar(x - 0.4 + width * (j + 0.5), vals - 1.0, width, bottom=1.0, yerr=err, capsize=2,
                    label=exporter, color=colors(j), error_kw={"elinewidth": 0.8})
@@ -659,15 +660,17 @@ def main(argv=None) -> int:
     ap.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--rounds", type=int, default=None, help="most interleaved rounds per case (default 300 at batch 1, 40 above)")
-    ap.add_argument("--min-rounds", type=int, default=None, help="fewest rounds per case, budget or not (default 20 at batch 1, 7 above)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up runs of each graph (default 10 at batch 1, 2 above)")
+    ap.add_argument("--min-rounds", type=int, default=None, help="fewest rounds per case, budget or not (default 20 at batch 1, 5 above)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up runs of each graph (default 5 at batch 1, 1 above)")
     ap.add_argument("--budget", type=float, default=25 * 60, help="seconds for the whole run (default 1500); the rounds adapt")
     ap.add_argument("--repeat-share", type=float, default=0.15, help="part of the budget kept for the repeats (default 0.15)")
     ap.add_argument("--no-repeat", dest="repeat", action="store_false", help="do not measure cases above target again")
-    ap.add_argument("--repeat-past-budget", action="store_true", help="repeat even when the budget is spent")
     ap.add_argument("--target", type=float, default=TARGET)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (onnxruntime), inference threads (OpenVINO)")
     ap.add_argument("--ov-precision", default="f32", help="OpenVINO INFERENCE_PRECISION_HINT (f32, bf16 or default)")
+    ap.add_argument("--ov-pinning", action="store_true",
+                    help="let OpenVINO pin its threads to cores (off by default: on a shared machine a pinned thread "
+                         "waits for its core instead of moving)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"export folder, shared with benchmarks/zoo.py (default {DEFAULT_CACHE})")
     ap.add_argument("--seed", type=int, default=zm.SEED)
     ap.add_argument("--json", type=Path, default=JSON_PATH)
@@ -719,7 +722,7 @@ def main(argv=None) -> int:
                      "ort_session_config": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": args.threads,
                                             "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL",
                                             "session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
-                     "openvino_config": ov_config(args.threads, args.ov_precision)},
+                     "openvino_config": ov_config(args.threads, args.ov_precision, args.ov_pinning)},
         "plot": rel(args.plot),
         "json": rel(args.json),
         "results": out["results"],
@@ -730,7 +733,7 @@ def main(argv=None) -> int:
         probe = next((r for r in out["results"] if "runs" in r), None)
         if probe is not None:
             train, _ = export_paths(zm.Builder(args.cache, seed=args.seed), probe["model"], probe["exporter"], 1)
-            doc["openvino_properties"] = ov_properties(ov.Core(), args.threads, args.ov_precision, train)
+            doc["openvino_properties"] = ov_properties(ov.Core(), args.threads, args.ov_precision, args.ov_pinning, train)
     text = markdown(doc)
     if args.no_write:
         print(text)
