@@ -31,13 +31,10 @@ from pathlib import Path
 import click
 
 import numpy as np
-import onnx
 
-from . import __version__, api, engine, io, misses
+from . import __version__, api, engine, misses
 from .api import mismatch_error
-from .equivalence import graph_inputs, progress_steps
 from .errors import InputError, OnnxrepError, UsageError, VerificationError, first_line
-from .rewrite import Options
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -183,7 +180,7 @@ def _check_json_target(path: str | None, models: list[str], outputs: list[str] =
     for other in [*models, *outputs]:
         if _same_file(path, other):
             raise UsageError(f"--json {path}: is also a model path; the report would replace it")
-    io.check_writable(path)
+    api.check_writable(path)
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -230,7 +227,16 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-_STAGE_WORDS = {"load": "loaded", "passes": "passes:", "verify": "verified", "bisect": "bisected", "write": "wrote", "bench": "timed"}
+_STAGE_WORDS = {
+    "load": "loaded",
+    "passes": "passes:",
+    "cleanup": "cleaned up",
+    "verify": "verified",
+    "bisect": "bisected",
+    "not_rewritten": "listed the structures left standing",
+    "write": "wrote",
+    "bench": "timed",
+}
 
 
 class _Progress:
@@ -240,12 +246,27 @@ class _Progress:
 
     _live = False  # a status line is on the terminal (cleared before any other output)
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, **names: str):
         self.quiet = quiet
         self.tty = _stderr_is_tty()
         self.timings: dict[str, float] = {}
+        self.names = names  # stage -> what it works on (a path), for the lines
         self._start: dict[str, float] = {}
+        self._rounds = 0
         self.t0 = time.perf_counter()
+
+    def __call__(self, event) -> None:
+        """Take an :class:`onnxrep.Progress` event of the API."""
+        stage = event.stage
+        if event.end:
+            self.end(stage, _rounds(self._rounds) if stage == "passes" else self.names.get(stage, ""))
+        elif event.done == 0 and not self.running(stage):
+            self._rounds = 0
+            self.start(stage, event.detail or self.names.get(stage, ""))
+        else:
+            if stage == "passes":
+                self._rounds = event.done
+            self.step(stage, event.done, event.total, event.detail)
 
     @classmethod
     def clear_line(cls) -> None:
@@ -307,32 +328,26 @@ def _macs(n: int, exact: bool) -> str:
     return text if exact else text + "*"
 
 
-def _dtype(elem_type: int) -> str:
-    try:
-        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
-    except (KeyError, ValueError, TypeError):
-        return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "?"
+def _value_text(value: dict) -> str:
+    """``float32 [N, 3, 224, 224]`` from an entry of :func:`onnxrep.api.interface`."""
+    shape = value.get("shape")
+    if shape is None:
+        return f"{value.get('dtype', '?')} (rank unknown)"
+    return f"{value.get('dtype', '?')} [{', '.join('?' if d is None else str(d) for d in shape)}]"
 
 
-def _value_info(vi: onnx.ValueInfoProto) -> str:
-    t = vi.type.tensor_type
-    if not vi.type.HasField("tensor_type"):
-        return vi.type.WhichOneof("value") or "?"
-    if not t.HasField("shape"):
-        return f"{_dtype(t.elem_type)} (rank unknown)"
-    dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-    return f"{_dtype(t.elem_type)} [{', '.join(dims)}]"
-
-
-def signature(model: onnx.ModelProto) -> dict:
-    """What the summary shows of a model's interface: opset, IR version, inputs, outputs."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {
-        "opset": opset,
-        "ir_version": model.ir_version,
-        "inputs": [(vi.name, _value_info(vi)) for vi in graph_inputs(model)],
-        "outputs": [(vi.name, _value_info(vi)) for vi in model.graph.output],
-    }
+def interface_rows(before: dict | None, after: dict | None) -> list[tuple[str, str, str]]:
+    """Table rows of two :func:`onnxrep.api.interface` dicts: opset / IR version, then each input
+    and output with its dtype and shape, before and after."""
+    if not before or not after:
+        return []
+    rows = [("opset / IR", f"{before['opset']} / {before['ir_version']}", f"{after['opset']} / {after['ir_version']}")]
+    for kind in ("inputs", "outputs"):
+        b = {v["name"]: _value_text(v) for v in before[kind]}
+        a = {v["name"]: _value_text(v) for v in after[kind]}
+        for name in list(b) + [n for n in a if n not in b]:
+            rows.append((f"{kind[:-1]} {name}", b.get(name, "-"), a.get(name, "-")))
+    return rows
 
 
 def _table(header: tuple[str, ...], sections: list[list[tuple[str, ...]]]) -> list[str]:
@@ -356,15 +371,9 @@ def op_table(
     after: dict | None = None,
 ) -> str:
     """The model's interface (opset and IR version, inputs and outputs with dtypes and shapes,
-    from :func:`signature` when given), the op histogram of the main graph before and after, the
+    from :func:`onnxrep.api.interface` dicts when given), the op histogram of the main graph before and after, the
     node count inside If / Loop / Scan bodies when there are any, MACs, weights and size."""
-    head: list[tuple[str, ...]] = []
-    if before is not None and after is not None:
-        head.append(("opset / IR", f"{before['opset']} / {before['ir_version']}", f"{after['opset']} / {after['ir_version']}"))
-        for kind in ("inputs", "outputs"):
-            b, a = dict(before[kind]), dict(after[kind])
-            for name in list(b) + [n for n in a if n not in b]:
-                head.append((f"{kind[:-1]} {name}", b.get(name, "-"), a.get(name, "-")))
+    head = interface_rows(before, after)
     ops = sorted(set(report.ops_before) | set(report.ops_after), key=lambda o: (-report.ops_before.get(o, 0), o))
     body = [(op, str(report.ops_before.get(op, 0)), str(report.ops_after.get(op, 0))) for op in ops]
     tail = [("nodes", str(sum(report.ops_before.values())), str(sum(report.ops_after.values())))]
@@ -452,9 +461,21 @@ def _rounds(n: int) -> str:
     return f"{n} round{'' if n == 1 else 's'}"
 
 
-def _timing_line(timings: dict[str, float], total: float) -> str:
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if k != "total")
+def _interfaces(report) -> tuple[dict | None, dict | None]:
+    return getattr(report, "interface_before", None), getattr(report, "interface_after", None)
+
+
+def _timing_line(timings: dict[str, float]) -> str:
+    """``1.23 s (load 0.01, passes 0.40, ...)`` from a report's stage timings."""
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in timings.items() if k != "total")
+    total = timings.get("total", sum(v for k, v in timings.items() if k != "total"))
     return f"{total:.2f} s" + (f" ({parts})" if parts else "")
+
+
+def cleanup_line(report) -> str:
+    """What the generic cleanup did, in counts (empty when it did nothing or was off)."""
+    done = {k: v for k, v in (getattr(report, "cleanup", None) or {}).items() if v}
+    return ("cleanup: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in done.items())) if done else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,6 +526,13 @@ _check_options = _options(
 def _json_option(what: str):
     return click.option("--json", "json_path", metavar="PATH", type=click.Path(path_type=str), help=f"Write {what} as JSON to PATH ('-': stdout, the text then goes to stderr).")
 
+
+_cleanup_option = click.option(
+    "--cleanup/--no-cleanup",
+    default=True,
+    show_default=True,
+    help="After folding, turn Constant nodes into initializers, remove Identity nodes, drop unused and share duplicate initializers.",
+)
 
 _quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and JSON asked for with --json -).")
 
@@ -570,13 +598,14 @@ def _output_path(positional: str | None, option: str | None) -> str:
     show_default=True,
     help="On a verification mismatch: write nothing (fail), or leave out the rewrites responsible and verify again (bisect).",
 )
+@_cleanup_option
 @click.option("--fail-if-unchanged", is_flag=True, help=f"Exit {EXIT_UNCHANGED} and write nothing when there is nothing to rewrite.")
 @click.option("-v", "--verbose", is_flag=True, help="List every rewrite and skip.")
 @_quiet_option
 @_guarded
 def optimize(
     input_path, output_arg, output_opt, only, skip, allow_cost_increase, tolerance, input_shapes, json_path, report_path,
-    no_verify, seeds, dims, check_inputs, rtol, atol, external_data, on_mismatch, fail_if_unchanged, verbose, quiet,
+    no_verify, seeds, dims, check_inputs, rtol, atol, external_data, on_mismatch, cleanup, fail_if_unchanged, verbose, quiet,
 ):
     """Optimize IN and write the result to OUT (verified in onnxruntime first)."""
     # every option is checked before any work, and where the results go too
@@ -588,135 +617,88 @@ def optimize(
     shapes = _parse_input_shapes(input_shapes)
     check = api.Check(seeds, _parse_dims(dims), tuple(_load_inputs(check_inputs)), rtol, atol)
     api.check_options(only, skip, on_mismatch, tolerance, check)
-    if shapes:
-        raise UsageError("--input-shapes is not available in this version")
-    io.check_writable(output_path)
+    api.check_writable(output_path)
     _check_json_target(json_path, [input_path], [output_path])
     say = _Out(quiet, json_path)
-    progress = _Progress(quiet)
-
-    progress.start("load", input_path)
-    # without verification the input's weights are read only where a pass needs them; the
-    # untouched ones go from the input file to the output when it is written
-    model, had_external = io.load(input_path, lazy=no_verify)
-    if not no_verify:
-        api.check_model_args(model, check)
-    before = signature(model)
-    size_before = io.tensor_bytes(model)
-    progress.end("load", input_path)
-
-    progress.start("passes")
-    steps = progress_steps(check.seeds, check.inputs, model)
-    last_round = [0]
-
-    def on_pass(rounds: int, name: str) -> None:
-        last_round[0] = rounds
-        progress.step("passes", rounds, None, name)
-
-    def on_verify(done: int) -> None:
-        if progress.running("passes"):
-            progress.end("passes", _rounds(last_round[0]))
-            progress.start("verify")
-        progress.step("verify", done, steps)
-
-    options = Options(allow_cost_increase, tolerance=tolerance)
-    out, report = api.run(
-        model, only, skip, options, verify=None if no_verify else check, on_mismatch=on_mismatch,
-        progress=on_pass, verify_progress=on_verify,
+    progress = _Progress(quiet, load=input_path, write=output_path)
+    kwargs = dict(
+        passes=only, skip=skip, allow_cost_increase=allow_cost_increase, verify=not no_verify, seeds=check.seeds,
+        dims=check.dims, progress=progress, on_mismatch=on_mismatch, tolerance=tolerance, rtol=rtol, atol=atol,
+        inputs=check.inputs, input_shapes=shapes or None, cleanup=cleanup,
     )
-    del model
-    if progress.running("passes"):
-        progress.end("passes", _rounds(last_round[0]))
-    if progress.running("verify"):
-        progress.end("verify")
-    changed = report.rewritten > 0
+    if fail_if_unchanged:
+        # the result is written only when something changed
+        out, report = api.optimize(input_path, **kwargs)
+        if report.changed:
+            progress.start("write", output_path)
+            api.save(out, output_path, external_data=report.input_external_data if external_data is None else external_data)
+            report.seconds["write"] = progress.end("write", output_path)
+            report.seconds["total"] = report.seconds.get("total", 0.0) + report.seconds["write"]
+            report.output = output_path
+        del out
+    else:
+        report = api.optimize_file(input_path, output_path, external_data=external_data, **kwargs)
     left_out = (report.verification or {}).get("left_out")
     if left_out:
         names = ", ".join(f"{c['candidate']} ({c['pass']})" for c in left_out)
         verb = "was" if len(left_out) == 1 else "were"
         click.echo(f"warning: rewrite{'s' if len(left_out) > 1 else ''} {names} broke equivalence and {verb} left out", err=True)
-    size_after = io.tensor_bytes(out)
-    if not changed and fail_if_unchanged:
-        say(pass_summary(report, verbose))
-        raise _Unchanged(f"nothing to rewrite in {input_path} (--fail-if-unchanged): nothing written")
-
-    progress.start("write", output_path)
-    io.save(out, output_path, external=had_external if external_data is None else external_data)
-    progress.end("write", output_path)
-    total = progress.total()
-
-    say(op_table(report, size_before, size_after, before, signature(out)))
+    say(op_table(report, report.size_before, report.size_after, *_interfaces(report)))
     say(pass_summary(report, verbose))
     say(layer_table(report))
-    if not changed:
-        say(nothing_line(report) + f"; {output_path} is the input unchanged")
-    verdict = "skipped" if no_verify else verification_line(report.verification)
-    say(f"verification: {verdict}")
-    say(f"written {output_path} in {_timing_line(progress.timings, total)}")
+    say(cleanup_line(report))
+    if not report.changed:
+        say(nothing_line(report) + ("" if report.output is None else f"; {output_path} is the input unchanged"))
+    say(f"verification: {'skipped' if no_verify else verification_line(report.verification)}")
+    if report.output is not None:
+        say(f"written {output_path} in {_timing_line(report.seconds)}")
     if json_path:
-        data = report.to_dict() | {
-            "input": input_path,
-            "output": output_path,
-            "changed": changed,
-            "seconds": round(total, 3),
-            "timings": {k: round(v, 6) for k, v in progress.timings.items()} | {"total": round(total, 6)},
-        }
-        data["not_rewritten"] = misses.to_list(misses.find(out, report))
-        _write_json(json_path, data)
+        _write_json(json_path, report.to_dict() | {"input": input_path})
+    if report.output is None:
+        raise _Unchanged(f"nothing to rewrite in {input_path} (--fail-if-unchanged): nothing written")
 
 
 # --------------------------------------------------------------------------------------------
 # inspect / check
 # --------------------------------------------------------------------------------------------
 
-#: Passes that only prepare the graph for the folds (spellings, padding, constants); what they
-#: rewrite alone is no training-time structure, so ``check`` does not count it.
-_PREPARING = ("normalize-castlike", "normalize-sums", "normalize-pads", "normalize-layout", "constant-fold", "token-bn")
-
-
-def _inspect(path: str, only, skip, options: Options):
-    model, _ = io.load(path)
-    out, report = engine.run(model, only, skip, options)
-    return model, out, report, misses.find(out, report)
-
-
-def foldable(report: engine.Report) -> list[dict]:
-    """The rewrites of the folding passes in a run: training-time structure left in its input."""
-    return [
-        {"pass": p.name, "candidate": r["candidate"], "summary": r["summary"]}
-        for p in report.passes
-        if p.name not in _PREPARING
-        for r in p.rewrites
-    ]
+def _foldable_counts(found: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for f in found:
+        counts[f["pass"]] = counts.get(f["pass"], 0) + 1
+    return ", ".join(f"{n} {p}" for p, n in counts.items())
 
 
 @main.command()
 @click.argument("input_path", metavar="IN", type=click.Path(path_type=str))
 @_pass_options
 @_json_option("the report")
+@_cleanup_option
 @click.option("-v", "--verbose", is_flag=True, help="List every structure that is not rewritten (default: counts and the first few).")
 @_quiet_option
 @_guarded
-def inspect(input_path, only, skip, allow_cost_increase, tolerance, input_shapes, json_path, verbose, quiet):
+def inspect(input_path, only, skip, allow_cost_increase, tolerance, input_shapes, json_path, cleanup, verbose, quiet):
     """Show what optimize would rewrite in IN, why the rest is skipped, and every sum, affine op
     next to a linear layer and conv chain left standing, with the condition that stopped it.
     Writes no model."""
     only, skip = _split(only), _split(skip)
     shapes = _parse_input_shapes(input_shapes)
     api.check_options(only, skip, tolerance=tolerance)
-    if shapes:
-        raise UsageError("--input-shapes is not available in this version")
     _check_json_target(json_path, [input_path])
     say = _Out(quiet, json_path)
-    model, out, report, left = _inspect(input_path, only, skip, Options(allow_cost_increase, tolerance=tolerance))
-    say(op_table(report, before=signature(model), after=signature(out)))
+    _, report, left = api.inspect(
+        input_path, passes=only, skip=skip, allow_cost_increase=allow_cost_increase, tolerance=tolerance,
+        input_shapes=shapes or None, cleanup=cleanup, progress=_Progress(quiet, load=input_path),
+    )
+    say(op_table(report, report.size_before, report.size_after, *_interfaces(report)))
     say(pass_summary(report, details=True))
     say(layer_table(report))
+    say(cleanup_line(report))
     if not report.rewritten:
         say(nothing_line(report))
     say(misses.summary(left, details=verbose) or "not rewritten: 0")
     if json_path:
-        _write_json(json_path, report.to_dict() | {"input": input_path, "not_rewritten": misses.to_list(left)})
+        _write_json(json_path, report.to_dict() | {"input": input_path})
 
 
 @main.command()
@@ -732,35 +714,33 @@ def check(paths, only, skip, allow_cost_increase, tolerance, input_shapes, json_
     only, skip = _split(only), _split(skip)
     shapes = _parse_input_shapes(input_shapes)
     api.check_options(only, skip, tolerance=tolerance)
-    if shapes:
-        raise UsageError("--input-shapes is not available in this version")
     _check_json_target(json_path, list(paths))
     say = _Out(quiet, json_path)
-    options = Options(allow_cost_increase, tolerance=tolerance)
     results, code = [], EXIT_OK
     for path in paths:
         try:
-            _, _, report, left = _inspect(path, only, skip, options)
+            _, report, left = api.inspect(
+                path, passes=only, skip=skip, allow_cost_increase=allow_cost_increase, tolerance=tolerance,
+                input_shapes=shapes or None, cleanup=False, progress=_Progress(quiet, load=path),
+            )
+        except UsageError:
+            raise  # the same for every model (an input_shapes name this one lacks): a usage error
         except OnnxrepError as err:
-            if isinstance(err, UsageError):
-                raise
+            _Progress.clear_line()
             click.echo(f"error: {err}", err=True)
             results.append({"path": path, "ok": False, "error": str(err)})
             code = EXIT_ERROR
             continue
-        found = foldable(report)
-        results.append({"path": path, "ok": not found, "foldable": found, "not_rewritten": misses.to_list(left)})
+        found = api.foldable(report)
+        results.append({"path": path, "ok": not found, "foldable": found, "not_rewritten": report.not_rewritten})
         if found:
             code = code or EXIT_FOLDABLE
-            counts: dict[str, int] = {}
-            for f in found:
-                counts[f["pass"]] = counts.get(f["pass"], 0) + 1
-            by_pass = ", ".join(f"{n} {p}" for p, n in counts.items())
-            say(f"{path}: {len(found)} foldable ({by_pass}); run: onnxrep optimize {path} OUT")
+            say(f"{path}: {len(found)} foldable ({_foldable_counts(found)}); fold with: onnxrep optimize {path} OUT")
             for f in found:
                 say(f"  {f['pass']} {f['candidate']}: {f['summary']}")
         else:
-            say(f"{path}: ok, nothing to fold" + (f" ({len(left)} structures left standing, -v to list)" if left and not verbose else ""))
+            standing = f" ({len(left)} structures left standing that no pass folds, -v to list)" if left and not verbose else ""
+            say(f"{path}: ok, nothing to fold{standing}")
         if verbose and left:
             say("\n".join("  " + line for line in misses.summary(left, details=True).splitlines()))
     if json_path:
@@ -777,25 +757,21 @@ def check(paths, only, skip, allow_cost_increase, tolerance, input_shapes, json_
 @click.argument("model_a", metavar="A", type=click.Path(path_type=str))
 @click.argument("model_b", metavar="B", type=click.Path(path_type=str))
 @_check_options
+@click.option("--input-shapes", "input_shapes", multiple=True, metavar="NAME:D1,D2,...", help="Fix an input's shape in both models, e.g. x:1,3,224,224 (repeatable).")
 @_json_option("the verification result")
 @_quiet_option
 @_guarded
-def verify(model_a, model_b, seeds, dims, check_inputs, rtol, atol, json_path, quiet):
+def verify(model_a, model_b, seeds, dims, check_inputs, rtol, atol, input_shapes, json_path, quiet):
     """Check that B computes the same outputs as A in onnxruntime (exit 3 if not)."""
     check = api.Check(seeds, _parse_dims(dims), tuple(_load_inputs(check_inputs)), rtol, atol)
     api.check_options([], [], check=check)
+    shapes = _parse_input_shapes(input_shapes)
     _check_json_target(json_path, [model_a, model_b])
     say = _Out(quiet, json_path)
-    progress = _Progress(quiet)
-    progress.start("load", model_a)
-    a, _ = io.load(model_a)
-    b, _ = io.load(model_b)
-    api.check_model_args(a, check)
-    progress.end("load", f"{model_a} and {model_b}")
-    steps = progress_steps(check.seeds, check.inputs, a)
-    progress.start("verify")
-    result = api.verify(a, b, check.seeds, check.dims, check.rtol, check.atol, check.inputs, lambda done: progress.step("verify", done, steps))
-    progress.end("verify")
+    result = api.verify(
+        model_a, model_b, seeds=check.seeds, dims=check.dims, rtol=rtol, atol=atol, inputs=check.inputs,
+        progress=_Progress(quiet, load=f"{model_a} and {model_b}"), input_shapes=shapes or None,
+    )
     for o in result.outputs:
         say(f"{'ok  ' if o.ok else 'FAIL'} {o.describe()}")
     say(f"verification: {verification_line(result.to_dict())}")
@@ -833,7 +809,7 @@ def bench(paths, ep, batch, threads, rounds, warmup, dims, json_path, quiet):
     progress.start("load")
     models = {}
     for path in paths:
-        models[path if path not in models else f"{path} ({len(models)})"] = io.load(path)[0]
+        models[path if path not in models else f"{path} ({len(models)})"] = api.load(path)
     names = list(models)
     api.check_model_args(models[names[0]], api.Check(dims=dims))
     feeds = bench_mod.feeds_for(models, dims=dims, batch=batch)
@@ -896,22 +872,14 @@ def demo(family, resolution, width_scale, rounds, threads, save_dir):
     train = build(deploy=False, resolution=resolution, width_scale=width_scale)
     deploy = build(deploy=True, resolution=resolution, width_scale=width_scale)
     progress = _Progress()
-    progress.start("passes")
-    optimized, report = engine.run(train, progress=lambda rounds, name: progress.step("passes", rounds, None, name))
-    elapsed = progress.end("passes")
-    steps = progress_steps(3, (), train)
-    progress.start("verify")
-    api.verify_rewrite(train, optimized, report, api.Check(), lambda done: progress.step("verify", done, steps))
-    progress.end("verify")
-    if not report.verification["ok"]:
-        raise VerificationError(f"verification failed: {verification_line(report.verification)}")
-    click.echo(op_table(report, io.tensor_bytes(train), io.tensor_bytes(optimized), signature(train), signature(optimized)))
+    optimized, report = api.optimize(train, verify=True, progress=progress)
+    click.echo(op_table(report, report.size_before, report.size_after, *_interfaces(report)))
     click.echo(pass_summary(report, details=False))
-    click.echo(f"optimized in {elapsed:.2f} s; verified against the training graph: ok")
+    click.echo(f"optimized; verified against the training graph: ok; {_timing_line(report.seconds)}")
     if save_dir:
         os.makedirs(save_dir, exist_ok=True)
         for name, m in (("train", train), ("optimized", optimized), ("deploy", deploy)):
-            io.save(m, os.path.join(save_dir, f"{family}_{name}.onnx"))
+            api.save(m, os.path.join(save_dir, f"{family}_{name}.onnx"))
     click.echo(f"onnxruntime CPU latency, {threads} threads, {rounds} interleaved rounds:")
     models_ = {"training": train, "onnxrep": optimized, "deploy": deploy}
     progress.start("bench")

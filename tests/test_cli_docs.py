@@ -1,0 +1,134 @@
+"""The README documents the command line as it is: an options table per command generated from
+click's own parameters (``python tests/test_cli_docs.py`` rewrites them), the exit codes, and the
+pre-commit hook.
+
+Each table sits between ``<!-- options: COMMAND -->`` and ``<!-- /options -->`` in README.md.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from onnxrep import cli
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+HOOKS = README.parent / ".pre-commit-hooks.yaml"
+_BLOCK = re.compile(r"(<!-- options: (\S+) -->\n)(.*?)(<!-- /options -->)", re.S)
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _names(param: click.Parameter) -> str:
+    if isinstance(param, click.Argument):
+        name = param.make_metavar(click.Context(click.Command("x")))
+        return name
+    names = ", ".join(param.opts + param.secondary_opts)
+    if not param.is_flag and not param.count:
+        metavar = param.metavar or param.type.name.upper()
+        names += f" {metavar}"
+    return names
+
+
+def _help(param: click.Parameter) -> str:
+    if isinstance(param, click.Argument):
+        return "argument" + ("" if param.required else " (optional)")
+    text = param.help or ""
+    if param.multiple:
+        text += " Repeatable."
+    if isinstance(param.type, click.Choice):
+        text += f" One of: {', '.join(param.type.choices)}."
+    if param.show_default and param.default is not None and not param.is_flag:
+        text += f" Default: {param.default}."
+    return text
+
+
+def options_table(command: click.Command) -> str:
+    """The markdown table of a command's arguments and options, in click's order."""
+    rows = ["| argument / option | meaning |", "| --- | --- |"]
+    for param in command.params:
+        if isinstance(param, click.Option) and param.hidden:
+            continue
+        rows.append(f"| `{_cell(_names(param))}` | {_cell(_help(param))} |")
+    rows.append("| `-h, --help` | Show the help and exit. |")
+    return "\n".join(rows) + "\n"
+
+
+def exit_code_table() -> str:
+    rows = ["| code | meaning |", "| --- | --- |"]
+    rows += [f"| {code} | {_cell(text)} |" for code, text in cli.EXIT_CODES.items()]
+    return "\n".join(rows) + "\n"
+
+
+def expected_blocks() -> dict[str, str]:
+    blocks = {name: options_table(cmd) for name, cmd in cli.main.commands.items()}
+    blocks["exit-codes"] = exit_code_table()
+    return blocks
+
+
+def regenerate(text: str) -> str:
+    blocks = expected_blocks()
+    return _BLOCK.sub(lambda m: m.group(1) + blocks.get(m.group(2), m.group(3)) + m.group(4), text)
+
+
+# --------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_command_has_its_options_table_in_the_readme():
+    found = {m.group(2): m.group(3) for m in _BLOCK.finditer(README.read_text())}
+    expected = expected_blocks()
+    missing = sorted(set(expected) - set(found))
+    assert not missing, f"README has no options table for {missing} (run: python tests/test_cli_docs.py)"
+    stale = sorted(name for name in expected if found[name] != expected[name])
+    assert not stale, f"README's tables for {stale} differ from --help (run: python tests/test_cli_docs.py)"
+    unknown = sorted(set(found) - set(expected))
+    assert not unknown, f"README documents commands that do not exist: {unknown}"
+
+
+def test_the_tables_name_every_option_of_the_help_text():
+    """The generated tables and click's own --help list the same option names."""
+    from helpers import invoke
+
+    for name, cmd in cli.main.commands.items():
+        help_text = invoke(name, "--help").stdout
+        table = options_table(cmd)
+        for param in cmd.params:
+            if isinstance(param, click.Option):
+                for opt in param.opts + param.secondary_opts:
+                    assert opt in help_text and f"`{opt}" in table or f" {opt}" in table, (name, opt)
+
+
+def test_the_readme_names_each_command_and_exit_code():
+    text = README.read_text()
+    for name in cli.main.commands:
+        assert f"onnxrep {name}" in text, name
+    for code in cli.EXIT_CODES:
+        assert f"| {code} |" in text
+
+
+def test_pre_commit_hook_runs_onnxrep_check_on_onnx_files():
+    yaml = pytest.importorskip("yaml")
+    hooks = yaml.safe_load(HOOKS.read_text())
+    hook = next(h for h in hooks if h["id"] == "onnxrep-check")
+    assert hook["entry"] == "onnxrep check"
+    assert hook["language"] == "python"
+    files = re.compile(hook["files"])
+    assert files.search("models/resnet.onnx") and files.search("a.onnx")
+    assert not files.search("a.onnx.data") and not files.search("a.onnx.txt") and not files.search("notes.md")
+    assert hook.get("pass_filenames", True)  # the files go to `onnxrep check MODEL...`
+    assert "id: onnxrep-check" in README.read_text()
+    # the entry is the console script of this package, and the command exists
+    assert "check" in cli.main.commands
+
+
+if __name__ == "__main__":
+    README.write_text(regenerate(README.read_text()))
+    print(f"rewrote the tables in {README}", file=sys.stderr)
