@@ -21,6 +21,12 @@ Rewrites (``T(x, p)`` is ``Transpose(x, perm=p)``):
                     The chain is issued again on a new ``T(X, q)`` (a copy of the one that exists,
                     which dedupe then merges with it) and the Transpose moves below the sum (the
                     residual ``X + T(Conv(T(X)))`` of an NHWC block).
+  * ``hoist_affine`` ``T(A_k(...A_1(X)), p)`` where each ``A_i`` is Add/Sub/Mul/Div by a constant and
+                    another Transpose with the same perm already reads ``X`` ->
+                    ``A'_k(...A'_1(T(X, p)))``, each constant (right-aligned to the rank) permuted by
+                    ``p``: tf2onnx's optimizer writes a block's identity BN as an affine on the NHWC
+                    input ahead of the Transpose the conv branches read; so moved, the identity branch
+                    reads that Transpose (a new copy of it, which dedupe merges).
   * ``sink_unary``  ``U(T(x, p))`` for an element-wise activation ``U`` whose output a Transpose
                     with the inverse perm reads -> ``T(U(x), p)``, which that Transpose then cancels
                     (``T -> Relu -> T`` between two NHWC blocks).
@@ -46,7 +52,9 @@ Conditions (checked in this order):
                        to the identity.
   4. ``inverse_transpose`` sink_mixed: a Transpose with the inverse perm already reads ``X`` (else
                        a new one would only move a node, and nothing merges); sink_unary: one reads
-                       the activation's output (else nothing cancels).
+                       the activation's output (else nothing cancels). hoist_affine is matched only
+                       where another Transpose with the same perm reads ``X`` (else nothing merges,
+                       and a Transpose after an affine is no candidate).
   5. ``single_use``    the tensors the rewrite stops computing (a sunk Transpose's output, the
                        chain's intermediates) are read by nothing else and are not graph outputs;
                        sink_affine: the Conv's output is read by the Transpose only (so the fold
@@ -76,7 +84,7 @@ from . import register
 from ._common import LEGACY_OPSET, affine_data_input, graph_opset, is_op, outside_reader_reason
 
 DEDUPE, CANCEL, SINK_SUM, SINK_MIXED, SINK_AFFINE = "dedupe", "cancel", "sink_sum", "sink_mixed", "sink_affine"
-SINK_UNARY = "sink_unary"
+SINK_UNARY, HOIST_AFFINE = "sink_unary", "hoist_affine"
 
 
 def _perm(node: gs.Node) -> tuple[int, ...] | None:
@@ -103,8 +111,8 @@ class Candidate:
     transposes: list[gs.Node] = field(default_factory=list)  # sums: the sunk Transposes (by operand); DEDUPE: the copies
     chain: list[gs.Node] = field(default_factory=list)  # affine nodes, in data order
     sides: list[int] = field(default_factory=list)  # SINK_MIXED: [index of T(a) operand, index of Z operand]
-    base: gs.Tensor | None = None  # SINK_MIXED: X; SINK_AFFINE: the Conv output c
-    inverse: gs.Node | None = None  # SINK_MIXED: the Transpose T(X, q)
+    base: gs.Tensor | None = None  # SINK_MIXED, HOIST_AFFINE: X; SINK_AFFINE: the Conv output c
+    inverse: gs.Node | None = None  # SINK_MIXED: the Transpose T(X, q); HOIST_AFFINE: the other T(X, p)
 
     @property
     def target(self) -> gs.Tensor:
@@ -116,7 +124,7 @@ class Candidate:
         out = [self.root, *self.transposes, *self.chain]
         if self.keep is not None:
             out.append(self.keep)
-        if self.inverse is not None and self.kind == SINK_MIXED:
+        if self.inverse is not None and self.kind in (SINK_MIXED, HOIST_AFFINE):
             out.append(self.inverse)
         if self.kind == CANCEL:
             out += _raw_readers(self.root.outputs[0])
@@ -263,6 +271,13 @@ def _match_transpose(node: gs.Node, view: GraphView, copies: dict, ctx: Context)
     if is_op(inner, ops.TRANSPOSE):
         out.append(Candidate(CANCEL, node, keep=inner))
         return out
+    perm = _perm(node)
+    if _is_perm(perm) and is_op(inner, *ops.AFFINE_BINARY_OPS):
+        found = _backward_chain(x, _inverse(perm), view, node)
+        if found is not None and found[1]:
+            base, chain, other = found
+            out.append(Candidate(HOIST_AFFINE, node, chain=chain, base=base, inverse=other))
+            return out
     chain = _forward_chain(node.outputs[0], view)
     if chain:
         chain = _per_channel_prefix(chain, node, x, view, ctx)
@@ -313,7 +328,7 @@ def _check_opset(c: Candidate, view: GraphView, ctx: Context) -> str | None:
 
 
 def _check_perm(c: Candidate, view: GraphView, ctx: Context) -> str | None:
-    nodes = [c.root] if c.kind in (CANCEL, SINK_AFFINE, SINK_UNARY) else list(c.transposes)
+    nodes = [c.root] if c.kind in (CANCEL, SINK_AFFINE, SINK_UNARY, HOIST_AFFINE) else list(c.transposes)
     if c.keep is not None:
         nodes.append(c.keep)
     for n in nodes:
@@ -356,6 +371,13 @@ def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None
         for t in c.transposes if c.kind == DEDUPE else [c.root]:
             if view.escapes(t.outputs[0]):
                 return f"tensor '{t.outputs[0].name}' is a graph output"
+        return None
+    if c.kind == HOIST_AFFINE:
+        for i, n in enumerate(c.chain):
+            reader = c.chain[i + 1] if i + 1 < len(c.chain) else c.root
+            reason = outside_reader_reason(n.outputs[0], [reader], view)
+            if reason:
+                return reason
         return None
     if c.kind in (SINK_SUM, SINK_MIXED):
         for t in c.transposes:
@@ -414,8 +436,8 @@ def _check_shape(c: Candidate, view: GraphView, ctx: Context) -> str | None:
         shape = ctx.shape(c.base)
         if shape is None or len(shape) != rank or not isinstance(shape[1], int):
             return f"the shape of '{c.base.name}' is not known with rank {rank} and static channels"
-    if c.kind in (SINK_AFFINE, SINK_MIXED):
-        rank = len(_perm(c.root if c.kind == SINK_AFFINE else c.transposes[0]))
+    if c.kind in (SINK_AFFINE, SINK_MIXED, HOIST_AFFINE):
+        rank = len(_perm(c.transposes[0] if c.kind == SINK_MIXED else c.root))
         for n in c.chain:
             _, k = _const_operand(n, view)
             if np.ndim(k) > rank:
@@ -550,6 +572,12 @@ class NormalizeLayout:
             return _reissue_readers(_raw_readers(c.root.outputs[0]), [c.root.outputs[0]], x, ctx,
                                     f"Transposes '{c.keep.name}' then '{c.root.name}' cancel")
         target = c.target
+        if c.kind == HOIST_AFFINE:
+            perm = _perm(c.root)
+            copy, y = _new_transpose(ctx, c.base, perm, c.inverse.outputs[0], f"{c.inverse.name or 'transpose'}/copy")
+            nodes, _ = _reissue_chain(c, view, ctx, y, perm, last_out=target)
+            return Plan(target, [copy, *nodes],
+                        f"{len(c.chain)} affine(s) moved after Transpose '{c.root.name}' (a copy of '{c.inverse.name}' reads their input)")
         if c.kind == SINK_UNARY:
             perm, u = _perm(c.root), c.chain[0]
             inner = _var(ctx, f"{target.name}.inner", target, _permuted_shape(ctx.shape(target), _inverse(perm)))

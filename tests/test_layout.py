@@ -163,6 +163,35 @@ def test_layout_rewrites_pass_their_own_region_checks(spelling):
     assert histogram(out) == FOLDED_NHWC
 
 
+def tf2onnx_block(b: Builder):
+    """A RepVGG block as tf2onnx's optimizer leaves it: the conv branches read ``T(x)`` in NCHW (their
+    BNs folded), the identity BN is ``Mul/Add`` on the NHWC input ahead of a Transpose of its own."""
+    t = b.node("Transpose", ["x"], perm=TO_NCHW)
+    terms = [b.conv(t, C, C, k) for k in (3, 1)]
+    terms.append(b.node("Transpose", [bn_last_axis(b, "x", "muladd")], perm=TO_NCHW))
+    return b.node("Transpose", [b.relu(b.sum(terms))], perm=TO_NHWC)
+
+
+def test_identity_affine_ahead_of_its_transpose_joins_the_block():
+    b = nhwc_builder(seed=7)
+    model = b.model(tf2onnx_block(b))
+    out, report = optimize(model, verify=True)
+    assert any("moved after Transpose" in s for s in layout(report, "rewrites"))
+    assert histogram(out) == FOLDED_NHWC
+    assert_equivalent(model, out, b.feeds())
+
+
+def test_hoisted_affine_read_elsewhere_stays():
+    b = nhwc_builder(seed=7)
+    t = b.node("Transpose", ["x"], perm=TO_NCHW)
+    scaled = b.node("Mul", ["x", b.const(np.full((C,), 1.5, np.float32))])
+    moved = b.node("Transpose", [scaled], perm=TO_NCHW)
+    model = b.model(b.add(b.conv(t, C, C, 3), moved), scaled)
+    out, report = optimize(model)
+    assert not any("moved after Transpose" in s for s in layout(report, "rewrites"))
+    assert any(r.startswith("single_use:") for r in layout(report)), layout(report)
+
+
 def test_two_nhwc_blocks_in_a_row_cancel_between():
     """Block 2 reads block 1's NHWC output: its Transposes cancel with block 1's last one."""
     b = nhwc_builder(seed=5)
