@@ -19,8 +19,8 @@ import onnxruntime as ort
 
 import numpy as np
 
-from .equivalence import graph_inputs, has_symbolic_batch, random_inputs
-from .errors import OnnxrepError, UsageError
+from .equivalence import DEFAULT_DIM, graph_inputs, has_symbolic_batch, is_batch_dim, random_inputs
+from .errors import OnnxrepError, UsageError, first_line
 
 
 @dataclass
@@ -64,7 +64,7 @@ def session(model: onnx.ModelProto, threads: int = 2, provider: str = "CPUExecut
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # a failing run is reported as one line (run_failure), not logged too
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
 
@@ -99,6 +99,34 @@ def feeds_for(
                 )
     first = next(iter(models.values()))
     return random_inputs(first, seed=0, dims=dims, batch=1 if batch is None else batch)
+
+
+def unset_dims(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> list[str]:
+    """The symbolic dims of the model's inputs that take :data:`DEFAULT_DIM` (not batch dims, not
+    in ``dims``)."""
+    dims = dims or {}
+    names: list[str] = []
+    for vi in graph_inputs(model):
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if is_batch_dim(axis, d) or (d.HasField("dim_value") and d.dim_value > 0):
+                continue
+            name = d.dim_param or f"{vi.name}[{axis}]"
+            if name not in dims and name not in names:
+                names.append(name)
+    return names
+
+
+def run_failure(err: BaseException, model: onnx.ModelProto, dims: dict[str, int] | None = None) -> OnnxrepError:
+    """The one-line error for models that do not run on the timing input, with a hint when
+    symbolic dims took the default value."""
+    message = f"the models do not run in onnxruntime: {first_line(err)}"
+    unset = unset_dims(model, dims)
+    if unset:
+        named = [n for n in unset if "[" not in n]
+        message += f"; symbolic dims set by default: {', '.join(f'{n}={DEFAULT_DIM}' for n in unset)}"
+        if named:
+            message += f" (give their values with --dim {','.join(f'{n}=...' for n in named)})"
+    return OnnxrepError(message)
 
 
 def batch_of(feeds: dict[str, np.ndarray]) -> int | None:

@@ -823,7 +823,7 @@ def bench(paths, ep, batch, threads, rounds, warmup, dims, json_path, quiet):
     except OnnxrepError:
         raise
     except Exception as err:
-        raise OnnxrepError(f"the models do not run in onnxruntime: {first_line(err)}") from None
+        raise bench_mod.run_failure(err, models[names[0]], dims) from None
     progress.end("bench", f"{rounds} rounds")
     ref = timings[names[0]].median_ms
     width = max(len(n) for n in names)

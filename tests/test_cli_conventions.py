@@ -399,3 +399,33 @@ def test_help_lists_the_exit_codes():
     res = invoke("--help")
     for code, text in cli.EXIT_CODES.items():
         assert f"{code}" in res.stdout and text.split(":")[0] in res.stdout
+
+
+def _needs_dims(path):
+    """x [N, 8, H, W] -> Reshape to [N, 512] -> MatMul: runs only where 8 * H * W == 512."""
+    from onnx import helper as h
+
+    shape = onnx.numpy_helper.from_array(np.array([0, 512], np.int64), "shape")
+    w = onnx.numpy_helper.from_array(np.ones((512, 4), np.float32), "w")
+    nodes = [h.make_node("Reshape", ["x", "shape"], ["r"]), h.make_node("MatMul", ["r", "w"], ["y"])]
+    graph = h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8, "H", "W"])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], [shape, w],
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+
+
+def test_bench_on_dims_that_need_values_says_which_in_one_line(tmp_path):
+    path = tmp_path / "dims.onnx"
+    _needs_dims(path)
+    proc = subprocess.run([*onnxrep_command(), "bench", str(path), "--rounds", "1"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("onnxrep: loaded") and len(lines) == 2, proc.stderr
+    assert lines[1].startswith("error: the models do not run")
+    assert "symbolic dims set by default: H=32, W=32 (give their values with --dim H=...,W=...)" in proc.stderr
+    assert not CONTROL.search(proc.stderr)  # no coloured onnxruntime log line
+    proc = subprocess.run(
+        [*onnxrep_command(), "bench", str(path), "--rounds", "1", "--dim", "H=8,W=8", "-q"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
