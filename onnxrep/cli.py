@@ -246,9 +246,10 @@ class _Progress:
 
     _live = False  # a status line is on the terminal (cleared before any other output)
 
-    def __init__(self, quiet: bool = False, **names: str):
+    def __init__(self, quiet: bool = False, lines: bool = True, **names: str):
         self.quiet = quiet
         self.tty = _stderr_is_tty()
+        self.lines = lines  # the plain lines off a terminal (check prints a result per model instead)
         self.timings: dict[str, float] = {}
         self.names = names  # stage -> what it works on (a path), for the lines
         self._start: dict[str, float] = {}
@@ -299,7 +300,7 @@ class _Progress:
             return seconds
         if self.tty:
             self.clear_line()
-        else:
+        elif self.lines:
             click.echo(f"onnxrep: {_STAGE_WORDS.get(stage, stage)} {detail} in {seconds:.2f} s".replace("  ", " "), err=True)
         return seconds
 
@@ -615,6 +616,13 @@ def optimize(
     json_path = json_path or report_path
     only, skip = _split(only), _split(skip)
     shapes = _parse_input_shapes(input_shapes)
+    if no_verify:
+        unused = [name for name, given in (
+            ("--dim", dims), ("--check-inputs", check_inputs), ("--rtol", rtol is not None), ("--atol", atol is not None),
+            ("--on-mismatch", on_mismatch != "fail"),
+        ) if given]
+        if unused:
+            raise UsageError(f"{', '.join(unused)} shape{'s' if len(unused) == 1 else ''} the verification, which --no-verify turns off")
     check = api.Check(seeds, _parse_dims(dims), tuple(_load_inputs(check_inputs)), rtol, atol)
     api.check_options(only, skip, on_mismatch, tolerance, check)
     api.check_writable(output_path)
@@ -721,7 +729,7 @@ def check(paths, only, skip, allow_cost_increase, tolerance, input_shapes, json_
         try:
             _, report, left = api.inspect(
                 path, passes=only, skip=skip, allow_cost_increase=allow_cost_increase, tolerance=tolerance,
-                input_shapes=shapes or None, cleanup=False, progress=_Progress(quiet, load=path),
+                input_shapes=shapes or None, cleanup=False, progress=_Progress(quiet, lines=False),
             )
         except UsageError:
             raise  # the same for every model (an input_shapes name this one lacks): a usage error

@@ -115,6 +115,8 @@ def test_output_usage_errors_exit_2_and_write_nothing(train, tmp_path, monkeypat
         (["optimize", "train.onnx", "o.onnx", "--input-shapes", "x:1,4,8,8"], 2, "has size 8 on axis 1"),
         (["optimize", "train.onnx", "o.onnx", "--input-shapes", "x:1,8,8"], 2, "has rank 4"),
         (["optimize", "train.onnx", "o.onnx", "--nosuchoption"], 2, "No such option"),
+        (["optimize", "train.onnx", "o.onnx", "--no-verify", "--dim", "nosuchdim=4"], 2, "--dim shapes the verification"),
+        (["optimize", "train.onnx", "o.onnx", "--no-verify", "--rtol", "1e-3", "--on-mismatch", "bisect"], 2, "--rtol, --on-mismatch shape the verification"),
         (["optimize", "missing.onnx", "o.onnx"], 1, "no such file"),
         (["optimize", "train.onnx", "nowhere/o.onnx"], 1, "does not exist"),
         (["optimize", "train.onnx", "o.onnx", "--json", "nowhere/r.json"], 1, "does not exist"),
@@ -193,6 +195,7 @@ def test_check_fails_on_foldable_structure_and_lists_it(train, deploy, tmp_path)
     res = invoke("check", deploy)
     assert res.exit_code == 0, res.stderr
     assert f"{deploy}: ok, nothing to fold" in res.stdout
+    assert res.stderr == ""  # one result line per model, no stage lines in a CI log
     out = tmp_path / "o.onnx"
     assert invoke("optimize", train, out, "-q").exit_code == 0
     assert invoke("check", out).exit_code == 0  # an optimized model passes
@@ -297,6 +300,16 @@ def test_input_shapes_fix_the_output_and_show_in_the_summary(train, tmp_path):
     dims = [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [2, 8, 8, 8]
     assert json.loads((tmp_path / "r.json").read_text())["input_shapes"] == {"x": [2, 8, 8, 8]}
+
+
+def test_verify_takes_input_shapes(train, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert invoke("optimize", train, out, "-q").exit_code == 0
+    res = invoke("verify", train, out, "--input-shapes", "x:3,8,8,8", "--seeds", "1", "--json", "-")
+    assert res.exit_code == 0, res.stderr
+    assert {tuple(s["shapes"]["x"]) for s in json.loads(res.stdout)["input_sets"]} == {(3, 8, 8, 8)}
+    res = invoke("verify", train, out, "--input-shapes", "x:3,8,8")
+    assert res.exit_code == 2 and "has rank 4" in error_line(res)
 
 
 def test_dim_takes_comma_lists(tmp_path):
