@@ -604,14 +604,25 @@ def _contradictions(model: onnx.ModelProto, shapes: dict, runs: list[dict]) -> l
 
 @dataclass
 class Cost:
-    """Multiply-accumulates of one inference (symbolic dims counted as 1) and weight elements."""
+    """Multiply-accumulates of one inference (symbolic dims counted as 1), weight elements, and the
+    elements of the intermediate tensors (what the nodes compute that is no graph output: each is
+    written once and read at least once, so twice this is a lower bound of the activation traffic
+    of one inference besides the weights read)."""
 
     macs: int
     params: int
     exact: bool  # False when some shape was symbolic or unknown
+    activations: int = 0
+    activations_exact: bool = False
 
     def to_dict(self) -> dict:
-        return {"macs": self.macs, "params": self.params, "macs_exact": self.exact}
+        return {"macs": self.macs, "params": self.params, "macs_exact": self.exact,
+                "activations": self.activations, "activations_exact": self.activations_exact}
+
+    def traffic(self, weights: int) -> int:
+        """Elements moved by one inference at the least: ``weights`` read once, each intermediate
+        tensor written once and read once."""
+        return weights + 2 * self.activations
 
 
 def _dims(shape) -> tuple[int, bool]:
@@ -651,7 +662,25 @@ def model_cost(model: onnx.ModelProto, shapes: dict[str, tuple] | None = None) -
             macs += int(out_n * (k if isinstance(k, int) else 1))
             exact &= ok and isinstance(k, int)
     params = sum(prod(i.dims) for i in model.graph.initializer if i.data_type in _FLOAT_TYPES)
-    return Cost(macs, params, exact)
+    activations, act_exact = _activations(model.graph, shapes)
+    return Cost(macs, params, exact, activations, act_exact)
+
+
+def _activations(graph: onnx.GraphProto, shapes: dict[str, tuple]) -> tuple[int, bool]:
+    """Elements of the tensors the main graph's nodes compute that are no graph output (Constant
+    nodes' values count as weights, not here), and whether every shape was known."""
+    outputs = {o.name for o in graph.output}
+    total, exact = 0, True
+    for node in graph.node:
+        if node.op_type == ops.CONSTANT and node.domain in ops.DEFAULT_DOMAINS:
+            continue
+        for name in node.output:
+            if not name or name in outputs:
+                continue
+            n, ok = _dims(shapes.get(name))
+            total += n
+            exact &= ok
+    return total, exact
 
 
 _FLOAT_TYPES = {

@@ -16,8 +16,9 @@ Gemm and MatMul, counted like :func:`onnxrep.cost.model_cost`, and elements of n
 initializers and Constant nodes) less what the nodes it leaves dead cost; the report gives these per rewrite and per
 pass (``macs_delta``, ``params_delta``). A pass may accept a dearer intermediate that a later pass
 takes in (conv-chain before parallel-merge), but the run as a whole may not end dearer than its
-input: unless ``Options.allow_cost_increase``, a run whose output has more MACs or more weights
-than its input (the main graph by :func:`onnxrep.cost.model_cost` plus the values of its Constant
+input: unless ``Options.allow_cost_increase``, a run whose output has more MACs, or more weights
+without moving fewer elements per inference (weights and intermediate tensors together, all shapes
+known: :meth:`onnxrep.cost.Cost.traffic`), than its input (the main graph by :func:`onnxrep.cost.model_cost` plus the values of its Constant
 nodes, :func:`model_weights`; each subgraph body by the sum of its rewrites' charges) is run again with the rewrites responsible left out (condition
 ``net_cost``): first those that added cost and whose nodes are still in the output, then any that
 added cost, and as a last resort all of them.
@@ -618,9 +619,21 @@ def _dearer(report: Report, state: _Run, weights_before: int, weights_after: int
         more_macs = sum(c.macs for c in state.charges.values()) > 0
     if more_macs or body[0] > 0:
         more.append("MACs")
-    if weights_after > weights_before or body[1] > 0:
+    if body[1] > 0 or (weights_after > weights_before and not _less_traffic(report, weights_before, weights_after)):
         more.append("weights")
     return " and ".join(more)
+
+
+def _less_traffic(report: Report, weights_before: int, weights_after: int) -> bool:
+    """Whether the output moves fewer elements per inference than the input, weights and
+    intermediate tensors together (:meth:`onnxrep.cost.Cost.traffic`), with every shape known. A
+    fold that removes a node and gives a bias-free layer a bias (an affine before a Gemm without
+    one) adds a few weights but saves more: the node's own parameters and the tensor it wrote
+    and its reader read. Weights alone are no cost: their traffic is."""
+    before, after = report.cost_before, report.cost_after
+    if not (before.activations_exact and after.activations_exact):
+        return False
+    return after.traffic(weights_after) < before.traffic(weights_before)
 
 
 def _culprits(state: _Run, names: set[str], held: dict[str, str]) -> list[str]:
