@@ -20,7 +20,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 from . import __version__, engine, io, misses, regions
 from . import cleanup as _cleanup
 from .cost import Cost
-from .equivalence import VerifyResult, compare, graph_inputs, progress_steps
+from .equivalence import DEFAULT_DIM, VerifyResult, compare, graph_inputs, is_batch_dim, progress_steps
 from .errors import InputError, UsageError, VerificationError, first_line
 from .graph import op_histogram, quiet_graphsurgeon
 from .rewrite import Options
@@ -170,6 +170,33 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+def interface(model: onnx.ModelProto) -> dict:
+    """Opset (default domain), IR version, and each graph input (initializers excluded) and output
+    with its dtype and shape (ints for static dims, names for symbolic ones, None for unknown;
+    shape None when the rank is unknown)."""
+
+    def value(vi: onnx.ValueInfoProto) -> dict:
+        if not vi.type.HasField("tensor_type"):
+            return {"name": vi.name, "dtype": vi.type.WhichOneof("value") or "?", "shape": None}
+        t = vi.type.tensor_type
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        except (KeyError, ValueError, TypeError):
+            dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+        shape = None if not t.HasField("shape") else [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+        ]
+        return {"name": vi.name, "dtype": dtype, "shape": shape}
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "opset": opset,
+        "ir_version": model.ir_version,
+        "inputs": [value(vi) for vi in graph_inputs(model)],
+        "outputs": [value(vi) for vi in model.graph.output],
+    }
+
+
 @dataclass
 class Report(engine.Report):
     """What :func:`optimize` did. ``to_dict()`` gives it as JSON-ready data with
@@ -187,8 +214,9 @@ class Report(engine.Report):
     condition that stopped it), ``input_shapes`` (as fixed), ``input_external_data`` (whether the
     input kept weights in external files), ``size_before`` / ``size_after`` (bytes of tensor data,
     :func:`onnxrep.io.tensor_bytes`), ``changed`` (whether the output differs from the input at
-    all: a rewrite, a cleanup step or a fixed input shape) and ``output`` (the file written, if
-    any)."""
+    all: a rewrite, a cleanup step or a fixed input shape), ``output`` (the file written, if
+    any), and ``interface_before`` / ``interface_after`` (:func:`interface` of the model as given
+    and of the result)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     cleanup: dict[str, int] | None = None
@@ -199,6 +227,8 @@ class Report(engine.Report):
     size_after: int = 0
     changed: bool = False
     output: str | None = None
+    interface_before: dict | None = None
+    interface_after: dict | None = None
 
     @classmethod
     def from_engine(cls, report: engine.Report) -> "Report":
@@ -220,6 +250,8 @@ class Report(engine.Report):
             "size_after": self.size_after,
             "changed": self.changed,
             "output": self.output,
+            "interface_before": self.interface_before,
+            "interface_after": self.interface_after,
         }
         if timings:
             d["seconds"] = {k: round(v, 6) for k, v in self.seconds.items()}
@@ -508,28 +540,31 @@ def optimize_file(
     base_dir: str | os.PathLike | None = None,
     input_shapes: Shapes | None = None,
     cleanup: bool = True,
+    write_unchanged: bool = True,
 ) -> Report:
     """:func:`optimize` ``model`` (verified by default) and write the result to ``output``
     atomically (:func:`save`), only after verification passed; returns the report. ``output`` is
     checked to be writable before any work. ``external_data``: None writes external data when the
     input had it (always above 1.8 GB). Without verification a file's large weights are not read
     into memory: they are copied from the input file to the output where no pass changed them
-    (the input file must not change meanwhile)."""
+    (the input file must not change meanwhile). With ``write_unchanged=False`` nothing is written
+    when the result equals the input (``report.changed`` False; ``report.output`` None)."""
     _, report = _optimize(
         model, passes, skip, allow_cost_increase, verify, seeds, dims, progress, on_mismatch, tolerance,
         rtol, atol, inputs, base_dir, input_shapes, cleanup, output=output, external_data=external_data,
+        write_unchanged=write_unchanged,
     )
     return report
 
 
 def _optimize(
     model, passes, skip, allow_cost_increase, verify, seeds, dims, progress, on_mismatch, tolerance,
-    rtol, atol, inputs, base_dir, input_shapes, cleanup, output, external_data,
+    rtol, atol, inputs, base_dir, input_shapes, cleanup, output, external_data, write_unchanged=True,
 ) -> tuple[onnx.ModelProto, Report]:
     """The one sequence behind :func:`optimize`, :func:`optimize_file` and the command line."""
     only, skip = pass_names(passes, "passes"), pass_names(skip, "skip")
     check = Check(seeds, dims, tuple(inputs), rtol, atol)
-    _validate_flags(allow_cost_increase=allow_cost_increase, verify=verify, cleanup=cleanup)
+    _validate_flags(allow_cost_increase=allow_cost_increase, verify=verify, cleanup=cleanup, write_unchanged=write_unchanged)
     if external_data is not None and not isinstance(external_data, bool):
         raise UsageError(f"external_data must be True, False or None, got {external_data!r}")
     check_options(only, skip, on_mismatch, tolerance, check if verify else None)
@@ -547,6 +582,7 @@ def _optimize(
             # stay in the file until then, and the result gets the untouched ones from there
             opened = _open(model, base_dir, lazy=not verify and output is not None)
             src, reshaped = opened.model, False
+            interface_before = interface(src)
             if shapes:
                 if not opened.owned:
                     copy = onnx.ModelProto()
@@ -567,8 +603,9 @@ def _optimize(
         report.input_shapes = shapes
         report.input_external_data = _had_external(model)
         report.size_before, report.size_after = size_before, io.tensor_bytes(out)
+        report.interface_before, report.interface_after = interface_before, interface(out)
         report.changed = bool(report.rewritten or reshaped or any((report.cleanup or {}).values()))
-        if output is not None:
+        if output is not None and (write_unchanged or report.changed):
             external = report.input_external_data if external_data is None else external_data
             with stages.stage("write"):
                 io.save(out, output, external=external)
@@ -630,9 +667,9 @@ def _cleaned(raw: onnx.ModelProto, report: Report, model: onnx.ModelProto, clean
         # weights by the engine's measure (float initializers and Constant node values), before and
         # after: a Constant node that became an initializer moved, it was not added
         before = report.cost_before
-        report.cost_before = Cost(before.macs, engine.model_weights(model, before), before.exact)
+        report.cost_before = replace(before, params=engine.model_weights(model, before))
         after = report.cost_after
-        report.cost_after = Cost(after.macs, engine.model_weights(out, Cost(0, _float_params(out), True)), after.exact)
+        report.cost_after = replace(after, params=engine.model_weights(out, Cost(0, _float_params(out), True)))
     if stages is not None:
         log.info("cleanup: %s", ", ".join(f"{k} {v}" for k, v in report.cleanup.items()))
     return out
@@ -711,11 +748,50 @@ def passed(result: VerifyResult, region_checks) -> bool:
     return result.ok and not _differing(region_checks)
 
 
+#: How :func:`onnxrep.equivalence.compare` begins the message when the original model itself
+#: fails to run on an input set it needs.
+_ORIGINAL_FAILS = "the original model fails in onnxruntime"
+
+
 def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, check: Check, progress=None) -> VerifyResult:
-    return compare(
-        a, b, seeds=check.seeds, dims=dict(check.dims or {}), progress=progress,
-        rtol=check.rtol, atol=check.atol, inputs=list(check.inputs),
-    )
+    """:func:`onnxrep.equivalence.compare` with ``check``'s settings. When the original model
+    ``a`` does not run on the inputs made for it, that is an :class:`InputError` (no rewrite is to
+    blame), ending with the values the symbolic dims were given by default, if any."""
+    try:
+        return compare(
+            a, b, seeds=check.seeds, dims=dict(check.dims or {}), progress=progress,
+            rtol=check.rtol, atol=check.atol, inputs=list(check.inputs),
+        )
+    except VerificationError as err:
+        message = str(err)
+        if not message.startswith(_ORIGINAL_FAILS):
+            raise
+        defaults = default_dims(a, check.dims)
+        if defaults:
+            message += (
+                f"; symbolic dims set by default: {', '.join(defaults)} (give their values with --dim NAME=INT "
+                "or --input-shapes NAME:D1,D2,..; in Python dims= or input_shapes=)"
+            )
+        raise InputError(message) from None
+
+
+def default_dims(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> list[str]:
+    """The dims of ``model``'s inputs that the verification sets by default (symbolic or unknown,
+    not in ``dims``): ``NAME=value`` (``input[axis]=value`` for an unnamed one), batch dims at
+    1 and 2."""
+    dims = dims or {}
+    out: list[str] = []
+    for vi in graph_inputs(model):
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            if d.dim_param and d.dim_param in dims:
+                continue
+            value = "1 and 2" if is_batch_dim(axis, d) else str(DEFAULT_DIM)
+            text = f"{d.dim_param}={value}" if d.dim_param else f"{vi.name}[{axis}]={value}"
+            if text not in out:
+                out.append(text)
+    return out
 
 
 def _rewrite_keys(report: engine.Report) -> list[str]:

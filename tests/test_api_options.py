@@ -227,3 +227,86 @@ def test_outputs_agree_with_the_original_at_the_fixed_shape():
     out, _ = onnxrep.optimize(model, input_shapes={"x": [2, 8, 8, 8]})
     x = np.random.default_rng(3).standard_normal((2, 8, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=2e-5, atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# a model that does not run on the inputs made for it; interface; write_unchanged; costs
+# --------------------------------------------------------------------------------------------
+
+
+def _flatten_model():
+    """x [N, 8, H, W] -> Reshape [0, 512] -> MatMul: runs only where H * W = 64."""
+    w = np.random.default_rng(0).standard_normal((512, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["y"]),
+    ]
+    inits = [onnx.numpy_helper.from_array(np.array([0, 512], np.int64), "shape"), onnx.numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8, "H", "W"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_an_original_that_does_not_run_on_the_default_dims_is_an_input_error_with_a_hint():
+    model = _flatten_model()
+    with pytest.raises(onnxrep.InputError) as err:
+        onnxrep.optimize(model, verify=True, seeds=1)
+    text = str(err.value)
+    assert text.startswith("the original model fails in onnxruntime on input set")
+    assert text.endswith(
+        "; symbolic dims set by default: N=1 and 2, H=32, W=32 (give their values with --dim NAME=INT or "
+        "--input-shapes NAME:D1,D2,..; in Python dims= or input_shapes=)"
+    ), text
+    assert not isinstance(err.value, onnxrep.VerificationError)
+    # with the dims given, it runs and verifies
+    _, report = onnxrep.optimize(model, verify=True, seeds=1, dims={"H": 8, "W": 8})
+    assert report.verification["ok"]
+    _, report = onnxrep.optimize(model, verify=True, seeds=1, input_shapes={"x": [2, 8, 4, 16]})
+    assert report.verification["ok"]
+
+
+def test_interface_before_and_after():
+    model = _model()
+    _, report = onnxrep.optimize(model, input_shapes={"x": [2, 8, 8, 8]})
+    assert report.interface_before == {
+        "opset": 17, "ir_version": 8,
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 8, 8, 8]}],
+        "outputs": [{"name": model.graph.output[0].name, "dtype": "float32", "shape": ["N", 8, 8, 8]}],
+    }
+    assert report.interface_after["inputs"] == [{"name": "x", "dtype": "float32", "shape": [2, 8, 8, 8]}]
+    assert report.to_dict()["interface_after"] == report.interface_after
+
+
+def test_optimize_file_can_leave_an_unchanged_model_unwritten(tmp_path):
+    b = Builder(4, input_shape=[1, 4, 8, 8])
+    src = tmp_path / "in.onnx"
+    onnx.save(b.model(b.relu(b.conv("x", 4, 4, 3))), src)
+    report = api.optimize_file(src, tmp_path / "out.onnx", write_unchanged=False, seeds=1)
+    assert not report.changed and report.output is None and "write" not in report.seconds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+    report = api.optimize_file(src, tmp_path / "out.onnx", seeds=1)
+    assert report.output and (tmp_path / "out.onnx").exists()
+    changed = tmp_path / "train.onnx"
+    onnx.save(_model(), changed)
+    report = api.optimize_file(changed, tmp_path / "deploy.onnx", write_unchanged=False, seeds=1)
+    assert report.changed and (tmp_path / "deploy.onnx").exists()
+    with pytest.raises(UsageError, match="write_unchanged must be True or False"):
+        api.optimize_file(changed, tmp_path / "x.onnx", write_unchanged="no")
+
+
+def test_costs_after_cleanup_keep_every_field_of_the_engine():
+    from test_cleanup import _fastvit_like
+
+    model, _ = _fastvit_like()
+    _, raw = onnxrep.optimize(model, cleanup=False)
+    _, report = onnxrep.optimize(model)
+    for before, after in ((raw.cost_before, report.cost_before), (raw.cost_after, report.cost_after)):
+        assert after.macs == before.macs and after.exact == before.exact
+        for name in set(vars(before)) - {"params"}:
+            assert getattr(after, name) == getattr(before, name), name
+    # Constant-node values count as weights before and after; the shared bias is counted once
+    assert report.cost_after.params == raw.cost_after.params + 3 - 8
