@@ -153,12 +153,7 @@ ABSENT: dict[str, str] = {}
 #: (model, exporter) -> what onnxrep leaves over compared with the deploy export (node counts:
 #: optimized training export minus deploy export); the cases tests/test_zoo.py marks
 #: xfail(strict=True). Regenerate with ``python benchmarks/zoo.py`` (ZOO.md, "left over").
-KNOWN_MISSES: dict[tuple[str, str], str] = {
-    ("efficientvit_m0", "dynamo"): (
-        "BatchNormalization 1 > 0 (left over: BatchNormalization +1; declined: "
-        "conv-chain/single_use x16, normalize-layout/inverse_transpose x6, conv-chain/border x2)"
-    ),
-}
+KNOWN_MISSES: dict[tuple[str, str], str] = {}
 
 
 def absent_models() -> dict[str, str]:
