@@ -57,6 +57,18 @@ EXIT_CODES = {
 
 STDOUT = "-"
 
+#: What each command's arguments are (click shows arguments without help; the README's option
+#: tables take it from here).
+ARGUMENTS = {
+    ("optimize", "IN"): "The model to optimize (.onnx; external data beside it).",
+    ("optimize", "OUT"): "Where to write the result (or -o OUT). May be IN.",
+    ("check", "MODEL..."): "One or more models to check (as pre-commit passes them).",
+    ("inspect", "IN"): "The model to inspect.",
+    ("verify", "A"): "The reference model.",
+    ("verify", "B"): "The model that must compute the same outputs.",
+    ("bench", "MODEL..."): "The models to time; ratios are to the first.",
+}
+
 
 def _fail(message: str, code: int = EXIT_ERROR) -> None:
     click.echo(f"error: {message}", err=True)
@@ -494,8 +506,8 @@ def _options(*opts):
 
 
 _pass_options = _options(
-    click.option("--passes", "only", multiple=True, help="Comma-separated passes to run (default: all). See `onnxrep passes`."),
-    click.option("--skip", multiple=True, help="Comma-separated passes to leave out."),
+    click.option("--passes", "only", multiple=True, metavar="NAMES", help="Comma-separated passes to run (default: all; repeatable). See `onnxrep passes`."),
+    click.option("--skip", multiple=True, metavar="NAMES", help="Comma-separated passes to leave out (repeatable)."),
     click.option(
         "--allow-cost-increase", is_flag=True, help="Also apply rewrites that raise MACs or weights (e.g. HetConv densifying)."
     ),
@@ -504,6 +516,7 @@ _pass_options = _options(
         type=click.FloatRange(min=0.0),
         default=0.0,
         show_default=True,
+        metavar="T",
         help="identical-filters: also merge filters that differ by at most this (max abs). Not exact: opt-in.",
     ),
     click.option(
@@ -511,16 +524,16 @@ _pass_options = _options(
         "input_shapes",
         multiple=True,
         metavar="NAME:D1,D2,...",
-        help="Fix an input's shape for the passes and the verification, e.g. x:1,3,224,224 (repeatable).",
+        help="Fix an input's shape for the passes (and the verification), e.g. x:1,3,224,224; static shapes let more folds apply (repeatable).",
     ),
 )
 
 _check_options = _options(
-    click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Random seeds for verification (each at magnitudes x1, x10, x1000)."),
+    click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), metavar="N", help="Random seeds for verification (each at magnitudes x1, x10, x1000)."),
     click.option("--dim", "dims", multiple=True, metavar="NAME=INT", help="Value of a symbolic dim for verification (repeatable, or comma-separated: H=8,W=8)."),
     click.option("--check-inputs", "check_inputs", multiple=True, metavar="NAME:FILE.npy|FILE.npz", help="Also verify on these inputs: NAME:FILE.npy (together one set) or FILE.npz (one set each); repeatable."),
-    click.option("--rtol", type=click.FloatRange(min=0.0), default=None, help="Relative tolerance (default: from each output's dtype)."),
-    click.option("--atol", type=click.FloatRange(min=0.0), default=None, help="Absolute tolerance (default: from each output's dtype)."),
+    click.option("--rtol", type=click.FloatRange(min=0.0), default=None, metavar="FLOAT", help="Relative tolerance (default: from each output's dtype)."),
+    click.option("--atol", type=click.FloatRange(min=0.0), default=None, metavar="FLOAT", help="Absolute tolerance (default: from each output's dtype)."),
 )
 
 
@@ -532,7 +545,7 @@ _cleanup_option = click.option(
     "--cleanup/--no-cleanup",
     default=True,
     show_default=True,
-    help="After folding, turn Constant nodes into initializers, remove Identity nodes, drop unused and share duplicate initializers.",
+    help="After folding, turn Constant nodes into initializers, remove Identity nodes, drop unused and share duplicate initializers (default: on).",
 )
 
 _quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and JSON asked for with --json -).")
@@ -580,7 +593,7 @@ def _output_path(positional: str | None, option: str | None) -> str:
 
 @main.command()
 @click.argument("input_path", metavar="IN", type=click.Path(path_type=str))
-@click.argument("output_arg", metavar="OUT", required=False, type=click.Path(path_type=str))
+@click.argument("output_arg", metavar="[OUT]", required=False, type=click.Path(path_type=str))
 @click.option("-o", "--output", "output_opt", metavar="OUT", type=click.Path(path_type=str), help="Where to write the optimized model (or OUT as the second argument).")
 @_pass_options
 @_json_option("the report")
@@ -797,10 +810,10 @@ def verify(model_a, model_b, seeds, dims, check_inputs, rtol, atol, input_shapes
 @main.command()
 @click.argument("paths", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Execution provider.")
-@click.option("--batch", default=None, type=click.IntRange(min=1), help="Batch size: the value of symbolic batch dims (default 1); a model with a static batch is refused unless it is that size.")
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="Intra-op threads (CPU).")
-@click.option("--rounds", default=50, show_default=True, type=click.IntRange(min=1), help="Timed interleaved rounds.")
-@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0), help="Untimed runs of each model first.")
+@click.option("--batch", default=None, type=click.IntRange(min=1), metavar="N", help="Batch size: the value of symbolic batch dims (default 1); a model with a static batch is refused unless it is that size.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), metavar="N", help="Intra-op threads (CPU).")
+@click.option("--rounds", default=50, show_default=True, type=click.IntRange(min=1), metavar="N", help="Timed interleaved rounds.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0), metavar="N", help="Untimed runs of each model first.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=INT", help="Value of a symbolic dim (repeatable, or comma-separated).")
 @_json_option("the timings")
 @_quiet_option
@@ -862,12 +875,12 @@ def list_passes():
 
 
 @main.command()
-@click.option("--family", default="repvgg-a0", show_default=True, help="Which network from onnxrep.models.")
-@click.option("--resolution", default=224, show_default=True, type=click.IntRange(min=8), help="Input height and width.")
-@click.option("--width-scale", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True), help="Channel width multiplier.")
-@click.option("--rounds", default=20, show_default=True, type=click.IntRange(min=1), help="Timed rounds per model.")
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="Intra-op threads (CPU).")
-@click.option("--save-dir", type=click.Path(file_okay=False, path_type=str), help="Also save the three models here.")
+@click.option("--family", default="repvgg-a0", show_default=True, metavar="NAME", help="Which network from onnxrep.models.")
+@click.option("--resolution", default=224, show_default=True, type=click.IntRange(min=8), metavar="PIXELS", help="Input height and width.")
+@click.option("--width-scale", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True), metavar="FLOAT", help="Channel width multiplier.")
+@click.option("--rounds", default=20, show_default=True, type=click.IntRange(min=1), metavar="N", help="Timed rounds per model.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), metavar="N", help="Intra-op threads (CPU).")
+@click.option("--save-dir", type=click.Path(file_okay=False, path_type=str), metavar="DIR", help="Also save the three models here.")
 @_guarded
 def demo(family, resolution, width_scale, rounds, threads, save_dir):
     """Build a training-time network, optimize and verify it, and compare latency on the CPU."""

@@ -25,25 +25,30 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _names(param: click.Parameter) -> str:
+def _metavar(param: click.Parameter, command: click.Command) -> str:
+    """The metavar as --help shows it."""
+    ctx = click.Context(command)
+    try:
+        return param.make_metavar(ctx)
+    except TypeError:  # click < 8.2
+        return param.make_metavar()
+
+
+def _names(param: click.Parameter, command: click.Command) -> str:
     if isinstance(param, click.Argument):
-        name = param.make_metavar(click.Context(click.Command("x")))
-        return name
-    names = ", ".join(param.opts + param.secondary_opts)
+        return _metavar(param, command)
+    names = ", ".join(param.opts) + "".join(f" / {o}" for o in param.secondary_opts)
     if not param.is_flag and not param.count:
-        metavar = param.metavar or param.type.name.upper()
-        names += f" {metavar}"
+        names += f" {_metavar(param, command)}"
     return names
 
 
-def _help(param: click.Parameter) -> str:
+def _help(param: click.Parameter, command: click.Command) -> str:
     if isinstance(param, click.Argument):
-        return "argument" + ("" if param.required else " (optional)")
+        name = _metavar(param, command).strip("[]")
+        text = cli.ARGUMENTS[(command.name, name)]
+        return text if param.required else f"Optional. {text}"
     text = param.help or ""
-    if param.multiple:
-        text += " Repeatable."
-    if isinstance(param.type, click.Choice):
-        text += f" One of: {', '.join(param.type.choices)}."
     if param.show_default and param.default is not None and not param.is_flag:
         text += f" Default: {param.default}."
     return text
@@ -55,7 +60,7 @@ def options_table(command: click.Command) -> str:
     for param in command.params:
         if isinstance(param, click.Option) and param.hidden:
             continue
-        rows.append(f"| `{_cell(_names(param))}` | {_cell(_help(param))} |")
+        rows.append(f"| `{_cell(_names(param, command))}` | {_cell(_help(param, command))} |")
     rows.append("| `-h, --help` | Show the help and exit. |")
     return "\n".join(rows) + "\n"
 
@@ -94,16 +99,15 @@ def test_every_command_has_its_options_table_in_the_readme():
 
 
 def test_the_tables_name_every_option_of_the_help_text():
-    """The generated tables and click's own --help list the same option names."""
+    """Each option as the table names it (flags and metavar) is in click's own --help."""
     from helpers import invoke
 
     for name, cmd in cli.main.commands.items():
         help_text = invoke(name, "--help").stdout
-        table = options_table(cmd)
         for param in cmd.params:
-            if isinstance(param, click.Option):
-                for opt in param.opts + param.secondary_opts:
-                    assert opt in help_text and f"`{opt}" in table or f" {opt}" in table, (name, opt)
+            names = _names(param, cmd)
+            assert names in help_text, (name, names)
+            assert f"| `{_cell(names)}` |" in options_table(cmd)
 
 
 def test_the_readme_names_each_command_and_exit_code():
