@@ -474,10 +474,6 @@ def _rounds(n: int) -> str:
     return f"{n} round{'' if n == 1 else 's'}"
 
 
-def _interfaces(report) -> tuple[dict | None, dict | None]:
-    return getattr(report, "interface_before", None), getattr(report, "interface_after", None)
-
-
 def _timing_line(timings: dict[str, float]) -> str:
     """``1.23 s (load 0.01, passes 0.40, ...)`` from a report's stage timings."""
     parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in timings.items() if k != "total")
@@ -647,24 +643,15 @@ def optimize(
         dims=check.dims, progress=progress, on_mismatch=on_mismatch, tolerance=tolerance, rtol=rtol, atol=atol,
         inputs=check.inputs, input_shapes=shapes or None, cleanup=cleanup,
     )
-    if fail_if_unchanged:
-        # the result is written only when something changed
-        out, report = api.optimize(input_path, **kwargs)
-        if report.changed:
-            progress.start("write", output_path)
-            api.save(out, output_path, external_data=report.input_external_data if external_data is None else external_data)
-            report.seconds["write"] = progress.end("write", output_path)
-            report.seconds["total"] = report.seconds.get("total", 0.0) + report.seconds["write"]
-            report.output = output_path
-        del out
-    else:
-        report = api.optimize_file(input_path, output_path, external_data=external_data, **kwargs)
+    report = api.optimize_file(
+        input_path, output_path, external_data=external_data, write_unchanged=not fail_if_unchanged, **kwargs
+    )
     left_out = (report.verification or {}).get("left_out")
     if left_out:
         names = ", ".join(f"{c['candidate']} ({c['pass']})" for c in left_out)
         verb = "was" if len(left_out) == 1 else "were"
         click.echo(f"warning: rewrite{'s' if len(left_out) > 1 else ''} {names} broke equivalence and {verb} left out", err=True)
-    say(op_table(report, report.size_before, report.size_after, *_interfaces(report)))
+    say(op_table(report, report.size_before, report.size_after, report.interface_before, report.interface_after))
     say(pass_summary(report, verbose))
     say(layer_table(report))
     say(cleanup_line(report))
@@ -711,7 +698,7 @@ def inspect(input_path, only, skip, allow_cost_increase, tolerance, input_shapes
         input_path, passes=only, skip=skip, allow_cost_increase=allow_cost_increase, tolerance=tolerance,
         input_shapes=shapes or None, cleanup=cleanup, progress=_Progress(quiet, load=input_path),
     )
-    say(op_table(report, report.size_before, report.size_after, *_interfaces(report)))
+    say(op_table(report, report.size_before, report.size_after, report.interface_before, report.interface_after))
     say(pass_summary(report, details=True))
     say(layer_table(report))
     say(cleanup_line(report))
@@ -894,7 +881,7 @@ def demo(family, resolution, width_scale, rounds, threads, save_dir):
     deploy = build(deploy=True, resolution=resolution, width_scale=width_scale)
     progress = _Progress()
     optimized, report = api.optimize(train, verify=True, progress=progress)
-    click.echo(op_table(report, report.size_before, report.size_after, *_interfaces(report)))
+    click.echo(op_table(report, report.size_before, report.size_after, report.interface_before, report.interface_after))
     click.echo(pass_summary(report, details=False))
     click.echo(f"optimized; verified against the training graph: ok; {_timing_line(report.seconds)}")
     if save_dir:

@@ -299,6 +299,9 @@ def test_input_shapes_fix_the_output_and_show_in_the_summary(train, tmp_path):
     assert res.exit_code == 0, res.stderr
     dims = [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [2, 8, 8, 8]
+    assert re.search(r"\| input x\s+\|\s+float32 \[N, 8, 8, 8\] \|\s+float32 \[2, 8, 8, 8\] \|", res.stdout), res.stdout
+    assert re.search(r"\| opset / IR\s+\|\s+\d+ / \d+ \|", res.stdout)
+    assert re.search(r"\| output \S+\s+\|\s+float32 \[N, 8, 8, 8\] \|\s+float32 \[2, 8, 8, 8\] \|", res.stdout), res.stdout
     assert json.loads((tmp_path / "r.json").read_text())["input_shapes"] == {"x": [2, 8, 8, 8]}
 
 
@@ -442,3 +445,18 @@ def test_bench_on_dims_that_need_values_says_which_in_one_line(tmp_path):
         [*onnxrep_command(), "bench", str(path), "--rounds", "1", "--dim", "H=8,W=8", "-q"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_a_model_that_needs_dim_values_is_bad_input_with_a_hint(tmp_path):
+    path = tmp_path / "dims.onnx"
+    _needs_dims(path)
+    res = invoke("optimize", path, tmp_path / "o.onnx")
+    assert res.exit_code == 1  # the input does not run on the inputs made for it: no mismatch (3)
+    line = error_line(res)
+    assert "the original model fails in onnxruntime" in line
+    assert "symbolic dims set by default:" in line and "H=32, W=32" in line and "--dim" in line
+    assert not (tmp_path / "o.onnx").exists()
+    res = invoke("optimize", path, tmp_path / "o.onnx", "--dim", "H=8,W=8", "-q")
+    assert res.exit_code == 0, res.stderr
+    res = invoke("optimize", path, tmp_path / "o2.onnx", "--input-shapes", "x:1,8,8,8", "-q")
+    assert res.exit_code == 0, res.stderr
