@@ -576,22 +576,38 @@ def _kernel_check(model, out, report: Report, held: dict[str, str], costed):
     suspects = [k for k in _applied(report) if k not in held]
     best = None  # (out, report, held, kernels) of the last run with no more kernels than the input
     runs, pipeline_runs = 0, report.runs
-    while suspects and runs < MAX_KERNEL_RUNS:
-        halves = [suspects] if best is None else [suspects[: len(suspects) // 2], suspects[len(suspects) // 2:]]
-        narrowed = False
-        for half in halves:
-            if not half or runs >= MAX_KERNEL_RUNS:
-                continue
-            trial_held = dict(held)
-            trial_held.update({k: reason for k in half})
-            t_out, t_report, _, t_held = costed(trial_held)
-            runs += 1
-            pipeline_runs += t_report.runs
-            count = kernels.count_kernels(t_out)
-            if count.taken and count.count <= before.count:
-                best, suspects, narrowed = (t_out, t_report, t_held, count.count), half, True
+
+    def trial(keys):
+        nonlocal runs, pipeline_runs
+        trial_held = dict(held)
+        trial_held.update({k: reason for k in keys})
+        t_out, t_report, _, t_held = costed(trial_held)
+        runs += 1
+        pipeline_runs += t_report.runs
+        count = kernels.count_kernels(t_out)
+        ok = count.taken and count.count <= before.count
+        return (t_out, t_report, t_held, count.count) if ok else None, t_report
+
+    # first all of them; a run without them may make rewrites of its own (candidates that the
+    # left-out rewrites had replaced), which join the suspects
+    while suspects and best is None and runs < MAX_KERNEL_RUNS:
+        best, t_report = trial(suspects)
+        if best is None:
+            more = [k for k in _applied(t_report) if k not in held and k not in suspects]
+            if not more:
                 break
-        if best is None or not narrowed or len(suspects) == 1:
+            suspects += more
+    # then by halves, while one half is enough
+    while best is not None and len(suspects) > 1 and runs < MAX_KERNEL_RUNS:
+        narrowed = False
+        for half in (suspects[: len(suspects) // 2], suspects[len(suspects) // 2:]):
+            if runs >= MAX_KERNEL_RUNS:
+                break
+            found, _ = trial(half)
+            if found is not None:
+                best, suspects, narrowed = found, half, True
+                break
+        if not narrowed:
             break
     if best is None:  # the last resort: no rewrite at all
         t_out, t_report, _, t_held = costed(dict(held), hold_all=reason)

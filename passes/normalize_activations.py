@@ -9,7 +9,9 @@ conversion too. Spellings seen in exports and hand-written models that onnxrunti
 fuse: GELU with ``Mul(x, 1/sqrt(2))`` instead of ``Div(x, sqrt(2))`` or with the 0.5 applied to
 ``1 + erf`` (OpenVINO's forms), TorchScript's tanh GELU (``x*x*x``, the 0.5 applied last), and
 every HardSwish / HardSigmoid decomposition (``x * relu6(x + 3) / 6`` and its variants; onnxruntime
-fuses none). What each becomes:
+fuses none). torch's dynamo exporter (default opset 20) writes ``nn.GELU`` as the ``Gelu`` op
+itself, both approximations, which onnxruntime runs as one kernel (bit for bit its fused Gelu's
+result): there is nothing to do for it. What each decomposition becomes:
 
 ==================  ==================================  ==========================================
 function            at the model's default opset >= N    below it (the spelling onnxruntime fuses)
@@ -83,6 +85,8 @@ class Spelling:
     x: gs.Tensor
     nodes: tuple[gs.Node, ...]
     constants: list[tuple[gs.Tensor, float]] = field(default_factory=list)
+    #: the spelling is already the one this pass writes below the standard op's opset
+    target_spelling: bool = False
 
     @property
     def output(self) -> gs.Tensor:
@@ -132,9 +136,10 @@ def _other(view: GraphView, node: gs.Node, tensor: gs.Tensor) -> gs.Tensor | Non
     return None
 
 
-def _product_tail(view: GraphView, t: gs.Tensor, x: gs.Tensor, nodes: list) -> tuple[list, list] | None:
+def _product_tail(view: GraphView, t: gs.Tensor, x: gs.Tensor, nodes: list) -> tuple[list, list, str] | None:
     """The product of ``t`` (``1 + erf`` or ``1 + tanh``), ``x`` and 0.5 in any grouping, starting
-    from ``t``: ``(nodes, [(half, 0.5)])`` with the last node computing the product, or None."""
+    from ``t``: ``(nodes, [(half, 0.5)], grouping)`` with the last node computing the product and
+    ``grouping`` one of ``(x*t)*h``, ``x*(t*h)``, ``(x*h)*t``; or None."""
     mul = _user(view, t, ops.MUL)
     if mul is None:
         return None
@@ -146,17 +151,17 @@ def _product_tail(view: GraphView, t: gs.Tensor, x: gs.Tensor, nodes: list) -> t
         split = _split(view, last, ops.MUL)
         if split is None or not _same(view, split[0], mul.outputs[0]):
             return None
-        return nodes + [mul, last], [(split[1], 0.5)]
+        return nodes + [mul, last], [(split[1], 0.5)], "(x*t)*h"
     if view.is_constant(other):  # x * (t * 0.5)
         last = _user(view, mul.outputs[0], ops.MUL)
         if last is None or not _same(view, _other(view, last, mul.outputs[0]), x):
             return None
-        return nodes + [mul, last], [(other, 0.5)]
+        return nodes + [mul, last], [(other, 0.5)], "x*(t*h)"
     half = view.producer(other)  # (x * 0.5) * t
     split = _split(view, half, ops.MUL)
     if split is None or not _same(view, split[0], x):
         return None
-    return nodes + [half, mul], [(split[1], 0.5)]
+    return nodes + [half, mul], [(split[1], 0.5)], "(x*h)*t"
 
 
 def _gelu_erf(view: GraphView, erf: gs.Node) -> Spelling | None:
@@ -173,8 +178,9 @@ def _gelu_erf(view: GraphView, erf: gs.Node) -> Spelling | None:
         tail = _product_tail(view, add.outputs[0], x, [pre, erf, add])
         if tail is None:
             return None
-        nodes, halves = tail
-        return Spelling(GELU_ERF, x, tuple(nodes), constants + [(split[1], 1.0)] + halves)
+        nodes, halves, grouping = tail
+        ort_pattern_2 = div is not None and grouping == "(x*t)*h"
+        return Spelling(GELU_ERF, x, tuple(nodes), constants + [(split[1], 1.0)] + halves, ort_pattern_2)
     half = _user(view, e, ops.MUL)  # x * (0.5 + 0.5 * erf)
     split = _split(view, half, ops.MUL)
     if split is None or not _same(view, split[0], e):
@@ -234,7 +240,7 @@ def _gelu_tanh(view: GraphView, tanh: gs.Node) -> Spelling | None:
         tail = _product_tail(view, add.outputs[0], x, nodes + [add])
         if tail is None:
             return None
-        tail_nodes, halves = tail
+        tail_nodes, halves, _ = tail
         constants = cube_consts + [(m0[1], GELU_CUBIC), (k, SQRT_2_OVER_PI), (one[1], 1.0)] + halves
         return Spelling(GELU_TANH, x, tuple(tail_nodes), constants)
     return None
@@ -365,6 +371,8 @@ def _check_fused_already(s: Spelling, view: GraphView, ctx: Context) -> str | No
     f = fusion_members(view).get(id(s.nodes[-1]))
     if f is not None and ORT in f.runtimes and {id(n) for n in f.nodes} == {id(n) for n in s.nodes}:
         return f"onnxruntime already fuses this {s.function} spelling into one {f.fused_op} kernel"
+    if s.target_spelling and (default_opset(ctx) or 0) < GELU_OPSET:
+        return f"this {s.function} spelling is already the one onnxruntime fuses"
     return None
 
 

@@ -15,7 +15,7 @@ from test_parallel_merge import assert_equivalent
 
 import onnxrep
 from onnxrep import engine, kernels
-from onnxrep.passes import _fusions
+from onnxrep.passes import affine_fold
 
 C, H, W = 4, 6, 6
 
@@ -91,7 +91,7 @@ def test_large_input_not_checked(monkeypatch):
 
 
 def test_check_catches_a_fusion_the_catalogue_does_not_know(monkeypatch):
-    """With the catalogue empty (a fusion it does not know of), affine-fold folds GELU's Mul(0.5)
+    """With affine-fold blind to the catalogue (a fusion it does not know of), it folds GELU's Mul(0.5)
     into the next Conv: no dearer by MACs and weights, but onnxruntime no longer fuses the GELU and
     its graph has more kernels. The check leaves that rewrite out and keeps the other (the BN
     folded into the first Conv, which onnxruntime fuses as well: the same count).
@@ -99,7 +99,7 @@ def test_check_catches_a_fusion_the_catalogue_does_not_know(monkeypatch):
     The count is of the whole graph: a fold elsewhere that saves kernels (a RepVGG block's
     branches merged) can make up for a broken fusion, which the check then lets pass; the
     catalogue in passes/_fusions.py is what keeps each fusion."""
-    monkeypatch.setattr(_fusions, "find_fusions", lambda view: [])
+    monkeypatch.setattr(affine_fold, "breaks_fusion", lambda nodes, view: None)
     b = Builder(C, (H, W))
     t = b.bn(b.conv("x", C, 8, 3), 8)
     a = b.node("Add", [b.node("Erf", [b.node("Div", [t, b.const(np.array(math.sqrt(2.0)))])]), b.const(np.array(1.0))])
@@ -148,3 +148,21 @@ def test_check_falls_back_to_no_rewrite(monkeypatch):
     assert report.kernel_check.startswith("every rewrite left out (kernel_count)")
     assert report.left_out_for_cost and all(v.startswith("kernel_count: ") for v in report.left_out_for_cost.values())
     assert len(calls) <= 2 + engine.MAX_KERNEL_RUNS + 1
+
+
+def test_rewrites_a_run_without_the_suspects_makes_join_them(monkeypatch):
+    """A run that leaves out the suspects can make rewrites of its own (here normalize-activations,
+    told that onnxruntime fuses nothing, rewrites TorchScript's GELU into the same spelling under
+    new names, and affine-fold folds its Mul(0.5) under a new key): those join the suspects, and
+    the output keeps onnxruntime's Gelu."""
+    from onnxrep.passes import _fusions, normalize_activations
+
+    monkeypatch.setattr(_fusions, "find_fusions", lambda view: [])
+    monkeypatch.setattr(normalize_activations, "CONDITIONS", [c for c in normalize_activations.CONDITIONS if c[0] != "fused_already"])
+    b, model = gelu_between_convs()
+    out, report = onnxrep.optimize(model)
+    assert report.kernels_after <= report.kernels_before
+    assert kernels.count_kernels(out).ops.get("com.microsoft:Gelu") == 1
+    held = [k for k, v in report.left_out_for_cost.items() if v.startswith("kernel_count: ")]
+    assert len(held) == 3 and sum("->" in k for k in held) == 2, held  # two Mul folds, one of them new
+    assert_equivalent(model, out, b.feeds())

@@ -390,3 +390,15 @@ def test_exports(kind, exporter, tmp_path):
         assert fused["com.microsoft:FastGelu"] == 1
     else:
         assert histogram(out).get({"hardswish": "HardSwish", "hardsigmoid": "HardSigmoid"}[kind]) == 1
+
+
+def test_onnxruntimes_own_spelling_is_not_rewritten_into_itself(monkeypatch):
+    """Below opset 20 the pass writes TorchScript's erf GELU (onnxruntime's pattern 2); found in the
+    graph it is left as it is even where the catalogue would not say onnxruntime fuses it."""
+    monkeypatch.setattr(na, "fusion_members", lambda view: {})
+    b = Builder(C, (H, W), opset=17)
+    reason = declined(around(b, gelu_erf("div-2")), "fused_already")
+    assert reason == "fused_already: this GELU (erf) spelling is already the one onnxruntime fuses"
+    b = Builder(C, (H, W), opset=20)  # at opset 20 it becomes the Gelu op
+    out, _ = run_pass(around(b, gelu_erf("div-2")), b)
+    assert histogram(out) == {"Conv": 2, "Gelu": 1}
