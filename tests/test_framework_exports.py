@@ -41,13 +41,14 @@ AFFINE = ("Add", "Sub", "Mul", "Div")
 #: (exporter, network) -> what is left over and why
 KNOWN_MISSES: dict[tuple[str, str], str] = {
     ("tf2onnx", "dbb"): (
-        "tf2onnx's optimizer folds the ring's Sub(b) into the 1x1 conv's bias and leaves Pad(0) -> Add(b) "
-        "(its BN bias folded too): conv-chain finds no padding ring (border) and the 1x1 -> 3x3 chain and the "
-        "avg-pool branch stay (4 Conv)"
+        "tf2onnx folds the ring's Sub(b) into the 1x1 conv's bias in float32 and its Pad(0) into the 3x3 conv's "
+        "pads: the bias BN(0) - b is one-ulp leftovers (1.5e-8), not 0, so conv-chain finds no zero ring "
+        "(border) and the 1x1 -> 3x3 chain stays; the avg-pool branch's ring Pad(0) -> Add(b) stays (4 Conv)"
     ),
     ("tf2onnx_noopt", "dbb"): (
-        "the ring is Sub(b) -> Pad(0) -> Add(b) in NHWC, with Transposes around each conv: the ring is not "
-        "recognized across the layout moves and the 1x1 -> 3x3 chain and the avg-pool branch stay (4 Conv)"
+        "the rings' Pad(0) -> Add(b) sit in NHWC between the 1x1 conv's Transpose out and the 3x3 conv's / "
+        "avg-pool's Transpose in: normalize-layout moves no Transpose through a Pad, so conv-chain sees no "
+        "NCHW ring (ring: elements taken from the source are not zero-padded copies) and both stay (4 Conv)"
     ),
     ("paddle2onnx", "repvgg_s2"): (
         "paddle2onnx writes the pad value of nn.Pad2D as the float32 with bit pattern 33 (4.6e-44), not 0: "
