@@ -581,7 +581,7 @@ def _optimize(
             # without verification a file's weights are needed only where a pass reads them: they
             # stay in the file until then, and the result gets the untouched ones from there
             opened = _open(model, base_dir, lazy=not verify and output is not None)
-            src, reshaped = opened.model, False
+            src, reshaped, had_external = opened.model, False, opened.external
             interface_before = interface(src)
             if shapes:
                 if not opened.owned:
@@ -601,7 +601,7 @@ def _optimize(
             report.not_rewritten = misses.to_list(left)
             report._misses = left  # the Miss objects, for inspect
         report.input_shapes = shapes
-        report.input_external_data = _had_external(model)
+        report.input_external_data = had_external
         report.size_before, report.size_after = size_before, io.tensor_bytes(out)
         report.interface_before, report.interface_after = interface_before, interface(out)
         report.changed = bool(report.rewritten or reshaped or any((report.cleanup or {}).values()))
@@ -613,17 +613,6 @@ def _optimize(
             log.info("write: %s in %.2f s", output, stages.seconds["write"])
     report.seconds = dict(stages.seconds) | {"total": stages.total()}
     return out, report
-
-
-def _had_external(model: ModelLike) -> bool:
-    """Whether the model the caller gave keeps weights in external files."""
-    if isinstance(model, (str, os.PathLike)):
-        try:
-            return io.uses_external_data(onnx.load(str(model), load_external_data=False))
-        except Exception:  # noqa: BLE001 - it was loaded before; a race is no reason to fail here
-            return False
-    proto = model if isinstance(model, onnx.ModelProto) else getattr(model, "model_proto", None)
-    return isinstance(proto, onnx.ModelProto) and io.uses_external_data(proto)
 
 
 def _run(model, only, skip, options: Options, check: Check | None, on_mismatch: str, cleanup: bool, stages: _Stages):

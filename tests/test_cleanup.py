@@ -304,3 +304,23 @@ def test_lazily_read_duplicates_are_shared_when_written_without_verification(tmp
     assert [t.name for t in out.graph.initializer] == ["w1"]
     feeds = {"x": np.ones(shape, np.float32)}
     assert np.array_equal(run(out, feeds)[0], run(m, feeds)[0])
+
+
+@pytest.mark.zoo
+def test_timm_fastvit_torchscript_export_ends_without_constant_or_identity_nodes(tmp_path_factory):
+    """timm's fastvit_t8 as TorchScript exports it holds Constant and Identity nodes (so does its
+    deploy form's export); onnxrep's output holds none, keeps its output names, and verifies."""
+    import os
+
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    import zoo_models as zm
+    folder = os.environ.get("ONNXREP_ZOO_CACHE") or tmp_path_factory.mktemp("zoo-cleanup")
+    train, _ = zm.Builder(folder).paths("fastvit_t8", zm.TORCHSCRIPT)
+    model = onnx.load(train)
+    assert histogram(model)[ops.CONSTANT] > 0 and histogram(model)[ops.IDENTITY] > 0
+    out, report = onnxrep.optimize(train, verify=True, seeds=1)
+    assert report.verification["ok"]
+    assert ops.CONSTANT not in histogram(out) and ops.IDENTITY not in histogram(out)
+    assert report.cleanup["constants"] > 0 and report.cleanup["identities"] > 0
+    assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
