@@ -580,7 +580,7 @@ def _optimize(
         with stages.stage("load"):
             # without verification a file's weights are needed only where a pass reads them: they
             # stay in the file until then, and the result gets the untouched ones from there
-            opened = _open(model, base_dir, lazy=not verify and output is not None)
+            opened = _open(model, base_dir, lazy=not verify)
             src, reshaped, had_external = opened.model, False, opened.external
             interface_before = interface(src)
             if shapes:
@@ -621,7 +621,9 @@ def _run(model, only, skip, options: Options, check: Check | None, on_mismatch: 
         raw, report = engine.run(model, only, skip, options, stages.pass_step)
         report = Report.from_engine(report)
     log.info("passes: %d rewritten in %d rounds, %.2f s", report.rewritten, report.rounds, stages.seconds["passes"])
-    out = _cleaned(raw, report, model, cleanup, stages)
+    # with verification the rewritten regions are checked in the engine's output, where the
+    # report's rewrites name them: the cleanup works on a copy then
+    out = _cleaned(raw, report, model, cleanup, stages, copy=check is not None)
     # every tensor of the output is encoded from an array of its shape or comes from the checked input
     io.check(out, data=False)
     if check is None:
@@ -642,15 +644,19 @@ def _run(model, only, skip, options: Options, check: Check | None, on_mismatch: 
     return out, report
 
 
-def _cleaned(raw: onnx.ModelProto, report: Report, model: onnx.ModelProto, cleanup: bool, stages: _Stages | None = None):
-    """The engine's output ``raw`` after :func:`onnxrep.cleanup.cleanup` (a copy: the regions of
-    ``report``'s rewrites are named in ``raw``), with the report's histogram and cost after it."""
+def _cleaned(raw: onnx.ModelProto, report: Report, model: onnx.ModelProto, cleanup: bool, stages: _Stages | None = None,
+             copy: bool = True):
+    """The engine's output ``raw`` after :func:`onnxrep.cleanup.cleanup` (on a copy with
+    ``copy``, else in place), with the report's histogram and cost after it."""
     if not cleanup:
         return raw
     timer = stages.stage("cleanup") if stages is not None else _no_stage()
     with timer:
-        out = onnx.ModelProto()
-        out.CopyFrom(raw)
+        if copy:
+            out = onnx.ModelProto()
+            out.CopyFrom(raw)
+        else:
+            out = raw
         report.cleanup = _cleanup.cleanup(out)
         report.ops_after = op_histogram(out)
         # weights by the engine's measure (float initializers and Constant node values), before and
