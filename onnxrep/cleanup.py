@@ -10,7 +10,8 @@
 * ``initializers``  initializers that nothing reads are dropped;
 * ``value_info``    value_info entries of tensors that no node computes any more are dropped.
 
-Only the main graph is changed. If / Loop / Scan bodies are left as they are, and no name that a
+Only the main graph is changed, and Constant nodes stay in models of IR version 3 or older
+(where every initializer is also a graph input). If / Loop / Scan bodies are left as they are, and no name that a
 body reads from the enclosing graph is renamed, removed or redirected (a Constant node's output
 becomes an initializer of the same name, which a body still sees). Graph inputs, graph outputs
 and their names are never touched; initializers that are graph inputs (defaults a caller may
@@ -35,6 +36,9 @@ from . import io, ops
 STEPS = ("constants", "identities", "shared", "initializers", "value_info")
 
 _HASH_CHUNK = 1 << 24
+
+#: The IR version from which an initializer need not be listed among the graph inputs.
+_IR_INITIALIZERS_WITHOUT_INPUTS = 4
 
 
 def _default_domain(node: onnx.NodeProto) -> bool:
@@ -159,10 +163,13 @@ def cleanup(model: onnx.ModelProto) -> dict[str, int]:
     inputs = {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
 
-    # Constant nodes -> initializers
+    # Constant nodes -> initializers (from IR version 4 on: before it, every initializer must also
+    # be a graph input, which a caller could then feed)
     constants: list[int] = []
     for index, node in enumerate(graph.node):
-        if node.op_type == ops.CONSTANT and _default_domain(node) and node.output and node.output[0] not in outputs:
+        if model.ir_version < _IR_INITIALIZERS_WITHOUT_INPUTS:
+            break
+        if node.op_type == ops.CONSTANT and _default_domain(node) and node.output and node.output[0] and node.output[0] not in outputs:
             tensor = _constant_tensor(node)
             if tensor is not None:
                 graph.initializer.append(tensor)

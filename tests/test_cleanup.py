@@ -328,3 +328,21 @@ def test_timm_fastvit_torchscript_export_ends_without_constant_or_identity_nodes
     assert ops.CONSTANT not in histogram(out) and ops.IDENTITY not in histogram(out)
     assert report.cleanup["constants"] > 0 and report.cleanup["identities"] > 0
     assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
+
+
+def test_constant_nodes_stay_in_an_ir_version_3_model():
+    """Before IR version 4 every initializer is also a graph input (a value a caller may feed):
+    a Constant node made an initializer would have to become one."""
+    value = numpy_helper.from_array(np.array(2.0, np.float32))
+    nodes = [helper.make_node(ops.CONSTANT, [], ["c"], value=value), helper.make_node("Mul", ["x", "c"], ["y"])]
+    g = helper.make_graph(nodes, "g", [_vi("x")], [_vi("y")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 8)])
+    m.ir_version = 3
+    onnx.checker.check_model(m)
+    out = _copy(m)
+    assert cleanup(out)["constants"] == 0
+    assert out.SerializeToString() == m.SerializeToString()
+    m.ir_version = 4
+    out = _copy(m)
+    assert cleanup(out)["constants"] == 1
+    onnx.checker.check_model(out)
