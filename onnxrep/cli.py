@@ -189,6 +189,8 @@ def _check_json_target(path: str | None, models: list[str], outputs: list[str] =
     """A ``--json`` file: writable, and neither a model read nor the model written."""
     if not path or path == STDOUT:
         return
+    if path.endswith(".onnx"):
+        raise UsageError(f"--json {path}: a report is not written over a .onnx file (a model given after --json?)")
     for other in [*models, *outputs]:
         if _same_file(path, other):
             raise UsageError(f"--json {path}: is also a model path; the report would replace it")
@@ -266,7 +268,6 @@ class _Progress:
         self.names = names  # stage -> what it works on (a path), for the lines
         self._start: dict[str, float] = {}
         self._rounds = 0
-        self.t0 = time.perf_counter()
 
     def __call__(self, event) -> None:
         """Take an :class:`onnxrep.Progress` event of the API."""
@@ -318,9 +319,6 @@ class _Progress:
 
     def running(self, stage: str) -> bool:
         return stage in self._start
-
-    def total(self) -> float:
-        return time.perf_counter() - self.t0
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,7 +532,10 @@ _check_options = _options(
 
 
 def _json_option(what: str):
-    return click.option("--json", "json_path", metavar="PATH", type=click.Path(path_type=str), help=f"Write {what} as JSON to PATH ('-': stdout, the text then goes to stderr).")
+    return click.option(
+        "--json", "json_path", metavar="PATH", type=click.Path(path_type=str), is_flag=False, flag_value=STDOUT,
+        help=f"Write {what} as JSON to PATH; to stdout with '-' or no PATH (the text then goes to stderr).",
+    )
 
 
 _cleanup_option = click.option(

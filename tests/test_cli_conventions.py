@@ -85,8 +85,8 @@ def test_positional_output_like_onnxsim(train, tmp_path):
         ([], "missing output: give OUT or -o OUT"),
         (["a.onnx", "-o", "b.onnx"], "two different outputs given"),
         (["a.onnx", "--json", "r.json", "--report", "s.json"], "two different reports given"),
-        (["a.onnx", "--json", "train.onnx"], "is also a model path"),
-        (["a.onnx", "--json", "a.onnx"], "is also a model path"),
+        (["a.onnx", "--json", "train.onnx"], "not written over a .onnx file"),
+        (["a.onnx", "--json", "a.onnx"], "not written over a .onnx file"),
     ],
 )
 def test_output_usage_errors_exit_2_and_write_nothing(train, tmp_path, monkeypatch, args, words):
@@ -128,7 +128,8 @@ def test_output_usage_errors_exit_2_and_write_nothing(train, tmp_path, monkeypat
         (["verify", "train.onnx", "missing.onnx"], 1, "no such file"),
         (["bench", "train.onnx", "--rounds", "0"], 2, "--rounds"),
         (["bench", "train.onnx", "--dim", "nosuchdim=4"], 2, "no symbolic dim 'nosuchdim'"),
-        (["bench", "train.onnx", "--json", "train.onnx"], 2, "is also a model path"),
+        (["bench", "train.onnx", "--json", "train.onnx"], 2, "not written over a .onnx file"),
+        (["verify", "train.onnx", "m.model", "--json", "m.model"], 2, "is also a model path"),
         (["demo", "--family", "nope"], 2, "unknown family 'nope'"),
     ],
 )
@@ -283,9 +284,17 @@ def test_json_path_is_written_with_umask_permissions(train, tmp_path, command):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
-def test_inspect_json_needs_a_value(train):
+def test_json_without_a_path_is_stdout_and_never_a_model_file(train, deploy, tmp_path):
     res = invoke("inspect", train, "--json")
-    assert res.exit_code == 2 and "requires an argument" in error_line(res)
+    assert res.exit_code == 0 and json.loads(res.stdout)["rewritten"] == 1
+    res = invoke("check", train, "--json")
+    assert res.exit_code == 5 and json.loads(res.stdout)["exit_code"] == 5
+    before = files(tmp_path)
+    res = invoke("inspect", "--json", deploy, train)  # a model taken for the report's path
+    assert res.exit_code == 2 and "not written over a .onnx file" in error_line(res)
+    res = invoke("inspect", "--json", train)
+    assert res.exit_code == 2 and "Missing argument 'IN'" in error_line(res)
+    assert files(tmp_path) == before
 
 
 # --------------------------------------------------------------------------------------------
