@@ -27,6 +27,12 @@ Rewrites (``T(x, p)`` is ``Transpose(x, perm=p)``):
                     ``p``: tf2onnx's optimizer writes a block's identity BN as an affine on the NHWC
                     input ahead of the Transpose the conv branches read; so moved, the identity branch
                     reads that Transpose (a new copy of it, which dedupe merges).
+  * ``cancel_through`` ``T(S_k(...S_1(T(c, p))), q)`` with ``q`` the inverse of ``p``, where each ``S_i``
+                    is an Add/Sub/Mul/Div by a constant, a Pad with constant pads, or an element-wise
+                    activation, and one at least is not an activation -> ``S'_k(...S'_1(c))``:
+                    constants (right-aligned to the rank) and pads permuted by ``q``, both Transposes
+                    gone (an NHWC padding ring ``T(Add(Pad(T(conv)), b))`` of a DBB block then sits
+                    on the conv's NCHW output, where conv-chain finds it).
   * ``sink_unary``  ``U(T(x, p))`` for an element-wise activation ``U`` whose output a Transpose
                     with the inverse perm reads -> ``T(U(x), p)``, which that Transpose then cancels
                     (``T -> Relu -> T`` between two NHWC blocks).
@@ -64,7 +70,10 @@ Conditions (checked in this order):
                        with one output and no subgraph (dedupe: the copies have a reader).
   7. ``conv_producer`` sink_affine: the Transpose reads the output of a Conv with constant weights.
   8. ``static_shape``  sink_affine: the Conv output's shape is known (evidence, ``ctx.shape``) with
-                       rank ``len(p)``; sink_mixed: each chain constant has at most that rank.
+                       rank ``len(p)``; sink_mixed, hoist_affine, cancel_through: each chain
+                       constant has at most that rank.
+  8b. ``constant_pads`` cancel_through: every Pad's pads are a constant of length ``2 len(p)`` and it
+                       has no ``axes`` input.
   9. ``per_channel``   sink_affine: the constant broadcasts along the channel axis only (a
                        constant over spatial positions would not fold).
 """
@@ -82,9 +91,10 @@ from onnxrep.rewrite import Context, Decline, Match, NewNode, Plan, run_checks
 
 from . import register
 from ._common import LEGACY_OPSET, affine_data_input, graph_opset, is_op, outside_reader_reason
+from ._spelling import NotConstant, int_operand
 
 DEDUPE, CANCEL, SINK_SUM, SINK_MIXED, SINK_AFFINE = "dedupe", "cancel", "sink_sum", "sink_mixed", "sink_affine"
-SINK_UNARY, HOIST_AFFINE = "sink_unary", "hoist_affine"
+SINK_UNARY, HOIST_AFFINE, CANCEL_THROUGH = "sink_unary", "hoist_affine", "cancel_through"
 
 
 def _perm(node: gs.Node) -> tuple[int, ...] | None:
@@ -112,7 +122,7 @@ class Candidate:
     chain: list[gs.Node] = field(default_factory=list)  # affine nodes, in data order
     sides: list[int] = field(default_factory=list)  # SINK_MIXED: [index of T(a) operand, index of Z operand]
     base: gs.Tensor | None = None  # SINK_MIXED, HOIST_AFFINE: X; SINK_AFFINE: the Conv output c
-    inverse: gs.Node | None = None  # SINK_MIXED: the Transpose T(X, q); HOIST_AFFINE: the other T(X, p)
+    inverse: gs.Node | None = None  # SINK_MIXED: the Transpose T(X, q); HOIST_AFFINE: the other T(X, p); CANCEL_THROUGH: the inner T(c, p)
 
     @property
     def target(self) -> gs.Tensor:
@@ -124,7 +134,7 @@ class Candidate:
         out = [self.root, *self.transposes, *self.chain]
         if self.keep is not None:
             out.append(self.keep)
-        if self.inverse is not None and self.kind in (SINK_MIXED, HOIST_AFFINE):
+        if self.inverse is not None and self.kind in (SINK_MIXED, HOIST_AFFINE, CANCEL_THROUGH):
             out.append(self.inverse)
         if self.kind == CANCEL:
             out += _raw_readers(self.root.outputs[0])
@@ -272,6 +282,11 @@ def _match_transpose(node: gs.Node, view: GraphView, copies: dict, ctx: Context)
         out.append(Candidate(CANCEL, node, keep=inner))
         return out
     perm = _perm(node)
+    through = _through_chain(node, view)
+    if through is not None:
+        chain, inner_t = through
+        out.append(Candidate(CANCEL_THROUGH, node, chain=chain, base=view.source(inner_t.inputs[0]), inverse=inner_t, keep=inner_t))
+        return out
     if _is_perm(perm) and is_op(inner, *ops.AFFINE_BINARY_OPS):
         found = _backward_chain(x, _inverse(perm), view, node)
         if found is not None and found[1]:
@@ -290,6 +305,37 @@ def _match_transpose(node: gs.Node, view: GraphView, copies: dict, ctx: Context)
         inv = _inverse_reader(users[0].outputs[0], perm, view, None, kept=True) if _is_perm(perm) else None
         out.append(Candidate(SINK_UNARY, node, chain=[users[0]], base=x, inverse=inv))
     return out
+
+
+def _through_step(node: gs.Node | None, view: GraphView) -> gs.Tensor | None:
+    """The data input of ``node`` when it is a step cancel_through moves a Transpose across: an
+    affine step by a constant, a Pad, or an element-wise activation; else None."""
+    if node is None or len(node.outputs) != 1 or not node.inputs:
+        return None
+    if is_op(node, *ops.AFFINE_BINARY_OPS):
+        return affine_data_input(node, view)
+    if is_op(node, ops.PAD) or (is_op(node, *ops.UNARY_ACTIVATIONS) and len(node.inputs) == 1):
+        return node.inputs[0]
+    return None
+
+
+def _through_chain(node: gs.Node, view: GraphView) -> tuple[list[gs.Node], gs.Node] | None:
+    """(steps in data order, inner Transpose) for ``node = T(S_k(...S_1(T_inner(c))))`` with at least
+    one step that is no activation; None otherwise (the perms are checked later)."""
+    chain: list[gs.Node] = []
+    z = node.inputs[0]
+    while len(chain) <= 64:
+        prod = view.producer(z)
+        if is_op(prod, ops.TRANSPOSE):
+            if chain and any(not is_op(n, *ops.UNARY_ACTIVATIONS) for n in chain):
+                return chain[::-1], prod
+            return None
+        data = _through_step(prod, view)
+        if data is None:
+            return None
+        chain.append(prod)
+        z = data
+    return None
 
 
 def _match_sum(node: gs.Node, view: GraphView) -> Candidate | None:
@@ -328,7 +374,7 @@ def _check_opset(c: Candidate, view: GraphView, ctx: Context) -> str | None:
 
 
 def _check_perm(c: Candidate, view: GraphView, ctx: Context) -> str | None:
-    nodes = [c.root] if c.kind in (CANCEL, SINK_AFFINE, SINK_UNARY, HOIST_AFFINE) else list(c.transposes)
+    nodes = [c.root] if c.kind in (CANCEL, SINK_AFFINE, SINK_UNARY, HOIST_AFFINE, CANCEL_THROUGH) else list(c.transposes)
     if c.keep is not None:
         nodes.append(c.keep)
     for n in nodes:
@@ -342,7 +388,7 @@ def _check_same_perm(c: Candidate, view: GraphView, ctx: Context) -> str | None:
         p, q = (_perm(t) for t in c.transposes)
         if p != q:
             return f"the summed Transposes have different perms {list(p)} and {list(q)}"
-    if c.kind == CANCEL:
+    if c.kind in (CANCEL, CANCEL_THROUGH):
         p, q = _perm(c.keep), _perm(c.root)
         if len(p) != len(q) or any(p[q[i]] != i for i in range(len(q))):
             return f"Transposes '{c.keep.name}' {list(p)} then '{c.root.name}' {list(q)} do not cancel"
@@ -372,7 +418,11 @@ def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None
             if view.escapes(t.outputs[0]):
                 return f"tensor '{t.outputs[0].name}' is a graph output"
         return None
-    if c.kind == HOIST_AFFINE:
+    if c.kind == CANCEL_THROUGH:
+        reason = outside_reader_reason(c.inverse.outputs[0], c.chain[:1], view)
+        if reason:
+            return reason
+    if c.kind in (HOIST_AFFINE, CANCEL_THROUGH):
         for i, n in enumerate(c.chain):
             reader = c.chain[i + 1] if i + 1 < len(c.chain) else c.root
             reason = outside_reader_reason(n.outputs[0], [reader], view)
@@ -436,12 +486,40 @@ def _check_shape(c: Candidate, view: GraphView, ctx: Context) -> str | None:
         shape = ctx.shape(c.base)
         if shape is None or len(shape) != rank or not isinstance(shape[1], int):
             return f"the shape of '{c.base.name}' is not known with rank {rank} and static channels"
-    if c.kind in (SINK_AFFINE, SINK_MIXED, HOIST_AFFINE):
+    if c.kind in (SINK_AFFINE, SINK_MIXED, HOIST_AFFINE, CANCEL_THROUGH):
         rank = len(_perm(c.transposes[0] if c.kind == SINK_MIXED else c.root))
         for n in c.chain:
+            if not is_op(n, *ops.AFFINE_BINARY_OPS):
+                continue
             _, k = _const_operand(n, view)
             if np.ndim(k) > rank:
                 return f"{n.op} '{n.name}' constant of rank {np.ndim(k)} exceeds the data's rank {rank}"
+    return None
+
+
+def _pad_list(node: gs.Node, rank: int, view: GraphView) -> list[int] | str:
+    """A Pad's pads (begins, then ends) over ``rank`` axes, or the reason they are not usable."""
+    if len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].name:
+        return f"Pad '{node.name}' has an axes input"
+    pads = int_operand(node, "pads", 1, view)
+    if pads is None and "paddings" in node.attrs:
+        pads = [int(v) for v in node.attrs["paddings"]]
+    if isinstance(pads, NotConstant):
+        return pads
+    if pads is None or len(pads) != 2 * rank:
+        return f"Pad '{node.name}' has no pads of length {2 * rank}"
+    return pads
+
+
+def _check_pads(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if c.kind != CANCEL_THROUGH:
+        return None
+    rank = len(_perm(c.root))
+    for n in c.chain:
+        if is_op(n, ops.PAD):
+            pads = _pad_list(n, rank, view)
+            if isinstance(pads, str):
+                return pads
     return None
 
 
@@ -467,6 +545,7 @@ CONDITIONS = [
     ("readers", _check_readers),
     ("conv_producer", _check_conv),
     ("static_shape", _check_shape),
+    ("constant_pads", _check_pads),
     ("per_channel", _check_per_channel),
 ]
 
@@ -521,6 +600,42 @@ def _reissue_chain(c: Candidate, view: GraphView, ctx: Context, start: gs.Tensor
     return nodes, cur
 
 
+def _reissue_through(c: Candidate, view: GraphView, ctx: Context, target: gs.Tensor) -> list[NewNode]:
+    """cancel_through: the steps issued again on ``c.base`` in its own layout (constants and pads
+    permuted by the outer perm ``q``; the last writes ``target``)."""
+    q = _perm(c.root)
+    rank = len(q)
+    nodes, cur = [], c.base
+    for i, n in enumerate(c.chain):
+        last = i == len(c.chain) - 1
+        out = target if last else _var(ctx, f"{n.outputs[0].name}.perm", n.outputs[0],
+                                        _permuted_shape(ctx.shape(n.outputs[0]), q))
+        name = ctx.fresh_name(f"{n.name or n.op}/perm")
+        if is_op(n, *ops.AFFINE_BINARY_OPS):
+            idx, k = _const_operand(n, view)
+            const = _permuted_constant(ctx, n, k, rank, q)
+            nodes.append(NewNode(n.op, name, dict(n.attrs), [const, cur] if idx == 0 else [cur, const], [out]))
+        elif is_op(n, ops.PAD):
+            pads = _pad_list(n, rank, view)
+            moved = [pads[q[j]] for j in range(rank)] + [pads[rank + q[j]] for j in range(rank)]
+            attrs = {k: v for k, v in n.attrs.items() if k not in ("pads", "paddings", "value")}
+            opset = graph_opset(view)
+            if opset is not None and opset < 11:
+                attrs["pads"] = moved
+                if "value" in n.attrs:
+                    attrs["value"] = n.attrs["value"]
+                if "paddings" in n.attrs:
+                    attrs = {**{k: v for k, v in attrs.items() if k != "pads"}, "paddings": moved}
+                inputs = [cur]
+            else:
+                inputs = [cur, ctx.constant(f"{n.name or n.op}.pads", np.array(moved, dtype=np.int64)), *n.inputs[2:3]]
+            nodes.append(NewNode(n.op, name, attrs, inputs, [out]))
+        else:
+            nodes.append(NewNode(n.op, name, dict(n.attrs), [cur], [out]))
+        cur = out
+    return nodes
+
+
 def _reissue_readers(readers: list[gs.Node], olds: list[gs.Tensor], replacement: gs.Tensor, ctx: Context, summary: str,
                      first: list[NewNode] = ()) -> list[Plan]:
     """Each of ``readers`` issued again with ``replacement`` for every tensor of ``olds`` it reads;
@@ -572,6 +687,10 @@ class NormalizeLayout:
             return _reissue_readers(_raw_readers(c.root.outputs[0]), [c.root.outputs[0]], x, ctx,
                                     f"Transposes '{c.keep.name}' then '{c.root.name}' cancel")
         target = c.target
+        if c.kind == CANCEL_THROUGH:
+            return Plan(target, _reissue_through(c, view, ctx, target),
+                        f"Transposes '{c.inverse.name}' and '{c.root.name}' cancel across {len(c.chain)} step(s) "
+                        f"({', '.join(n.op for n in c.chain)})")
         if c.kind == HOIST_AFFINE:
             perm = _perm(c.root)
             copy, y = _new_transpose(ctx, c.base, perm, c.inverse.outputs[0], f"{c.inverse.name or 'transpose'}/copy")

@@ -41,14 +41,13 @@ AFFINE = ("Add", "Sub", "Mul", "Div")
 #: (exporter, network) -> what is left over and why
 KNOWN_MISSES: dict[tuple[str, str], str] = {
     ("tf2onnx", "dbb"): (
-        "tf2onnx folds the ring's Sub(b) into the 1x1 conv's bias in float32 and its Pad(0) into the 3x3 conv's "
-        "pads: the bias BN(0) - b is one-ulp leftovers (1.5e-8), not 0, so conv-chain finds no zero ring "
-        "(border) and the 1x1 -> 3x3 chain stays; the avg-pool branch's ring Pad(0) -> Add(b) stays (4 Conv)"
+        "the average-pool branch: its ring is Pad(0) -> Add(b) after a bias-free 1x1 conv (the ring's Sub(b) "
+        "cancelled the BN's offset) and before the AveragePool; conv-chain finds no ring there (ring: elements "
+        "taken from the source are not zero-padded copies) and the branch stays (2 Conv)"
     ),
     ("tf2onnx_noopt", "dbb"): (
-        "the rings' Pad(0) -> Add(b) sit in NHWC between the 1x1 conv's Transpose out and the 3x3 conv's / "
-        "avg-pool's Transpose in: normalize-layout moves no Transpose through a Pad, so conv-chain sees no "
-        "NCHW ring (ring: elements taken from the source are not zero-padded copies) and both stay (4 Conv)"
+        "as with tf2onnx's optimizers: the average-pool branch's ring Pad(0) -> Add(b) after the 1x1 conv is "
+        "not recognized, and its BN, in NHWC behind the pool's Transpose, does not join the sum (2 Conv)"
     ),
     ("paddle2onnx", "repvgg_s2"): (
         "paddle2onnx writes the pad value of nn.Pad2D as the float32 with bit pattern 33 (4.6e-44), not 0: "

@@ -192,6 +192,44 @@ def test_hoisted_affine_read_elsewhere_stays():
     assert any(r.startswith("single_use:") for r in layout(report)), layout(report)
 
 
+def nhwc_ring(b: Builder, pads_input=None, axes=False):
+    """tf2onnx's DBB ring without its optimizers: ``T(Add(Pad(T(Conv1x1(x))), r))`` with the NHWC pads
+    [0, 1, 1, 0, 0, 1, 1, 0] and a per-channel ``r`` on the last axis, then a 3x3 conv without pads."""
+    c1 = b.conv(b.node("Transpose", ["x"], perm=TO_NCHW), C, C, 1, pads=[0, 0, 0, 0], bias=False)
+    pads = b.const_int([0, 1, 1, 0, 0, 1, 1, 0]) if pads_input is None else pads_input
+    inputs = [b.node("Transpose", [c1], perm=TO_NHWC), pads]
+    if axes:
+        inputs += [b.const(np.zeros((), np.float32)), b.const_int([0, 1, 2, 3])]
+    ring = b.node("Add", [b.node("Pad", inputs), b.const(np.linspace(-1, 1, C).astype(np.float32))])
+    y = b.conv(b.node("Transpose", [ring], perm=TO_NCHW), C, C, 3, pads=[0, 0, 0, 0])
+    return b.node("Transpose", [y], perm=TO_NHWC)
+
+
+def test_transposes_cancel_across_a_padding_ring():
+    b = nhwc_builder(seed=9)
+    model = b.model(nhwc_ring(b))
+    out, report = optimize(model, verify=True)
+    done = layout(report, "rewrites")
+    assert any("cancel across 2 step(s) (Pad, Add)" in s for s in done), done
+    assert histogram(out)["Transpose"] == 2
+    assert_equivalent(model, out, b.feeds())
+
+
+def test_ring_pads_not_constant_stay():
+    b = nhwc_builder(seed=9)
+    zero = b.node("Cast", [b.node("Mul", [b.node("ReduceMax", ["x"], keepdims=0), b.const(np.zeros((), np.float32))])], to=7)
+    model = b.model(nhwc_ring(b, pads_input=b.node("Add", [b.const_int([0, 1, 1, 0, 0, 1, 1, 0]), zero])))
+    report = optimize(model)[1]
+    assert any(r.startswith("constant_pads:") for r in layout(report)), layout(report)
+
+
+def test_ring_pad_with_axes_input_stays():
+    b = Builder(C, seed=9, input_shape=[1, H, W, C], opset=18)
+    model = b.model(nhwc_ring(b, axes=True))
+    report = optimize(model)[1]
+    assert any(r.startswith("constant_pads:") and "axes" in r for r in layout(report)), layout(report)
+
+
 def test_two_nhwc_blocks_in_a_row_cancel_between():
     """Block 2 reads block 1's NHWC output: its Transposes cancel with block 1's last one."""
     b = nhwc_builder(seed=5)

@@ -94,9 +94,16 @@ def repvgg(net: Net, x, cout, stride):
     return layers.ReLU()(layers.Add()(terms))
 
 
+def bn_at_zero(stats) -> np.ndarray:
+    """The BN's value at zero as Keras computes it (``tf.nn.batch_normalization``: ``rsqrt(var + eps)
+    * gamma`` first), so that the ring's shift and the BN's offset agree to the bit."""
+    inv = tf.math.rsqrt(tf.constant(stats["var"]) + EPS) * tf.constant(stats["gamma"])
+    return (tf.constant(stats["beta"]) - tf.constant(stats["mean"]) * inv).numpy()
+
+
 def ring(net: Net, y, stats):
     """The DBB padding ring with zero padding only: ``ZeroPad(y - b) + b``, ``b`` the BN at zero."""
-    b = nw.bn_at_zero(stats, EPS)
+    b = bn_at_zero(stats)
     return Shift(b)(layers.ZeroPadding2D(1)(Shift(-b)(y)))
 
 
