@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import secrets
 import sys
 import time
@@ -139,9 +140,10 @@ def _parse_dims(values: tuple[str, ...]) -> dict[str, int]:
 
 
 def _parse_input_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
-    """``--input-shapes NAME:1,3,224,224`` (repeatable; the name may itself hold ``:``)."""
+    """``--input-shapes NAME:1,3,224,224`` (repeatable, or several in one value separated by
+    spaces; the name may itself hold ``:``)."""
     shapes: dict[str, list[int]] = {}
-    for item in values:
+    for item in (v for value in values for v in value.split()):  # "x:1,3 y:1,4" in one value too
         name, sep, dims = item.strip().rpartition(":")
         sizes = [_positive_int(d) for d in dims.split(",")] if dims.strip() else []
         if not sep or not name or not sizes or any(s is None for s in sizes):
@@ -518,7 +520,7 @@ _pass_options = _options(
         "input_shapes",
         multiple=True,
         metavar="NAME:D1,D2,...",
-        help="Fix an input's shape for the passes (and the verification), e.g. x:1,3,224,224; static shapes let more folds apply (repeatable).",
+        help="Fix an input's shape for the passes (and the verification), e.g. x:1,3,224,224; static shapes let more folds apply (repeatable, or several in one quoted value: \"x:1,3 y:1,4\").",
     ),
 )
 
@@ -579,7 +581,15 @@ def main() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+_SHAPE_LIKE = re.compile(r"^[^/\\]+:\d+(,\d+)*$")
+
+
 def _output_path(positional: str | None, option: str | None) -> str:
+    if positional and _SHAPE_LIKE.match(positional) and not positional.endswith(".onnx"):
+        raise UsageError(
+            f"OUT {positional!r} looks like an input shape: give each shape its own --input-shapes "
+            f"(or all in one quoted value)"
+        )
     if positional and option and not _same_file(positional, option):
         raise UsageError(f"two different outputs given: OUT {positional!r} and -o {option!r}")
     path = positional or option
@@ -766,7 +776,7 @@ def check(paths, only, skip, allow_cost_increase, tolerance, input_shapes, json_
 @click.argument("model_a", metavar="A", type=click.Path(path_type=str))
 @click.argument("model_b", metavar="B", type=click.Path(path_type=str))
 @_check_options
-@click.option("--input-shapes", "input_shapes", multiple=True, metavar="NAME:D1,D2,...", help="Fix an input's shape in both models, e.g. x:1,3,224,224 (repeatable).")
+@click.option("--input-shapes", "input_shapes", multiple=True, metavar="NAME:D1,D2,...", help="Fix an input's shape in both models, e.g. x:1,3,224,224 (repeatable, or several in one quoted value).")
 @_json_option("the verification result")
 @_quiet_option
 @_guarded

@@ -84,6 +84,7 @@ def test_positional_output_like_onnxsim(train, tmp_path):
     [
         ([], "missing output: give OUT or -o OUT"),
         (["a.onnx", "-o", "b.onnx"], "two different outputs given"),
+        (["--input-shapes", "x:1,8,8,8", "y:1,4"], "OUT 'y:1,4' looks like an input shape"),
         (["a.onnx", "--json", "r.json", "--report", "s.json"], "two different reports given"),
         (["a.onnx", "--json", "train.onnx"], "not written over a .onnx file"),
         (["a.onnx", "--json", "a.onnx"], "not written over a .onnx file"),
@@ -322,6 +323,21 @@ def test_verify_takes_input_shapes(train, tmp_path):
     assert {tuple(s["shapes"]["x"]) for s in json.loads(res.stdout)["input_sets"]} == {(3, 8, 8, 8)}
     res = invoke("verify", train, out, "--input-shapes", "x:3,8,8")
     assert res.exit_code == 2 and "has rank 4" in error_line(res)
+
+
+def test_several_input_shapes_in_one_value(tmp_path):
+    from onnx import helper as h
+
+    graph = h.make_graph(
+        [h.make_node("Add", ["x", "y"], ["z"])], "two",
+        [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", 4]) for n in "xy"],
+        [h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 4])],
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "two.onnx")
+    res = invoke("optimize", tmp_path / "two.onnx", tmp_path / "o.onnx", "--input-shapes", "x:3,4 y:3,4", "-q")
+    assert res.exit_code == 0, res.stderr
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in onnx.load(tmp_path / "o.onnx").graph.input}
+    assert shapes == {"x": [3, 4], "y": [3, 4]}
 
 
 def test_dim_takes_comma_lists(tmp_path):
