@@ -666,8 +666,9 @@ def optimize(
     say(pass_summary(report, verbose))
     say(layer_table(report))
     say(cleanup_line(report))
-    if not report.changed:
-        say(nothing_line(report) + ("" if report.output is None else f"; {output_path} is the input unchanged"))
+    if not report.rewritten:
+        unchanged = not report.changed and report.output is not None
+        say(nothing_line(report) + (f"; {output_path} is the input unchanged" if unchanged else ""))
     say(f"verification: {'skipped' if no_verify else verification_line(report.verification)}")
     if report.output is not None:
         say(f"written {output_path} in {_timing_line(report.seconds)}")

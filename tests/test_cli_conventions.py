@@ -176,6 +176,26 @@ def test_nothing_to_rewrite_is_said_plainly_and_exit_4_on_request(deploy, tmp_pa
     assert res.exit_code == 4 and not out.exists()
 
 
+def test_nothing_to_fold_but_cleanup_counts_as_a_change(tmp_path):
+    from onnx import helper as h
+
+    c = 4
+    w = onnx.numpy_helper.from_array(np.ones((c, c, 3, 3), np.float32), "w")
+    nodes = [h.make_node("Identity", ["x"], ["i"]), h.make_node("Conv", ["i", "w"], ["y"], pads=[1, 1, 1, 1])]
+    graph = h.make_graph(
+        nodes, "idconv", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, c, 8, 8])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, c, 8, 8])], [w],
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "id.onnx")
+    out = tmp_path / "o.onnx"
+    res = invoke("optimize", tmp_path / "id.onnx", out, "--fail-if-unchanged")
+    assert res.exit_code == 0, res.stderr
+    assert "cleanup: " in res.stdout and "nothing to rewrite" in res.stdout and "unchanged" not in res.stdout
+    assert histogram(onnx.load(out)) == {"Conv": 1}
+    res = invoke("optimize", tmp_path / "id.onnx", tmp_path / "o2.onnx", "--no-cleanup", "--fail-if-unchanged")
+    assert res.exit_code == 4 and not (tmp_path / "o2.onnx").exists()
+
+
 def test_fail_if_unchanged_lets_a_change_through(train, tmp_path):
     res = invoke("optimize", train, tmp_path / "o.onnx", "--fail-if-unchanged", "-q")
     assert res.exit_code == 0, res.stderr
