@@ -610,7 +610,7 @@ def _output_path(positional: str | None, option: str | None) -> str:
 @click.option(
     "--external-data/--no-external-data",
     default=None,
-    help="Save weights to OUT.data (default: as the input; always above 2 GB).",
+    help="Save weights to OUT.data (default: as the input; always from 1.8 GB of tensors on).",
 )
 @click.option(
     "--on-mismatch",

@@ -118,6 +118,16 @@ def test_the_readme_names_each_command_and_exit_code():
         assert f"| {code} |" in text
 
 
+def test_the_passes_table_lists_every_pass_in_run_order():
+    from onnxrep import engine
+
+    text = README.read_text()
+    section = text[text.index("## Passes"):]
+    section = section[: section.index("\n## ", 1)]
+    rows = re.findall(r"^\| `([a-z-]+)` \|", section, re.M)
+    assert rows == list(engine.available_passes()), "README's passes table differs from `onnxrep passes`"
+
+
 def test_pre_commit_hook_runs_onnxrep_check_on_onnx_files():
     yaml = pytest.importorskip("yaml")
     hooks = yaml.safe_load(HOOKS.read_text())
