@@ -421,6 +421,9 @@ def test_real_process_exit_codes_and_plain_output(train, deploy, tmp_path):
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "d.onnx").exists()
     proc = run("--help")
     assert "Exit codes" in proc.stdout and "check: foldable" in proc.stdout
+    # python -m onnxrep is the same command
+    proc = subprocess.run([sys.executable, "-m", "onnxrep", "check", str(train)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 5 and "1 foldable" in proc.stdout, proc.stderr
 
 
 def test_progress_on_a_terminal_is_a_status_line(train, tmp_path):
