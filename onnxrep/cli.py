@@ -620,7 +620,7 @@ def _output_path(positional: str | None, option: str | None) -> str:
     help="On a verification mismatch: write nothing (fail), or leave out the rewrites responsible and verify again (bisect).",
 )
 @_cleanup_option
-@click.option("--fail-if-unchanged", is_flag=True, help=f"Exit {EXIT_UNCHANGED} and write nothing when there is nothing to rewrite.")
+@click.option("--fail-if-unchanged", is_flag=True, help=f"Exit {EXIT_UNCHANGED} and write nothing when the run changes nothing (no rewrite, no cleanup step).")
 @click.option("-v", "--verbose", is_flag=True, help="List every rewrite and skip.")
 @_quiet_option
 @_guarded
@@ -649,13 +649,11 @@ def optimize(
     _check_json_target(json_path, [input_path], [output_path])
     say = _Out(quiet, json_path)
     progress = _Progress(quiet, load=input_path, write=output_path)
-    kwargs = dict(
-        passes=only, skip=skip, allow_cost_increase=allow_cost_increase, verify=not no_verify, seeds=check.seeds,
-        dims=check.dims, progress=progress, on_mismatch=on_mismatch, tolerance=tolerance, rtol=rtol, atol=atol,
-        inputs=check.inputs, input_shapes=shapes or None, cleanup=cleanup,
-    )
     report = api.optimize_file(
-        input_path, output_path, external_data=external_data, write_unchanged=not fail_if_unchanged, **kwargs
+        input_path, output_path, external_data=external_data, write_unchanged=not fail_if_unchanged, passes=only,
+        skip=skip, allow_cost_increase=allow_cost_increase, verify=not no_verify, seeds=check.seeds, dims=check.dims,
+        progress=progress, on_mismatch=on_mismatch, tolerance=tolerance, rtol=rtol, atol=atol, inputs=check.inputs,
+        input_shapes=shapes or None, cleanup=cleanup,
     )
     left_out = (report.verification or {}).get("left_out")
     if left_out:
@@ -675,12 +673,13 @@ def optimize(
     if json_path:
         _write_json(json_path, report.to_dict() | {"input": input_path})
     if report.output is None:
-        raise _Unchanged(f"nothing to rewrite in {input_path} (--fail-if-unchanged): nothing written")
+        raise _Unchanged(f"nothing to rewrite or clean up in {input_path} (--fail-if-unchanged): nothing written")
 
 
 # --------------------------------------------------------------------------------------------
 # inspect / check
 # --------------------------------------------------------------------------------------------
+
 
 def _foldable_counts(found: list[dict]) -> str:
     counts: dict[str, int] = {}
