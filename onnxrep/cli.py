@@ -10,7 +10,7 @@ stderr (``error: ...``) and exits with one of the codes below, the same in every
 2     usage error: an unknown option or pass, a value out of range, a dim or input the
       model does not have (click's own usage errors exit 2 as well)
 3     verification mismatch: the optimized model's outputs differ (nothing written)
-4     ``optimize --fail-if-unchanged``: nothing to rewrite (nothing written)
+4     ``optimize --fail-if-unchanged``: nothing changed (nothing written)
 5     ``check``: a model still holds foldable training-time structure
 130   interrupted
 ====  ================================================================================
@@ -51,7 +51,7 @@ EXIT_CODES = {
     EXIT_ERROR: "error: unreadable or invalid input, output cannot be written, failure while running",
     EXIT_USAGE: "usage error: unknown option or pass, value out of range, dim or input the model does not have",
     EXIT_MISMATCH: "verification mismatch: the outputs differ (nothing written)",
-    EXIT_UNCHANGED: "optimize --fail-if-unchanged: nothing to rewrite (nothing written)",
+    EXIT_UNCHANGED: "optimize --fail-if-unchanged: nothing changed (nothing written)",
     EXIT_FOLDABLE: "check: foldable training-time structure left",
     EXIT_INTERRUPTED: "interrupted",
 }
@@ -561,6 +561,10 @@ class _Group(click.Group):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
             _fail("interrupted", EXIT_INTERRUPTED)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()) as err:
+            # no command given: the help itself, as click prints it, and the usage exit status
+            click.echo(err.ctx.get_help(), err=True)
+            sys.exit(EXIT_USAGE)
         except click.ClickException as err:
             hint = f" (see '{err.ctx.command_path} --help')" if getattr(err, "ctx", None) is not None else ""
             _fail(f"{err.format_message()}{hint}", err.exit_code)

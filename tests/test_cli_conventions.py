@@ -459,6 +459,12 @@ def test_progress_on_a_terminal_is_a_status_line(train, tmp_path):
     assert not CONTROL.search(out) and "verification: ok" in out
 
 
+def test_no_command_prints_the_help_and_exits_2():
+    res = invoke()
+    assert res.exit_code == 2
+    assert res.stderr.startswith("Usage: ") and "Exit codes" in res.stderr  # the help, not "error: Usage: ..."
+
+
 def test_help_lists_the_exit_codes():
     res = invoke("--help")
     for code, text in cli.EXIT_CODES.items():
