@@ -28,7 +28,9 @@ onnxruntime requires; a constant is one element, for onnxruntime of rank 0 or sh
     ``d = Div(x, c)`` with ``c`` = sqrt(2) (onnxruntime: 1.4142135 or 1.4142099618911743 within
     ``1e-8 + 1e-5 |c|``; OpenVINO: within 0.001), ``e = Erf(d)``, ``a = Add(e, 1)``, then either
       1. ``h = Mul(x, 0.5)``, ``Mul(h, a)`` (onnxruntime pattern 1, OpenVINO GeluFusionWithErfOne)
-      2. ``m = Mul(x, a)``, ``Mul(m, 0.5)`` (onnxruntime pattern 2, OpenVINO ...ErfTwo; TorchScript)
+      2. ``m = Mul(x, a)``, ``Mul(m, 0.5)`` (onnxruntime pattern 2, OpenVINO ...ErfTwo; TorchScript);
+         onnxruntime 1.32 not where ``x`` is computed by a Mul (it takes that Mul for pattern 1's
+         ``Mul(x, 0.5)``, fails its check and gives up: FastViT's GELU after its SE gate)
       3. ``m = Mul(a, 0.5)``, ``Mul(x, m)`` (OpenVINO ...ErfThree)
     or ``Mul(x, 1/sqrt(2)) -> Erf -> Mul(0.5) -> Add(0.5) -> Mul(x)`` (OpenVINO ...ErfFour).
     onnxruntime: ``gelu_fusion.cc``; OpenVINO: ``gelu_fusion.cpp``.
@@ -292,7 +294,10 @@ def _gelu_erf(view: GraphView, erf: gs.Node) -> list[Fusion]:
         if _same(view, other, x):  # 2. (x * a) * 0.5
             last = _next(view, mul, ops.MUL)
             c = _Const()
-            c.ort, c.ov = const.ort, const.ov
+            # onnxruntime looks for pattern 1's Mul(x, 0.5) among the inputs of Mul(x, a) first and
+            # gives up when x itself comes from a Mul (an SE gate before the GELU): pattern 2 is
+            # fused only where x has another producer (checked in tests/test_fusions.py)
+            c.ort, c.ov = const.ort and not is_op(view.producer(x), ops.MUL), const.ov
             if last is not None and _mul_by(view, last, c, 0.5) is not None:
                 out.append(Fusion("GELU (erf)", ops.FUSED_GELU, c.runtimes(True, True), (pre, erf, add, mul, last), x))
         else:

@@ -7,7 +7,9 @@ onnxruntime (CPU, level EXTENDED and up) runs a few decompositions as one kernel
 element-wise kernels, and on the CPU every one of them between two Convs costs a layout
 conversion too. Spellings seen in exports and hand-written models that onnxruntime 1.32 does not
 fuse: GELU with ``Mul(x, 1/sqrt(2))`` instead of ``Div(x, sqrt(2))`` or with the 0.5 applied to
-``1 + erf`` (OpenVINO's forms), TorchScript's tanh GELU (``x*x*x``, the 0.5 applied last), and
+``1 + erf`` (OpenVINO's forms), TorchScript's erf GELU where its input comes from a Mul
+(onnxruntime takes that Mul for its pattern 1's and gives up: FastViT's GELU after the SE gate),
+TorchScript's tanh GELU (``x*x*x``, the 0.5 applied last), and
 every HardSwish / HardSigmoid decomposition (``x * relu6(x + 3) / 6`` and its variants; onnxruntime
 fuses none). torch's dynamo exporter (default opset 20) writes ``nn.GELU`` as the ``Gelu`` op
 itself, both approximations, which onnxruntime runs as one kernel (bit for bit its fused Gelu's
@@ -16,8 +18,9 @@ result): there is nothing to do for it. What each decomposition becomes:
 ==================  ==================================  ==========================================
 function            at the model's default opset >= N    below it (the spelling onnxruntime fuses)
 ==================  ==================================  ==========================================
-GELU (erf)          ``Gelu`` (20)                        ``Mul(Mul(x, Add(Erf(Div(x, sqrt2)), 1)), 0.5)``
-                                                         (onnxruntime's ``gelu_fusion.cc``, pattern 2)
+GELU (erf)          ``Gelu`` (20)                        ``Mul(Mul(x, 0.5), Add(Erf(Div(x, sqrt2)), 1))``
+                                                         (onnxruntime's ``gelu_fusion.cc``, pattern 1,
+                                                         which it fuses whatever computes ``x``)
 GELU (tanh)         ``Gelu(approximate="tanh")`` (20)    ``Mul(Add(Tanh(Mul(Add(Mul(Mul(x, c), x), 1),
                                                          Mul(x, k))), 1), Mul(x, 0.5))``
                                                          (``fast_gelu_fusion.cc``, formula 1)
@@ -45,9 +48,9 @@ Conditions (checked in this order):
                          1/sqrt(2), sqrt(2/pi), 0.044715).
   3. ``single_use``      every intermediate result is read once, by the next step.
   4. ``graph_output``    no intermediate result is a graph output (or read by a subgraph).
-  5. ``fused_already``   onnxruntime does not fuse this spelling already (TorchScript's erf GELU,
-                         onnxruntime's own FastGelu formulas: left as they are, they already run
-                         as one kernel).
+  5. ``fused_already``   onnxruntime does not fuse this spelling already (TorchScript's erf GELU
+                         on most inputs, onnxruntime's own FastGelu formulas: left as they are,
+                         they already run as one kernel), nor is it the spelling this pass writes.
   6. ``opset``           the model's default opset has HardSigmoid (6) for a HardSwish or
                          HardSigmoid (opset 6 and up: always, in practice).
 """
@@ -179,8 +182,8 @@ def _gelu_erf(view: GraphView, erf: gs.Node) -> Spelling | None:
         if tail is None:
             return None
         nodes, halves, grouping = tail
-        ort_pattern_2 = div is not None and grouping == "(x*t)*h"
-        return Spelling(GELU_ERF, x, tuple(nodes), constants + [(split[1], 1.0)] + halves, ort_pattern_2)
+        ort_pattern_1 = div is not None and grouping == "(x*h)*t"
+        return Spelling(GELU_ERF, x, tuple(nodes), constants + [(split[1], 1.0)] + halves, ort_pattern_1)
     half = _user(view, e, ops.MUL)  # x * (0.5 + 0.5 * erf)
     split = _split(view, half, ops.MUL)
     if split is None or not _same(view, split[0], e):
@@ -431,10 +434,10 @@ def _plan(s: Spelling, ctx: Context) -> Plan:
     elif s.function == GELU_TANH and opset >= GELU_OPSET:
         w.node(ops.GELU, [x], last=True, approximate="tanh")
         summary = "GELU (tanh) -> Gelu(approximate=tanh)"
-    elif s.function == GELU_ERF:  # onnxruntime's pattern 2 (TorchScript's spelling)
+    elif s.function == GELU_ERF:  # onnxruntime's pattern 1, fused whatever computes x
         e = w.node(ops.ERF, [w.node(ops.DIV, [x, w.const(SQRT2)])])
-        m = w.node(ops.MUL, [x, w.node(ops.ADD, [e, w.const(1.0)])])
-        w.node(ops.MUL, [m, w.const(0.5)], last=True)
+        a = w.node(ops.ADD, [e, w.const(1.0)])
+        w.node(ops.MUL, [w.node(ops.MUL, [x, w.const(0.5)]), a], last=True)
         summary = "GELU (erf) -> the spelling onnxruntime fuses into Gelu"
     elif s.function == GELU_TANH:  # onnxruntime's FastGelu formula 1: k x (1 + c x^2)
         square = w.node(ops.MUL, [w.node(ops.MUL, [x, w.const(GELU_CUBIC)]), x])

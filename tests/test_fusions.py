@@ -651,3 +651,24 @@ def test_matmul_add_bias_and_gemm_activation_kept(tmp_path):
     assert ops_in == {"Mul": 1, "com.microsoft:FusedGemm": 1, "Gemm": 1}
     assert ops_out == {"com.microsoft:FusedGemm": 1, "Gemm": 1}
     assert n_out == report.kernels_after < report.kernels_before == n_in
+
+
+@pytest.mark.parametrize("producer", ["Mul", "Add", "Relu"])
+@pytest.mark.parametrize("form", [1, 2])
+def test_gelu_erf_after_a_mul(form, producer, tmp_path):
+    """onnxruntime 1.32 fuses pattern 2, TorchScript's ``(x * a) * 0.5``, only where x is not
+    computed by a Mul (``gelu_fusion.cc`` takes that Mul for pattern 1's ``Mul(x, 0.5)`` and gives
+    up); pattern 1 whatever computes x. OpenVINO matches both."""
+    b = Builder(C, (H, W))
+    t1, t2 = b.conv("x", C, 8, 3), b.conv("x", C, 8, 1)
+    t = b.node("Relu", [t1]) if producer == "Relu" else b.node(producer, [t1, t2])
+    a = b.node("Add", [b.node("Erf", [b.node("Div", [t, scalar(b, SQRT2)])]), scalar(b, 1.0)])
+    if form == 2:
+        y = b.node("Mul", [b.node("Mul", [t, a]), scalar(b, 0.5)])
+    else:
+        y = b.node("Mul", [b.node("Mul", [t, scalar(b, 0.5)]), a])
+    model = b.model(b.conv(b.add(y, t2), 8, C, 1))
+    (f,) = fusions(model)
+    ort_fuses = not (form == 2 and producer == "Mul")
+    assert f.runtimes == (("onnxruntime", "OpenVINO") if ort_fuses else ("OpenVINO",))
+    assert count_fused(model, tmp_path, "Gelu") == ort_fuses

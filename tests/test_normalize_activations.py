@@ -393,12 +393,28 @@ def test_exports(kind, exporter, tmp_path):
 
 
 def test_onnxruntimes_own_spelling_is_not_rewritten_into_itself(monkeypatch):
-    """Below opset 20 the pass writes TorchScript's erf GELU (onnxruntime's pattern 2); found in the
-    graph it is left as it is even where the catalogue would not say onnxruntime fuses it."""
+    """Below opset 20 the pass writes onnxruntime's pattern 1 of the erf GELU; found in the graph it
+    is left as it is even where the catalogue would not say onnxruntime fuses it."""
     monkeypatch.setattr(na, "fusion_members", lambda view: {})
     b = Builder(C, (H, W), opset=17)
-    reason = declined(around(b, gelu_erf("div-2")), "fused_already")
+    reason = declined(around(b, gelu_erf("div-1")), "fused_already")
     assert reason == "fused_already: this GELU (erf) spelling is already the one onnxruntime fuses"
     b = Builder(C, (H, W), opset=20)  # at opset 20 it becomes the Gelu op
-    out, _ = run_pass(around(b, gelu_erf("div-2")), b)
+    out, _ = run_pass(around(b, gelu_erf("div-1")), b)
     assert histogram(out) == {"Conv": 2, "Gelu": 1}
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_torchscript_gelu_after_a_mul(opset):
+    """TorchScript's erf GELU whose input is computed by a Mul (FastViT's GELU after its SE gate):
+    onnxruntime takes that Mul for its pattern 1's Mul(x, 0.5), fails and gives up; the pass
+    writes pattern 1 (or the Gelu op), which it fuses."""
+    b = Builder(C, (H, W), opset=opset)
+    t = b.node("Mul", [b.conv("x", C, 8, 3), b.node("Sigmoid", [b.conv("x", C, 8, 1)])])
+    model = b.model(b.conv(gelu_erf("div-2")(b, t), 8, C, 1))
+    assert "com.microsoft:Gelu" not in ort_ops(model) and "Gelu" not in ort_ops(model)
+    out, report = run_pass(model, b)
+    assert report.rewritten == 1
+    fused = ort_ops(out)
+    assert fused.get("Gelu" if opset == 20 else "com.microsoft:Gelu") == 1
+    assert kernels.count_kernels(out).count < kernels.count_kernels(model).count
