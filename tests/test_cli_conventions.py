@@ -514,3 +514,24 @@ def test_a_model_that_needs_dim_values_is_bad_input_with_a_hint(tmp_path):
     assert res.exit_code == 0, res.stderr
     res = invoke("optimize", path, tmp_path / "o2.onnx", "--input-shapes", "x:1,8,8,8", "-q")
     assert res.exit_code == 0, res.stderr
+
+
+@pytest.mark.parametrize(
+    "values, shapes",
+    [
+        (("x:1,3,224,224",), {"x": [1, 3, 224, 224]}),
+        (("input:0:1,3",), {"input:0": [1, 3]}),  # TensorFlow names hold a colon
+        (("x:1,3 y:2",), {"x": [1, 3], "y": [2]}),
+        (("x:1", "y:2,2"), {"x": [1], "y": [2, 2]}),
+    ],
+)
+def test_input_shapes_syntax(values, shapes):
+    assert cli._parse_input_shapes(values) == shapes
+
+
+@pytest.mark.parametrize("value", ["x", "x:", ":1,2", "x:1,,2", "x:0,3", "x:-1,3", "x:1.5", "x:a"])
+def test_input_shapes_syntax_errors(value):
+    with pytest.raises(cli.UsageError, match="--input-shapes expects NAME:D1,D2"):
+        cli._parse_input_shapes((value,))
+    with pytest.raises(cli.UsageError, match="given twice"):
+        cli._parse_input_shapes(("x:1", "x:2"))
