@@ -24,8 +24,10 @@ Conditions (checked in this order):
   5. ``foldable``     variadic form that the Add tree would make longer (more than two operands,
                       or a mean): two of the summands are branches a fold takes in (the output of
                       a Conv, BatchNormalization, Gemm, MatMul or AveragePool, or the tensor one of
-                      those reads: an identity branch). Otherwise the rewrite would only add nodes
-                      (one Sum kernel becomes n - 1 Adds). The stack and Neg forms always lose nodes.
+                      those reads: an identity branch; each seen through Transposes and affines
+                      by constants, as in the NHWC branch ``Mul(Transpose(Conv(Transpose(x))), s)``).
+                      Otherwise the rewrite would only add nodes (one Sum kernel becomes n - 1
+                      Adds). The stack and Neg forms always lose nodes.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from onnxrep.graph import GraphView
 from onnxrep.rewrite import Context, Decline, Match, NewNode, Plan, run_checks
 
 from . import register
-from ._common import is_op, outside_reader_reason
+from ._common import affine_data_input, is_op, outside_reader_reason
 from ._spelling import NotConstant, int_operand, is_float, normalize_axes
 
 VARIADIC, STACK, NEG = "variadic", "stack", "neg"
@@ -192,13 +194,30 @@ def _check_shapes(c: Candidate, view: GraphView, ctx: Context) -> str | None:
 BRANCH_OPS = (ops.CONV, ops.BATCH_NORM, ops.GEMM, ops.MATMUL, ops.AVERAGE_POOL)
 
 
+def _branch_end(tensor: gs.Tensor, view: GraphView) -> gs.Tensor:
+    """``tensor`` looked back through what the other normalizations and folds take away before a
+    sum is merged: Identity, Transpose (an NHWC branch, ``Transpose(Conv(Transpose(x)))``) and
+    affines by constants (BN on the last axis written as ``Mul``/``Add``)."""
+    seen = 0
+    while seen < 16:
+        node = view.producer(tensor)
+        data = affine_data_input(node, view) if node is not None else None
+        if is_op(node, ops.TRANSPOSE) and node.inputs:
+            data = node.inputs[0]
+        if data is None or is_op(node, ops.BATCH_NORM):
+            return view.source(tensor)
+        tensor, seen = data, seen + 1
+    return view.source(tensor)
+
+
 def _check_foldable(c: Candidate, view: GraphView, ctx: Context) -> str | None:
     if c.kind != VARIADIC or (len(c.terms) <= 2 and not c.mean):
         return None
-    leaves = [view.producer(t) for t in c.terms]
+    ends = [_branch_end(t, view) for t in c.terms]
+    leaves = [view.producer(t) for t in ends]
     leaves = [p for p in leaves if is_op(p, *BRANCH_OPS)]
-    inputs = {id(view.source(p.inputs[0])) for p in leaves if p.inputs}
-    identities = [t for t in c.terms if id(t) in inputs]
+    inputs = {id(_branch_end(p.inputs[0], view)) for p in leaves if p.inputs}
+    identities = [t for t in ends if id(t) in inputs]
     if len(leaves) + len(identities) >= 2:
         return None
     return (
