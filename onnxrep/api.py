@@ -21,7 +21,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 import onnx
@@ -146,7 +146,16 @@ def _check_feed(where: str, name: str, value: np.ndarray, vi: onnx.ValueInfoProt
 
 
 
-ModelLike = Union[onnx.ModelProto, str, os.PathLike, bytes, Any]
+class HasModelProto(Protocol):
+    """Anything with a ``model_proto`` attribute holding an ``onnx.ModelProto``, such as torch's
+    ``torch.onnx.ONNXProgram``."""
+
+    @property
+    def model_proto(self) -> onnx.ModelProto: ...
+
+
+#: What every ``model`` argument of the API takes.
+ModelLike = Union[onnx.ModelProto, str, os.PathLike, bytes, bytearray, memoryview, HasModelProto]
 Feeds = Mapping[str, np.ndarray]
 Shapes = Mapping[str, Sequence[int]]
 
