@@ -12,7 +12,10 @@ Rewrites (``T(x, p)`` is ``Transpose(x, perm=p)``):
                     one read ``x`` (the inner one stays while something else reads it).
   * ``sink_sum``    ``Add/Sub(T(a, p), T(b, p))`` -> ``T(Add/Sub(a, b), p)``: one Transpose less.
                     Both operands have the rank ``len(p)``, so broadcasting acts axis by axis and
-                    commutes with the permutation.
+                    commutes with the permutation. Also with a chain of Add/Sub/Mul/Div by constants
+                    on one operand, ``Add/Sub(T(a, p), A_k(...A_1(T(b, p))))``: the chain is issued
+                    again on ``b``, constants permuted by the inverse of ``p`` (the BN on the NHWC
+                    output of an average-pool branch, summed with the conv branches).
   * ``sink_mixed``  ``Add/Sub(T(a, p), Z)`` where ``Z = A_k(...A_1(X))`` is a chain (maybe empty) of
                     Add/Sub/Mul/Div by a constant on a tensor ``X`` that some Transpose already reads
                     as ``Y = T(X, q)`` with ``q`` the inverse of ``p`` -> ``T(Add/Sub(a, Z'), p)``
@@ -338,6 +341,24 @@ def _through_chain(node: gs.Node, view: GraphView) -> tuple[list[gs.Node], gs.No
     return None
 
 
+def _chain_to_transpose(z: gs.Tensor, view: GraphView) -> tuple[gs.Node, list[gs.Node]] | None:
+    """(T, chain) with ``z = chain(T(b))``, the chain of affine steps by constants non-empty, in data
+    order; None otherwise."""
+    chain: list[gs.Node] = []
+    while len(chain) <= 64:
+        node = view.producer(z)
+        if is_op(node, ops.TRANSPOSE) and len(node.outputs) == 1:
+            return (node, chain[::-1]) if chain else None
+        if node is None or not is_op(node, *ops.AFFINE_BINARY_OPS) or len(node.outputs) != 1:
+            return None
+        data = affine_data_input(node, view)
+        if data is None:
+            return None
+        chain.append(node)
+        z = view.source(data)
+    return None
+
+
 def _match_sum(node: gs.Node, view: GraphView) -> Candidate | None:
     if len(node.inputs) != 2:
         return None
@@ -348,6 +369,10 @@ def _match_sum(node: gs.Node, view: GraphView) -> Candidate | None:
     if not any(ts):
         return None
     i = ts.index(True)
+    found = _chain_to_transpose(node.inputs[1 - i], view)
+    if found is not None:
+        other, chain = found
+        return Candidate(SINK_SUM, node, transposes=[prods[i], other], chain=chain, sides=[i, 1 - i])
     perm = _perm(prods[i])
     if not _is_perm(perm):
         return Candidate(SINK_MIXED, node, transposes=[prods[i]], sides=[i, 1 - i])
@@ -430,8 +455,9 @@ def _check_single_use(c: Candidate, view: GraphView, ctx: Context) -> str | None
                 return reason
         return None
     if c.kind in (SINK_SUM, SINK_MIXED):
-        for t in c.transposes:
-            reason = outside_reader_reason(t.outputs[0], [c.root], view)
+        for j, t in enumerate(c.transposes):
+            reader = c.chain[0] if c.kind == SINK_SUM and c.chain and j == 1 else c.root
+            reason = outside_reader_reason(t.outputs[0], [reader], view)
             if reason:
                 return reason
         for i, n in enumerate(c.chain):
@@ -486,8 +512,8 @@ def _check_shape(c: Candidate, view: GraphView, ctx: Context) -> str | None:
         shape = ctx.shape(c.base)
         if shape is None or len(shape) != rank or not isinstance(shape[1], int):
             return f"the shape of '{c.base.name}' is not known with rank {rank} and static channels"
-    if c.kind in (SINK_AFFINE, SINK_MIXED, HOIST_AFFINE, CANCEL_THROUGH):
-        rank = len(_perm(c.transposes[0] if c.kind == SINK_MIXED else c.root))
+    if c.kind in (SINK_AFFINE, SINK_MIXED, HOIST_AFFINE, CANCEL_THROUGH, SINK_SUM):
+        rank = len(_perm(c.transposes[0] if c.kind in (SINK_MIXED, SINK_SUM) else c.root))
         for n in c.chain:
             if not is_op(n, *ops.AFFINE_BINARY_OPS):
                 continue
@@ -717,7 +743,14 @@ class NormalizeLayout:
         inner_shape = _permuted_shape(out_shape, _inverse(perm))
         inner = _var(ctx, f"{target.name}.inner", target, inner_shape)
         base = c.root.name or c.root.op
-        if c.kind == SINK_SUM:
+        if c.kind == SINK_SUM and c.chain:
+            a, b = (view.source(t.inputs[0]) for t in c.transposes)
+            nodes, z = _reissue_chain(c, view, ctx, b, _inverse(perm))
+            operands = [None, None]
+            operands[c.sides[0]], operands[c.sides[1]] = a, z
+            nodes.append(NewNode(c.root.op, ctx.fresh_name(f"{base}/inner"), {}, operands, [inner]))
+            what = f"{c.root.op} of two Transposes {list(perm)}, one through {len(c.chain)} affine(s) -> one Transpose after it"
+        elif c.kind == SINK_SUM:
             a, b = (view.source(t.inputs[0]) for t in c.transposes)
             nodes = [NewNode(c.root.op, ctx.fresh_name(f"{base}/inner"), {}, [a, b], [inner])]
             what = f"{c.root.op} of two Transposes {list(perm)} -> one Transpose after it"

@@ -26,8 +26,9 @@ Conditions of a Pad (checked in this order):
   5. ``spatial_only``   no pad on the batch or channel axis (nor, in the Unsqueeze -> Pad -> Squeeze
                         spelling, on the inserted axis; Unsqueeze and Squeeze name one same axis).
   6. ``explicit_pads``  the window op has ``auto_pad`` NOTSET or VALID (SAME is made explicit first).
-  7. ``avgpool_exact``  an AveragePool reading the Pad counts padding (``count_include_pad=1``)
-                        and has ``ceil_mode=0``.
+  7. ``avgpool_exact``  an AveragePool reading the Pad counts padding (``count_include_pad=1``) or
+                        has no pads of its own (it is then made to count padding: the Pad's zeros
+                        were elements of its windows), and has ``ceil_mode=0``.
   8. ``pad_readers``    the padded tensor is read only by Conv / AveragePool nodes and is no graph
                         output; the tensors inside the Unsqueeze -> Pad -> Squeeze chain are read
                         only by the chain.
@@ -254,8 +255,8 @@ def _check_pool(c: Candidate, view: GraphView, ctx: Context) -> str | None:
         return None
     if int(w.attrs.get("ceil_mode", 0)) != 0:
         return f"AveragePool '{w.name}' has ceil_mode=1"
-    if c.kind == PAD and int(w.attrs.get("count_include_pad", 0)) != 1:
-        return f"AveragePool '{w.name}' does not count padding (count_include_pad=0)"
+    if c.kind == PAD and int(w.attrs.get("count_include_pad", 0)) != 1 and any(int(p) for p in w.attrs.get("pads", [])):
+        return f"AveragePool '{w.name}' does not count padding (count_include_pad=0) and pads itself"
     return None
 
 
@@ -401,5 +402,8 @@ class NormalizePads:
             inputs = [c.source, *w.inputs[1:]]
             spelling = "Pad" if len(c.chain) == 1 else "Unsqueeze -> Pad -> Squeeze"
             summary = f"{spelling} {add} taken into {w.op} pads -> {pads}"
-        node = NewNode(w.op, ctx.fresh_name(w.name or w.op), _attrs(w, pads), inputs, [w.outputs[0]])
+        attrs = _attrs(w, pads)
+        if c.kind == PAD and is_op(w, ops.AVERAGE_POOL):
+            attrs["count_include_pad"] = 1
+        node = NewNode(w.op, ctx.fresh_name(w.name or w.op), attrs, inputs, [w.outputs[0]])
         return Plan(w.outputs[0], [node], summary)

@@ -41,13 +41,13 @@ AFFINE = ("Add", "Sub", "Mul", "Div")
 #: (exporter, network) -> what is left over and why
 KNOWN_MISSES: dict[tuple[str, str], str] = {
     ("tf2onnx", "dbb"): (
-        "the average-pool branch: its ring is Pad(0) -> Add(b) after a bias-free 1x1 conv (the ring's Sub(b) "
-        "cancelled the BN's offset) and before the AveragePool; conv-chain finds no ring there (ring: elements "
-        "taken from the source are not zero-padded copies) and the branch stays (2 Conv)"
+        "the average-pool branch Conv1x1 -> Pad(0) -> Add(b) -> AveragePool becomes Conv1x1 -> AveragePool(pads) "
+        "-> Add(b) (normalize-shifts, normalize-pads), but conv-chain's absorption look-ahead stops at that "
+        "Add(b) as if it were the sum and declines the merge as dearer (cost): 2 Conv"
     ),
     ("tf2onnx_noopt", "dbb"): (
-        "as with tf2onnx's optimizers: the average-pool branch's ring Pad(0) -> Add(b) after the 1x1 conv is "
-        "not recognized, and its BN, in NHWC behind the pool's Transpose, does not join the sum (2 Conv)"
+        "as with tf2onnx's optimizers once the layout is normalized: conv-chain's absorption look-ahead stops at "
+        "the shift after the average pool (cost): 2 Conv"
     ),
     ("paddle2onnx", "repvgg_s2"): (
         "paddle2onnx writes the pad value of nn.Pad2D as the float32 with bit pattern 33 (4.6e-44), not 0: "

@@ -230,6 +230,36 @@ def test_ring_pad_with_axes_input_stays():
     assert any(r.startswith("constant_pads:") and "axes" in r for r in layout(report)), layout(report)
 
 
+def nhwc_pool_block(b: Builder, expose=False):
+    """``T(Conv(T(x))) + BN_last_axis(T(AvgPool(T(x))))``: the BN of an average-pool branch in NHWC,
+    between the pool's Transpose back and the sum (tf2onnx without its optimizers, DBB)."""
+    t = b.node("Transpose", ["x"], perm=TO_NCHW)
+    conv = b.node("Transpose", [b.conv(t, C, C, 3)], perm=TO_NHWC)
+    pool = b.node("Transpose", [b.avgpool(t, 3, count_include_pad=1)], perm=TO_NHWC)
+    scaled = b.node("Mul", [pool, b.const(np.linspace(0.5, 1.5, C).astype(np.float32))])
+    shifted = b.node("Add", [scaled, b.const(np.linspace(-0.3, 0.3, C).astype(np.float32))])
+    return b.relu(b.add(conv, shifted)), ([scaled] if expose else [])
+
+
+def test_sum_of_transposes_one_through_an_affine_chain():
+    b = nhwc_builder(seed=13)
+    y, _ = nhwc_pool_block(b)
+    model = b.model(y)
+    out, report = optimize(model, verify=True)
+    assert any("one through 2 affine(s)" in s for s in layout(report, "rewrites")), layout(report, "rewrites")
+    assert histogram(out) == FOLDED_NHWC
+    assert_equivalent(model, out, b.feeds())
+
+
+def test_sum_through_an_affine_chain_read_elsewhere_stays():
+    b = nhwc_builder(seed=13)
+    y, outputs = nhwc_pool_block(b, expose=True)
+    model = b.model(y, *outputs)
+    report = optimize(model)[1]
+    assert not any("one through" in s for s in layout(report, "rewrites"))
+    assert any(r.startswith("single_use:") for r in layout(report)), layout(report)
+
+
 def test_two_nhwc_blocks_in_a_row_cancel_between():
     """Block 2 reads block 1's NHWC output: its Transposes cancel with block 1's last one."""
     b = nhwc_builder(seed=5)
