@@ -70,9 +70,10 @@ def weights(r: np.random.Generator, shape, fan_in: int) -> np.ndarray:
 
 
 def write_manifest(folder: str, exporter: str, framework: dict[str, str], files: dict[str, str],
-                   failures: dict[str, str] | None = None) -> str:
+                   failures: dict[str, str] | None = None, repairs: dict[str, str] | None = None) -> str:
     """``folder/manifest.json``: exporter, versions, date and, per file, its network's deploy counts;
-    ``failures``: the networks the exporter could not export correctly, with the error."""
+    ``failures``: the networks the exporter could not export correctly, with the error; ``repairs``:
+    what was changed in an export so that onnxruntime loads it."""
     entry = {
         "exporter": exporter,
         "versions": framework,
@@ -83,6 +84,7 @@ def write_manifest(folder: str, exporter: str, framework: dict[str, str], files:
             for name in NETWORKS if name in files
         },
         "export_failures": dict(failures or {}),
+        "repairs": dict(repairs or {}),
     }
     path = os.path.join(folder, "manifest.json")
     with open(path, "w") as f:
