@@ -4,7 +4,9 @@ into ``tests/data/frameworks/paddle2onnx/`` with a ``manifest.json``.
 Written as ports of the PyTorch blocks are written in Paddle: ``padding=1`` or ``padding="SAME"``
 on the Conv2D, or an explicit ``nn.Pad2D`` before an unpadded one (the TensorFlow-style asymmetric
 pad of a stride-2 block), and the DBB padding ring as ``F.pad(y - b) + b`` (``F.pad`` pads with one
-scalar). Run it in an environment of its own (Paddle is no dependency of onnxrep or its tests)::
+scalar). paddle2onnx 2.1 writes the value of such a Pad from memory it never set: an export whose
+output differs from Paddle's is made again, and the fixtures keep what it wrote (a denormal such as
+4.6e-44, not 0, is no zero padding). Run it in an environment of its own (Paddle is no dependency of onnxrep or its tests)::
 
     python -m venv /tmp/venvs/paddle && /tmp/venvs/paddle/bin/pip install paddlepaddle paddle2onnx onnxruntime
     /tmp/venvs/paddle/bin/python tests/frameworks/export_paddle.py
@@ -180,11 +182,16 @@ def main():
         model.eval()
         path = os.path.join(folder, f"{name}.onnx")
         try:
-            export(model, path)
-            try:
-                check(model, path)
-            except AssertionError:  # Paddle's first eager run now and then differs; compare once more
-                check(model, path)
+            for attempt in range(3):
+                export(model, path)
+                try:
+                    check(model, path)
+                    break
+                except AssertionError:
+                    # paddle2onnx 2.1 writes the value of a pad3d's Pad from memory it never set (often
+                    # 0 or a denormal, now and then a large number): export again
+                    if attempt == 2:
+                        raise
         except Exception as e:  # an export onnxruntime cannot load, or that computes something else
             failures[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             if os.path.exists(path):
