@@ -63,7 +63,9 @@ Conditions (checked in this order):
                        a new one would only move a node, and nothing merges); sink_unary: one reads
                        the activation's output (else nothing cancels). hoist_affine is matched only
                        where another Transpose with the same perm reads ``X`` (else nothing merges,
-                       and a Transpose after an affine is no candidate).
+                       and a Transpose after an affine is no candidate). sink_mixed and
+                       hoist_affine: that Transpose is no graph output (dedupe merges the rewrite's
+                       copy of it only then).
   5. ``single_use``    the tensors the rewrite stops computing (a sunk Transpose's output, the
                        chain's intermediates) are read by nothing else and are not graph outputs;
                        sink_affine: the Conv's output is read by the Transpose only (so the fold
@@ -421,6 +423,11 @@ def _check_same_perm(c: Candidate, view: GraphView, ctx: Context) -> str | None:
 
 
 def _check_inverse(c: Candidate, view: GraphView, ctx: Context) -> str | None:
+    if c.kind in (SINK_MIXED, HOIST_AFFINE) and c.inverse is not None and view.escapes(c.inverse.outputs[0]):
+        return (
+            f"Transpose '{c.inverse.name}' is a graph output: the copy of it the rewrite reads could not be "
+            "merged with it, and the rewrite would add a node"
+        )
     if c.kind == SINK_UNARY and c.inverse is None:
         u = c.chain[0]
         return (

@@ -260,6 +260,16 @@ def test_sum_through_an_affine_chain_read_elsewhere_stays():
     assert any(r.startswith("single_use:") for r in layout(report)), layout(report)
 
 
+def test_sum_whose_inverse_transpose_is_a_graph_output_stays():
+    """sink_mixed reads a copy of the inverse Transpose; when that Transpose is a graph output, the copy
+    could never be merged with it and the rewrite would add a node."""
+    b = nhwc_builder(seed=11)
+    inv = b.node("Transpose", ["x"], perm=TO_NCHW)
+    t = b.node("Transpose", [b.conv(inv, C, C, 3)], perm=TO_NHWC)
+    model = b.model(b.relu(b.add("x", t)), inv)
+    assert_declined(model, "inverse_transpose")
+
+
 def test_two_nhwc_blocks_in_a_row_cancel_between():
     """Block 2 reads block 1's NHWC output: its Transposes cancel with block 1's last one."""
     b = nhwc_builder(seed=5)
