@@ -359,17 +359,21 @@ def shift_ring_reader(view: GraphView, node: gs.Node, ctx=None) -> tuple[gs.Tens
     if last.op not in SHIFT_OPS:
         return None
     a = select_chain_source(view, last.outputs[0])
-    if a is None:
-        return None
-    nodes = region(view, a, last.outputs[0])
-    if isinstance(nodes, str) or not any(n is node for n in nodes):
-        return None
-    first = next(
-        (n for n in nodes if n.op not in SHAPE_OPS and any(i is not None and view.source(i) is a for i in n.inputs)),
-        None,
-    )
-    if first is None or first.op not in SHIFT_OPS:
-        return None
-    if ctx is not None and not isinstance(analyze(view, a, last.outputs[0], ctx.shape(a), ctx.opsets), Ring):
-        return None
-    return a, reader
+    # the chain may begin with shifts that are not the ring's (the Add of a BN written as Mul then
+    # Add before the ring's Sub): the ring starts at the first shift from which it is one
+    while a is not None:
+        nodes = region(view, a, last.outputs[0])
+        if isinstance(nodes, str) or not any(n is node for n in nodes):
+            return None
+        first = next(
+            (n for n in nodes if n.op not in SHAPE_OPS and any(i is not None and view.source(i) is a for i in n.inputs)),
+            None,
+        )
+        if first is None or first.op not in SHIFT_OPS:
+            return None
+        if ctx is None or isinstance(analyze(view, a, last.outputs[0], ctx.shape(a), ctx.opsets), Ring):
+            return a, reader
+        if first is node or len(view.users(first.outputs[0])) != 1:
+            return None
+        a = first.outputs[0]
+    return None

@@ -383,8 +383,9 @@ def shift_ring_reason(view: GraphView, node: gs.Node, ctx: Context) -> str | Non
 
     ``node`` is a shift of a ring spelled ``Sub(b) -> Pad(0) -> Add(b)`` (see
     :func:`onnxrep.passes._ring.shift_ring_reader`) in front of a Conv or AveragePool, and either
-    this pass accepts the chain from the Conv before the ring, or the ring's source is a per-channel
-    affine of a Conv output (a BatchNormalization that affine-fold folds first). Folding one of the
+    this pass accepts the chain from the Conv before the ring, or the ring's source is a chain of
+    per-channel affines of a Conv output (a BatchNormalization, or ``Mul`` then ``Add``, that
+    affine-fold folds first). Folding one of the
     shifts into a conv on its own would leave the ring check comparing a ring of 0 with a rounding
     leftover of the bias; the whole ring folds exactly here. For affine-fold, as a condition."""
     found = _ring.shift_ring_reader(view, node, ctx)
@@ -396,11 +397,22 @@ def shift_ring_reason(view: GraphView, node: gs.Node, ctx: Context) -> str | Non
         match = _match_at(view, reader)
         if match is None or match.data.conv1 is not producer or ConvChain().check(match, view, ctx) is not None:
             return None
-    else:
-        data = affine_data_input(producer, view) if producer is not None else None
-        if data is None or not is_op(view.producer(view.source(data)), ops.CONV):
-            return None
+    elif not _affines_of_a_conv(producer, view):
+        return None
     return f"{node.op} '{node.name}' is part of a padding ring before '{reader.name}', merged by conv-chain as a whole"
+
+
+def _affines_of_a_conv(node: gs.Node | None, view: GraphView, depth: int = 8) -> bool:
+    """Whether ``node`` ends a chain of per-channel affines (a BatchNormalization, or one written as
+    ``Mul`` then ``Add``) of a Conv output, which affine-fold folds into that Conv first."""
+    for _ in range(depth):
+        data = affine_data_input(node, view) if node is not None else None
+        if data is None:
+            return False
+        node = view.producer(view.source(data))
+        if is_op(node, ops.CONV):
+            return True
+    return False
 
 
 @register

@@ -10,6 +10,7 @@ written out twice: *plainly* (NCHW, Add chains, pads on the Conv, BatchNormaliza
 * sums: left or right Add chains in any order, variadic ``Sum``, ``ReduceSum(Concat(Unsqueeze))``,
   ``Sub(a, Neg(b))``;
 * pads: on the Conv, in an explicit zero ``Pad`` before it (whole or in part), ``auto_pad=SAME_UPPER``;
+* padding rings: ``Sub(v) -> Pad(0) -> Add(v)`` or ``Concat`` of constant strips along W, then H;
 * BatchNormalization as it is, or as ``Mul`` then ``Add`` of per-channel constants;
 * scalings: one ``Mul`` or two scalar ``Mul`` in a row;
 * no-ops: ``Identity`` nodes anywhere;
@@ -49,13 +50,16 @@ AFFINE = ("Add", "Sub", "Mul", "Sum", "BatchNormalization")
 @dataclass
 class Branch:
     """One summand: ``conv`` (k x k, then BN or a bias), ``chain`` (a bias-free 1x1, then a k x k
-    conv and BN) or ``identity`` (BN of the stage input, or the input itself)."""
+    conv and BN), ``ring`` (DBB's: a 1x1 conv and BN, padded with what that BN gives for a zero
+    input, then an unpadded k x k conv and BN) or ``identity`` (BN of the stage input, or the
+    input itself)."""
 
     kind: str
     k: int = 1
     weights: list = field(default_factory=list)  # conv weights, in order
     bias: np.ndarray | None = None
     bn: list | None = None  # gamma, beta, mean, var
+    bn1: list | None = None  # ring: the BN after the 1x1
 
 
 @dataclass
@@ -87,8 +91,8 @@ def blocks(draw):
     for _ in range(draw(st.integers(1, 2))):
         if True:
             stride = draw(st.sampled_from([1, 1, 2]))
-            kinds = draw(st.lists(st.sampled_from(["conv", "conv", "chain", "identity"]), min_size=2, max_size=4))
-            if "conv" not in kinds and "chain" not in kinds:
+            kinds = draw(st.lists(st.sampled_from(["conv", "conv", "chain", "ring", "identity"]), min_size=2, max_size=4))
+            if kinds.count("identity") == len(kinds):
                 kinds[0] = "conv"
             branches = []
             for kind in kinds:
@@ -99,12 +103,13 @@ def blocks(draw):
                     continue
                 k = draw(st.sampled_from([1, 3, 3, 5]))
                 w = [rng.standard_normal((C, C, k, k)) / np.sqrt(C * k * k)]
-                if kind == "chain":
+                if kind in ("chain", "ring"):
                     k = draw(st.sampled_from([3, 5]))
                     w = [rng.standard_normal((C, C, 1, 1)) / np.sqrt(C), rng.standard_normal((C, C, k, k)) / np.sqrt(C * k * k)]
-                with_bn = kind == "chain" or draw(st.booleans())
+                with_bn = kind in ("chain", "ring") or draw(st.booleans())
                 branches.append(
-                    Branch(kind, k, w, bias=None if with_bn else rng.standard_normal(C) * 0.1, bn=bn_params(rng) if with_bn else None)
+                    Branch(kind, k, w, bias=None if with_bn else rng.standard_normal(C) * 0.1, bn=bn_params(rng) if with_bn else None,
+                           bn1=bn_params(rng) if kind == "ring" else None)
                 )
             if len(branches) < 2:
                 branches.append(Branch("conv", 1, [rng.standard_normal((C, C, 1, 1)) / np.sqrt(C)], bn=bn_params(rng)))
@@ -119,7 +124,7 @@ def blocks(draw):
 
 
 PLAIN = {"layout": "nchw", "sum": "add_left", "pad": "conv", "bn": "bn", "scale": "one", "noop": False,
-         "flatten": "flatten", "linear": "gemm"}
+         "flatten": "flatten", "linear": "gemm", "ring": "sub_pad_add"}
 
 SPELLINGS = {
     "layout": ["nchw", "nhwc"],
@@ -130,6 +135,7 @@ SPELLINGS = {
     "noop": [False, True],
     "flatten": ["flatten", "reshape"],
     "linear": ["gemm", "matmul_add"],
+    "ring": ["sub_pad_add", "concat"],
 }
 
 
@@ -146,6 +152,7 @@ class Writer:
         self.nhwc = choose("layout") == "nhwc"
         shape = [1, block.size, block.size, C] if self.nhwc else [1, C, block.size, block.size]
         self.b = Builder(C, input_shape=shape)
+        self.size = block.size  # of the current stage's input
 
     # plumbing ------------------------------------------------------------------------------
     def node(self, op, inputs, **attrs):
@@ -162,9 +169,9 @@ class Writer:
         return np.asarray(v).reshape((C,) if self.nhwc else (C, 1, 1))
 
     # ops -----------------------------------------------------------------------------------
-    def conv(self, x, w, stride, bias=None):
+    def conv(self, x, w, stride, bias=None, pad=None):
         k = w.shape[-1]
-        pad = (k - 1) // 2
+        pad = (k - 1) // 2 if pad is None else pad
         attrs = {"kernel_shape": [k, k], "strides": [stride, stride]}
         spelling = self.choose("pad") if pad else "conv"
         if stride != 1 and spelling == "same":
@@ -215,17 +222,42 @@ class Writer:
         return acc
 
     # the block -----------------------------------------------------------------------------
+    def ring(self, y, p, params):
+        """``y`` padded by ``p`` on H and W with, per channel, what the BN ``params`` give for a
+        zero input (computed from their float32 values, as a fold reads them)."""
+        gamma, beta, mean, var = [np.asarray(v, np.float32).astype(np.float64) for v in params]
+        v = beta - mean * gamma / np.sqrt(var + np.float64(np.float32(EPS)))
+        h_axis, w_axis = (1, 2) if self.nhwc else (2, 3)
+        if self.choose("ring") == "sub_pad_add":
+            pads = [0] * 8
+            pads[h_axis] = pads[w_axis] = pads[4 + h_axis] = pads[4 + w_axis] = p
+            y = self.node("Sub", [y, self.const(self.channel_shape(v))])
+            y = self.node("Pad", [y, self.b.const_int(pads)])
+            return self.node("Add", [y, self.const(self.channel_shape(v))])
+        n = self.size
+        for axis, other in ((w_axis, n), (h_axis, n + 2 * p)):
+            shape = [1, n, n, C] if self.nhwc else [1, C, n, n]
+            shape[axis], shape[h_axis if axis == w_axis else w_axis] = p, other
+            strip = np.broadcast_to(self.channel_shape(v), shape).astype(np.float64)
+            y = self.node("Concat", [self.const(strip), y, self.const(strip)], axis=axis)
+        return y
+
     def branch(self, x, br: Branch, stride):
         if br.kind == "identity":
             return self.bn(x, br.bn) if br.bn is not None else x
         y = x
         if br.kind == "chain":
             y = self.conv(y, br.weights[0], 1)
+        if br.kind == "ring":
+            y = self.ring(self.bn(self.conv(y, br.weights[0], 1), br.bn1), (br.k - 1) // 2, br.bn1)
+            y = self.conv(y, br.weights[-1], stride, br.bias, pad=0)
+            return self.bn(y, br.bn)
         y = self.conv(y, br.weights[-1], stride, br.bias)
         return self.bn(y, br.bn) if br.bn is not None else y
 
     def stage(self, x, st_: Stage):
         y = self.total([self.branch(x, br, st_.stride) for br in st_.branches])
+        self.size = (self.size + st_.stride - 1) // st_.stride
         if st_.scale is not None:
             s = st_.scale if st_.scale.ndim == 0 else self.channel_shape(st_.scale)
             if self.choose("scale") == "split":
@@ -336,18 +368,21 @@ def test_property_every_spelling_folds_like_the_plain_block(block, data):
 
 
 def test_the_plain_block_folds_to_one_conv_per_stage():
-    """Teeth for the property: the plain writing of a two-stage block with a head is one Conv per
-    sum stage, the scaling folded, and one Gemm."""
+    """Teeth for the property: the plain writing of a two-stage block (a ring branch in the first,
+    a chain in the second) with a head is one Conv per sum stage, the scaling folded, and one Gemm;
+    the Concat ring folds the same."""
     rng = np.random.default_rng(0)
     w = lambda k: rng.standard_normal((C, C, k, k)) / np.sqrt(C * k * k)  # noqa: E731
     stages = [
         Stage(1, [Branch("conv", 3, [w(3)], bn=bn_params(rng)), Branch("conv", 1, [w(1)], bn=bn_params(rng)),
+                  Branch("ring", 3, [w(1), w(3)], bn=bn_params(rng), bn1=bn_params(rng)),
                   Branch("identity", bn=bn_params(rng))], scale=rng.uniform(0.5, 1.5, (C,))),
         Stage(2, [Branch("chain", 3, [w(1), w(3)], bn=bn_params(rng)), Branch("conv", 1, [w(1)], bias=rng.standard_normal(C))]),
     ]
     block = Block(8, stages, {"bn": bn_params(rng), "w": rng.standard_normal((C, 3)), "b": rng.standard_normal(3)})
-    out, _ = optimize(write(block, plain)[0])
-    assert counts(out) == {"compute": 3, "affine": 0, "BatchNormalization": 0}, histogram(out)
+    for ring in SPELLINGS["ring"]:
+        out, _ = optimize(write(block, dict(PLAIN, ring=ring).__getitem__)[0])
+        assert counts(out) == {"compute": 3, "affine": 0, "BatchNormalization": 0}, histogram(out)
 
 
 def test_nhwc_variadic_sum_folds():
@@ -364,3 +399,21 @@ def test_nhwc_variadic_sum_folds():
     assert counts(out) == {"compute": 1, "affine": 0, "BatchNormalization": 0}, histogram(out)
     x = rng.standard_normal((1, C, 7, 7)).astype(np.float32)
     assert_close(outputs(spelled, x, nhwc), outputs(out, x, nhwc))
+
+
+def test_ring_after_a_bn_written_as_mul_add_folds():
+    """Found by the property: a DBB ring ``Sub(v) -> Pad(0) -> Add(v)`` after a 1x1 conv whose BN
+    is written ``Mul`` then ``Add`` (with an identity branch, so that the sum merges over two
+    rounds): the BN's Add was taken for the ring's first shift, the ring was not recognized, and
+    affine-fold folded its shifts apart, leaving three convs. It folds to one."""
+    rng = np.random.default_rng(0)
+    w = lambda k: rng.standard_normal((C, C, k, k)) / np.sqrt(C * k * k)  # noqa: E731
+    block = Block(7, [Stage(1, [Branch("conv", 3, [w(3)], bn=bn_params(rng)),
+                                Branch("ring", 3, [w(1), w(3)], bn=bn_params(rng), bn1=bn_params(rng)),
+                                Branch("identity", bn=bn_params(rng))])], None)
+    for ring in SPELLINGS["ring"]:
+        spelled, _ = write(block, dict(PLAIN, bn="muladd", ring=ring).__getitem__)
+        out, _ = optimize(spelled)
+        assert counts(out) == {"compute": 1, "affine": 0, "BatchNormalization": 0}, histogram(out)
+        x = rng.standard_normal((1, C, 7, 7)).astype(np.float32)
+        assert_close(outputs(spelled, x, False), outputs(out, x, False))
