@@ -5,6 +5,7 @@ input's, else the rewrites responsible are left out."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -151,18 +152,28 @@ def test_check_falls_back_to_no_rewrite(monkeypatch):
 
 
 def test_rewrites_a_run_without_the_suspects_makes_join_them(monkeypatch):
-    """A run that leaves out the suspects can make rewrites of its own (here normalize-activations,
-    told that onnxruntime fuses nothing, rewrites TorchScript's GELU into the same spelling under
-    new names, and affine-fold folds its Mul(0.5) under a new key): those join the suspects, and
-    the output keeps onnxruntime's Gelu."""
-    from onnxrep.passes import _fusions, normalize_activations
+    """A run that leaves out the suspects can make rewrites of its own (a candidate that a
+    left-out rewrite had replaced, under a key of its own): those join the suspects. Then the
+    suspects are narrowed down by halves. Here rewrite ``b`` breaks a fusion, and left out, its
+    replacement ``b2`` does too; ``a`` is innocent and stays."""
+    replacements = {"b": "b2"}
 
-    monkeypatch.setattr(_fusions, "find_fusions", lambda view: [])
-    monkeypatch.setattr(normalize_activations, "CONDITIONS", [c for c in normalize_activations.CONDITIONS if c[0] != "fused_already"])
-    b, model = gelu_between_convs()
-    out, report = onnxrep.optimize(model)
-    assert report.kernels_after <= report.kernels_before
-    assert kernels.count_kernels(out).ops.get("com.microsoft:Gelu") == 1
-    held = [k for k, v in report.left_out_for_cost.items() if v.startswith("kernel_count: ")]
-    assert len(held) == 3 and sum("->" in k for k in held) == 2, held  # two Mul folds, one of them new
-    assert_equivalent(model, out, b.feeds())
+    def costed(held, hold_all=None):
+        applied = [] if hold_all else [k for k in ("a", "b") if k not in held]
+        applied += [r for k, r in replacements.items() if k in held and r not in held and not hold_all]
+        report = SimpleNamespace(passes=[SimpleNamespace(rewrites=[{"candidate": k} for k in applied])], runs=1)
+        return frozenset(applied), report, None, dict(held)
+
+    def count(out, *a, **kw):
+        return kernels.KernelCount(5 + 3 * bool(out & {"b", "b2"}))
+
+    monkeypatch.setattr(kernels, "count_kernels", count)
+    model = frozenset()
+    out, report, _, held = costed({})
+    out, report, held = engine._kernel_check(model, out, report, held, costed)
+    assert out == {"a"} and sorted(held) == ["b", "b2"]
+    assert all(v.startswith("kernel_count: left out: ") for v in held.values())
+    assert (report.kernels_before, report.kernels_after) == (5, 5)
+    assert report.kernel_check == "2 rewrite(s) left out (kernel_count): with them the output had 8 kernels"
+    # runs: all suspects (b2 appears), all three, then [a] (no), [b, b2] (yes), [b] (no), [b2] (no)
+    assert report.runs == 1 + 6
