@@ -11,9 +11,11 @@ fuse: GELU with ``Mul(x, 1/sqrt(2))`` instead of ``Div(x, sqrt(2))`` or with the
 (onnxruntime takes that Mul for its pattern 1's and gives up: FastViT's GELU after the SE gate),
 TorchScript's tanh GELU (``x*x*x``, the 0.5 applied last), and
 every HardSwish / HardSigmoid decomposition (``x * relu6(x + 3) / 6`` and its variants; onnxruntime
-fuses none). torch's dynamo exporter (default opset 20) writes ``nn.GELU`` as the ``Gelu`` op
+fuses none). torch's dynamo exporter writes ``nn.GELU`` at its default opset 20 as the ``Gelu`` op
 itself, both approximations, which onnxruntime runs as one kernel (bit for bit its fused Gelu's
-result): there is nothing to do for it. What each decomposition becomes:
+result): nothing to do there; below opset 20 (``opset_version=18``, the default of earlier torch
+releases) it writes ``x * (0.5 * (1 + erf(x / sqrt2)))`` and ``x * (0.5 * (1 + tanh(...)))``,
+neither of which onnxruntime fuses. What each decomposition becomes:
 
 ==================  ==================================  ==========================================
 function            at the model's default opset >= N    below it (the spelling onnxruntime fuses)

@@ -418,3 +418,31 @@ def test_torchscript_gelu_after_a_mul(opset):
     fused = ort_ops(out)
     assert fused.get("Gelu" if opset == 20 else "com.microsoft:Gelu") == 1
     assert kernels.count_kernels(out).count < kernels.count_kernels(model).count
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_dynamo_opset_18_gelu(approximate, tmp_path):
+    """torch's dynamo exporter below opset 20 spells GELU as ``x * (0.5 * (1 + erf(x / sqrt2)))``
+    (tanh: ``x * (0.5 * (1 + tanh(k * (x + c * Pow(x, 3)))))``), which onnxruntime does not fuse:
+    the pass writes onnxruntime's spelling, and its optimized graph has a Gelu / FastGelu where the
+    export's had none."""
+    torch = pytest.importorskip("torch")
+    te = pytest.importorskip("torch_export")
+    from torch import nn
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.GELU(approximate=approximate), nn.Conv2d(8, 4, 1)).eval()
+    shape = (1, 4, 8, 8)
+    path = tmp_path / "m.onnx"
+    with te.quiet():
+        torch.onnx.export(module, te.random_inputs(shape, 0), str(path), dynamo=True, opset_version=18,
+                          input_names=["x"], output_names=["y"])
+    exported = onnx.load(str(path))
+    assert exported.opset_import[0].version == 18 and "Gelu" not in histogram(exported)
+    fused = "com.microsoft:Gelu" if approximate == "none" else "com.microsoft:FastGelu"
+    assert fused not in ort_ops(exported)
+    out, report = onnxrep.optimize(path, verify=True)
+    te.assert_matches_torch(out, module, shape)
+    assert next(p for p in report.passes if p.name == PASS).rewritten == 1
+    assert ort_ops(out)[fused] == 1
+    assert report.kernels_after < report.kernels_before and report.kernel_check == "ok"
