@@ -128,6 +128,44 @@ def test_the_passes_table_lists_every_pass_in_run_order():
     assert rows == list(engine.available_passes()), "README's passes table differs from `onnxrep passes`"
 
 
+def _documented_signatures() -> dict[str, tuple[list[tuple[str, object]], bool]]:
+    """The README's Python API table: function name -> ([(parameter, default)], complete), where
+    ``complete`` is False for a row that elides parameters with ``...``."""
+    import ast
+
+    text = README.read_text()
+    section = text[text.index("## Python API"):]
+    section = section[: section.index("\n## ", 1)]
+    rows = {}
+    for name, params in re.findall(r"^\| `(?:onnxrep\.api\.)?(\w+)\((.*?)\)` \|", section, re.M):
+        complete = "..." not in params
+        params = ", ".join(p for p in (q.strip() for q in params.split(",")) if p != "...")
+        args = ast.parse(f"def f({params}): pass").body[0].args
+        positional = args.args
+        pos = [(a.arg, None) for a in positional]
+        for (arg, _), d in zip(pos[len(pos) - len(args.defaults):], args.defaults):
+            pos[[n for n, _ in pos].index(arg)] = (arg, ast.literal_eval(d))
+        kw = [(a.arg, None if d is None else ast.literal_eval(d)) for a, d in zip(args.kwonlyargs, args.kw_defaults)]
+        rows[name] = (pos + kw, complete)
+    return rows
+
+
+def test_the_python_api_table_matches_the_signatures():
+    import inspect
+
+    from onnxrep import api
+
+    rows = _documented_signatures()
+    assert {"optimize", "verify", "load", "save", "optimize_file", "inspect"} <= set(rows)
+    for name, (documented, complete) in rows.items():
+        params = inspect.signature(getattr(api, name)).parameters
+        actual = [(p.name, None if p.default is p.empty else p.default) for p in params.values()]
+        if complete:
+            assert documented == actual, name
+        else:
+            assert all(item in actual for item in documented), (name, documented)
+
+
 def test_pre_commit_hook_runs_onnxrep_check_on_onnx_files():
     yaml = pytest.importorskip("yaml")
     hooks = yaml.safe_load(HOOKS.read_text())
