@@ -575,9 +575,8 @@ def target_lines(res: list[dict]) -> list[str]:
         for r in missed:
             vals = ", ".join(f"{m['ratios'][key]['ratio']:.3f} (rounds {m['ratios'][key]['round_q1']:.3f}-{m['ratios'][key]['round_q3']:.3f})" for m in r["runs"])
             k = kernels_of(res, r["model"], r["exporter"])
-            why = f"; onnxruntime kernels onnxrep - deploy at batch 1: {kernel_diff(k) or 'none'}" if k and key != "onnxrep/train" else ""
-            if k and key == "onnxrep/train":
-                why = f"; onnxruntime kernels onnxrep - train at batch 1: {kernel_diff(k, 'onnxrep', 'train') or 'none'}"
+            other = RATIOS[key][1]
+            why = f"; onnxruntime kernels onnxrep - {other} at batch 1: {kernel_diff(k, 'onnxrep', other) or 'none'}" if k else ""
             lines.append(f"  - **missed**: {r['model']} {r['exporter']} {r['runtime']} batch {r['batch']}: {vals}{why}")
         out += lines
     return out
@@ -677,7 +676,18 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", type=Path, default=PLOT_PATH)
     ap.add_argument("--markdown", type=Path, default=MD_PATH, help="file whose generated section is replaced (default BENCHMARKS.md)")
     ap.add_argument("--no-write", action="store_true", help="print the section, write no files")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="measure nothing: write the plot and the section again from this JSON of an earlier run")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        doc = json.loads(args.render.read_text())
+        if args.no_write:
+            print(markdown(doc))
+            return 0
+        plot(doc, args.plot)
+        update_section(args.markdown, markdown(doc))
+        log(f"wrote {args.plot}, the section of {args.markdown} from {args.render}")
+        return 0
 
     absent = zm.absent_models()
     args.models = args.models or [m.name for m in zm.ZOO if m.name not in absent]
