@@ -83,6 +83,15 @@ def bn_params(rng, c=C):
     return [rng.uniform(0.5, 1.5, c), rng.standard_normal(c) * 0.1, rng.standard_normal(c) * 0.1, rng.uniform(0.5, 2.0, c)]
 
 
+def bn_affine(params) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and offset of an inference BN, from its parameters' float32 values (as a fold reads
+    them, and as a framework writing ``Mul``/``Add`` computes them): the offset is what the BN gives
+    for a zero input, the value a padding ring after it must hold."""
+    gamma, beta, mean, var = [np.asarray(v, np.float32).astype(np.float64) for v in params]
+    s = gamma / np.sqrt(var + np.float64(np.float32(EPS)))
+    return s, beta - mean * s
+
+
 @st.composite
 def blocks(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
@@ -190,12 +199,11 @@ class Writer:
         return self.node("Transpose", [y], perm=TO_NHWC) if self.nhwc else y
 
     def bn(self, x, params):
-        gamma, beta, mean, var = params
         if not self.nhwc and self.choose("bn") == "bn":
             return self.node("BatchNormalization", [x] + [self.const(p) for p in params], epsilon=EPS)
-        s = gamma / np.sqrt(var + EPS)
+        s, t = bn_affine(params)
         y = self.node("Mul", [x, self.const(self.channel_shape(s))])
-        return self.node("Add", [y, self.const(self.channel_shape(beta - mean * s))])
+        return self.node("Add", [y, self.const(self.channel_shape(t))])
 
     def total(self, terms):
         spelling = self.choose("sum")
@@ -225,8 +233,7 @@ class Writer:
     def ring(self, y, p, params):
         """``y`` padded by ``p`` on H and W with, per channel, what the BN ``params`` give for a
         zero input (computed from their float32 values, as a fold reads them)."""
-        gamma, beta, mean, var = [np.asarray(v, np.float32).astype(np.float64) for v in params]
-        v = beta - mean * gamma / np.sqrt(var + np.float64(np.float32(EPS)))
+        _, v = bn_affine(params)
         h_axis, w_axis = (1, 2) if self.nhwc else (2, 3)
         if self.choose("ring") == "sub_pad_add":
             pads = [0] * 8
@@ -278,9 +285,8 @@ class Writer:
             if self.choose("bn") == "bn" and not self.nhwc:
                 y = self.node("BatchNormalization", [y] + [self.const(p) for p in head["bn"]], epsilon=EPS)
             else:
-                gamma, beta, mean, var = head["bn"]
-                s = gamma / np.sqrt(var + EPS)
-                y = self.node("Add", [self.node("Mul", [y, self.const(s)]), self.const(beta - mean * s)])
+                s, t = bn_affine(head["bn"])
+                y = self.node("Add", [self.node("Mul", [y, self.const(s)]), self.const(t)])
         if self.choose("linear") == "gemm":
             return self.node("Gemm", [y, self.const(head["w"].T), self.const(head["b"])], transB=1)
         return self.node("Add", [self.node("MatMul", [y, self.const(head["w"])]), self.const(head["b"])])
