@@ -39,8 +39,14 @@ Method, per (model, exporter, runtime, batch):
   ``--ov-precision default`` leaves the plugin's choice; no pinning: on a machine shared with other
   work a pinned thread waits for its core, ``--ov-pinning`` pins), one infer request, inputs shared;
 * the same seeded standard-normal input for all graphs; ``--warmup`` runs of each graph; then
-  interleaved rounds, each running every graph once, the order rotated by one each round (A B C,
-  B C A, C A B, ...); the number of rounds adapts to the time budget (``--budget`` for the whole
+  interleaved rounds, each running every graph once, the order changing from round to round: the
+  orders of a Williams design (``--order balanced``, the default: for three graphs all six
+  orders, so that every graph runs first, second and last, and right after each other graph,
+  equally often), or rotated by one (``--order rotate``: A B C, B C A, C A B, as
+  ``onnxrep.bench.interleaved_latency``; it balances the positions, not the predecessors, and in
+  the first full run of this script onnxrep's output of MobileOne, right after the 3x slower
+  training graph in two rounds of three, came out 1.05-1.12x the deploy form in those rounds and
+  0.99-1.07x in the others, with identical graphs in onnxruntime); the number of rounds adapts to the time budget (``--budget`` for the whole
   run, split evenly over the cases still to run) between ``--min-rounds`` and ``--rounds``;
 * per graph the median (and min, max, quartiles) of its times; ratios of medians
   ``onnxrep / deploy``, ``onnxrep / train``, ``deploy / train`` (and ``onnxrep / ts_deploy``);
@@ -257,22 +263,40 @@ def ov_properties(core, threads: int, precision: str, pinning: bool, path: Path)
 # --------------------------------------------------------------------------------------------
 
 
+def williams(n: int) -> list[list[int]]:
+    """Orders of ``n`` items in which every position and every immediate predecessor comes up
+    equally often: a Williams design (a balanced Latin square; n orders for even n, 2n for odd n;
+    for 3 all six permutations). Rotating by one (0 1 2, 1 2 0, 2 0 1) balances positions but
+    not predecessors: 1 follows 0 in two rounds of three, 2 follows 0 in none."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(v + i) % n for v in first] for i in range(n)]
+    return rows + [r[::-1] for r in rows] if n % 2 else rows
+
+
 def interleaved(runners: dict[str, Callable[[], object]], warmup: int, min_rounds: int, max_rounds: int,
-                seconds: float) -> dict[str, list[float]]:
+                seconds: float, order: str = "balanced") -> dict[str, list[float]]:
     """Per-round times in ms of each runner: ``warmup`` runs of each, then rounds that run each
-    runner once, the order rotated by one per round; as many rounds as fit in ``seconds`` (judged
-    from the first round), within [min_rounds, max_rounds]. (The loop of
+    runner once, in the orders of :func:`williams` in turn (``order="balanced"``) or rotated by
+    one per round (``"rotate"``, as ``onnxrep.bench.interleaved_latency``); as many rounds as fit in
+    ``seconds`` (judged from the first round), within [min_rounds, max_rounds]. (The loop of
     ``onnxrep.bench.interleaved_latency``, over callables, keeping every round's times so that the
     spread of per-round ratios can be given.)"""
     names = list(runners)
+    n = len(names)
+    orders = williams(n) if order == "balanced" else [list(range(k, n)) + list(range(k)) for k in range(n)]
     for _ in range(warmup):
         for run in runners.values():
             run()
     times: dict[str, list[float]] = {n: [] for n in names}
     rounds, r, t_start = max_rounds, 0, time.perf_counter()
     while r < rounds:
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+        for name in (names[i] for i in orders[r % len(orders)]):
             t0 = time.perf_counter()
             runners[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
@@ -363,7 +387,7 @@ class Run:
         max_rounds = args.rounds if args.rounds is not None else (300 if batch == 1 else 40)
         min_rounds = min(args.min_rounds if args.min_rounds is not None else (20 if batch == 1 else 5), max_rounds)
         warmup = args.warmup if args.warmup is not None else (5 if batch == 1 else 1)
-        times = interleaved(runners, warmup, min_rounds, max_rounds, max(seconds - setup_s, 0.0))
+        times = interleaved(runners, warmup, min_rounds, max_rounds, max(seconds - setup_s, 0.0), args.order)
         del runners
         gc.collect()
         out = summarize(times)
@@ -664,6 +688,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=25 * 60, help="seconds for the whole run (default 1500); the rounds adapt")
     ap.add_argument("--repeat-share", type=float, default=0.15, help="part of the budget kept for the repeats (default 0.15)")
     ap.add_argument("--no-repeat", dest="repeat", action="store_false", help="do not measure cases above target again")
+    ap.add_argument("--order", choices=("balanced", "rotate"), default="balanced",
+                    help="round orders: a Williams design, every graph after every other equally often (default), "
+                         "or rotated by one per round")
     ap.add_argument("--target", type=float, default=TARGET)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (onnxruntime), inference threads (OpenVINO)")
     ap.add_argument("--ov-precision", default="f32", help="OpenVINO INFERENCE_PRECISION_HINT (f32, bf16 or default)")
@@ -726,7 +753,7 @@ def main(argv=None) -> int:
         "loadavg_median": statistics.median(loads) if loads else float("nan"),
         "settings": {"models": args.models, "exporters": args.exporters, "runtimes": args.runtimes,
                      "batches": args.batches, "threads": args.threads, "ov_precision": args.ov_precision,
-                     "rounds": args.rounds, "min_rounds": args.min_rounds, "warmup": args.warmup,
+                     "rounds": args.rounds, "min_rounds": args.min_rounds, "order": args.order, "warmup": args.warmup,
                      "budget": args.budget, "target": args.target, "seed": args.seed, "resolution": zm.RESOLUTION,
                      "torchscript_opset": zm.TORCHSCRIPT_OPSET, "targets": TARGETS, "cross_models": list(CROSS_MODELS),
                      "ort_session_config": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": args.threads,

@@ -83,3 +83,15 @@ def test_above_target_judges_each_ratio_by_its_own_target():
     assert zl.above_target(summary(onnxrep_deploy=1.021, onnxrep_train=0.9), 1.02) == ["onnxrep/deploy"]
     assert zl.above_target(summary(onnxrep_deploy=1.0, onnxrep_train=1.03), 1.02) == ["onnxrep/train"]
     assert zl.above_target(summary(onnxrep_deploy=1.0, onnxrep_train=1.0, deploy_train=2.0), 1.02) == []
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_round_orders_balance_positions_and_predecessors(n):
+    from collections import Counter
+
+    orders = load_script().williams(n)
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    positions = Counter((v, i) for o in orders for i, v in enumerate(o))
+    predecessors = Counter((o[i - 1], o[i]) for o in orders for i in range(1, n))
+    assert len(positions) == n * n and len(set(positions.values())) == 1
+    assert len(predecessors) == n * (n - 1) and len(set(predecessors.values())) == 1
