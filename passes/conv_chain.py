@@ -275,11 +275,12 @@ def _absorption_reason(c: Candidate, view: GraphView, ctx: Context, shape: tuple
         if len(users) != 1 or view.escapes(out):
             return "its result is not one branch of a sum"
         node = users[0]
+        if affine_data_input(node, view) is not None:  # an Add of a constant is a shift, not a sum
+            out = node.outputs[0]
+            continue
         if is_op(node, *ops.SUM_OPS):
             break
-        if affine_data_input(node, view) is None:
-            return "its result is not one branch of a sum"
-        out = node.outputs[0]
+        return "its result is not one branch of a sum"
     x = _x(c, view)
     stand_in = _stand_in(c, view, ctx, shape, groups)
 

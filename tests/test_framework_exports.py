@@ -40,15 +40,6 @@ AFFINE = ("Add", "Sub", "Mul", "Div")
 
 #: (exporter, network) -> what is left over and why
 KNOWN_MISSES: dict[tuple[str, str], str] = {
-    ("tf2onnx", "dbb"): (
-        "the average-pool branch Conv1x1 -> Pad(0) -> Add(b) -> AveragePool becomes Conv1x1 -> AveragePool(pads) "
-        "-> Add(b) (normalize-shifts, normalize-pads), but conv-chain's absorption look-ahead stops at that "
-        "Add(b) as if it were the sum and declines the merge as dearer (cost): 2 Conv"
-    ),
-    ("tf2onnx_noopt", "dbb"): (
-        "as with tf2onnx's optimizers once the layout is normalized: conv-chain's absorption look-ahead stops at "
-        "the shift after the average pool (cost): 2 Conv"
-    ),
     ("paddle2onnx", "repvgg_s2"): (
         "paddle2onnx 2.1 writes the value of nn.Pad2D's Pad from memory it never set (in this fixture 4.6e-44, "
         "not 0): the explicit Pad before the stride-2 3x3 is no zero padding (pad_value), so the branches stay apart"
