@@ -533,8 +533,10 @@ def markdown(doc: dict) -> str:
         f"`INFERENCE_NUM_THREADS={s['threads']}`, `INFERENCE_PRECISION_HINT={s['ov_precision']}`, "
         f"`ENABLE_CPU_PINNING={doc['settings']['openvino_config']['ENABLE_CPU_PINNING']}` "
         f"(compiled with {', '.join(f'{k}={v}' for k, v in doc.get('openvino_properties', {}).items()) or '-'}); "
-        f"64x64 input, batches {', '.join(map(str, s['batches']))}; warm-up then interleaved rounds in rotating order "
-        "(rounds per case in the JSON).",
+        f"64x64 input, batches {', '.join(map(str, s['batches']))}; warm-up then interleaved rounds, "
+        + ("the orders of a Williams design in turn (every graph first, last and right after each other graph equally often)"
+           if s.get("order", "rotate") == "balanced" else "the order rotated by one per round")
+        + " (rounds per case in the JSON).",
         "",
         "Columns: **deploy ms**: median latency of the deploy export; **onnxrep / deploy**, **train / deploy**:",
         "ratios of medians (a case measured twice shows both, `first / repeat`; bold where every measurement",
