@@ -70,6 +70,7 @@ per model, one panel per runtime and batch, with the 1.02 line), and the generat
     python benchmarks/zoo_latency.py --cache /tmp/zoo-cache                    # everything (about 25 min on 2 cores, exports cached)
     python benchmarks/zoo_latency.py --models repvit_m0_9 fastvit_t8 --runtimes ort --batches 1 --no-write
     python benchmarks/zoo_latency.py --models repvgg_a0 --rounds 1 --warmup 0 --no-write   # smoke run
+    python benchmarks/zoo_latency.py --render benchmarks/results/zoo_latency.json         # plot and section again, no timing
 
 Needs torch, timm (the ``test`` extra) and matplotlib, openvino (the ``bench`` extra); without
 openvino, ``--runtimes ort``.
