@@ -342,8 +342,10 @@ def _describe_sets(sets: list[InputSet]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def reference_session(model: onnx.ModelProto, log_severity: int = 3) -> ort.InferenceSession:
+def reference_session(model: onnx.ModelProto, log_severity: int = 4) -> ort.InferenceSession:
     """A CPU session with onnxruntime's graph optimizations disabled: the graph runs as written.
+    onnxruntime logs nothing below ``log_severity`` (4: fatal only): its errors reach the user as
+    the one-line message of the exception they raise, not as its own coloured log lines.
     Initializers still left in their file (``io.load(..., lazy=True)``) are read in first, into a
     copy."""
     if any(io.lazy_source(t) is not None for t in external_data_helper._get_all_tensors(model)):

@@ -417,3 +417,27 @@ def test_a_saturated_softmax_of_an_exact_fold_passes_within_its_own_sensitivity(
     # and it does not excuse a real error: 1e-3 on the weights
     bad = _softmax_of_branches([w1 * np.float32(1.001), w2 * np.float32(1.001)])
     assert not equivalence.compare(model, bad).ok
+
+
+def test_a_model_failing_on_the_generated_inputs_gives_one_line_and_no_runtime_log(tmp_path):
+    """onnxruntime's sessions log nothing of their own (severity fatal only): a model that fails on
+    the inputs made for it (a Reshape that needs H = W = 8, the dims set to 32 by default) ends
+    with onnxrep's one line on stderr, no coloured ``[E:onnxruntime:...]`` line before it."""
+    import re
+    import subprocess
+    import sys
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])],
+        [numpy_helper.from_array(np.array([1, 512], np.int64), "shape")],
+    )
+    path = tmp_path / "dims.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    proc = subprocess.run([sys.executable, "-m", "onnxrep", "optimize", str(path), str(tmp_path / "o.onnx"), "-q"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert len(proc.stderr.splitlines()) == 1 and "onnxruntime" in proc.stderr, proc.stderr
+    assert not re.search(r"\x1b\[|\[E:onnxruntime", proc.stderr), proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
