@@ -535,3 +535,14 @@ def test_input_shapes_syntax_errors(value):
         cli._parse_input_shapes((value,))
     with pytest.raises(cli.UsageError, match="given twice"):
         cli._parse_input_shapes(("x:1", "x:2"))
+
+
+def test_a_model_that_needs_dim_values_prints_no_onnxruntime_log(tmp_path):
+    path = tmp_path / "dims.onnx"
+    _needs_dims(path)
+    proc = subprocess.run([*onnxrep_command(), "optimize", str(path), str(tmp_path / "o.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert not CONTROL.search(proc.stderr), proc.stderr  # no coloured onnxruntime line
+    lines = proc.stderr.splitlines()
+    assert all(line.startswith("onnxrep: ") for line in lines[:-1]), proc.stderr
+    assert lines[-1].startswith("error: the original model fails in onnxruntime") and "H=32, W=32" in lines[-1]
