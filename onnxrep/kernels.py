@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from . import io
+from . import io, ops
 
 #: Initializer bytes (inline, external, lazy, Constant nodes) above which no session is built.
 MAX_WEIGHT_BYTES = 64 << 20
@@ -84,15 +84,23 @@ def size(model: onnx.ModelProto) -> tuple[int, int]:
     return weights, nodes
 
 
+#: Ops whose CPU kernels onnxruntime registers with ``Alias(0, 0)``: the output is the input's
+#: buffer under another shape, no data is moved (onnxruntime/core/providers/cpu/tensor/reshape.cc,
+#: squeeze.cc, unsqueeze.cc, flatten.cc, and cpu/nn/identity_op.cc). They are in the histogram but
+#: not counted as kernels: a fold that makes onnxruntime wrap a rank-3 MatMul + Add in two Reshapes
+#: around one Gemm runs no more kernels for it.
+ALIAS_OPS = frozenset({ops.RESHAPE, ops.FLATTEN, ops.SQUEEZE, ops.UNSQUEEZE, ops.IDENTITY})
+
+
 def _histogram(model: onnx.ModelProto) -> tuple[int, dict[str, int]]:
-    ops: dict[str, int] = {}
+    histogram: dict[str, int] = {}
     count = 0
     for g in _graphs(model.graph):
         for node in g.node:
             key = f"{node.domain}:{node.op_type}" if node.domain else node.op_type
-            ops[key] = ops.get(key, 0) + 1
-            count += 1
-    return count, dict(sorted(ops.items()))
+            histogram[key] = histogram.get(key, 0) + 1
+            count += not (node.domain in ops.DEFAULT_DOMAINS and node.op_type in ALIAS_OPS)
+    return count, dict(sorted(histogram.items()))
 
 
 def optimized_graph(model: onnx.ModelProto, folder: str | os.PathLike) -> onnx.ModelProto:
@@ -131,8 +139,8 @@ def count_kernels(model: onnx.ModelProto, max_weight_bytes: int = MAX_WEIGHT_BYT
             graph = optimized_graph(copy, folder)
     except Exception as exc:  # noqa: BLE001
         return KernelCount(None, reason=f"onnxruntime cannot build a session: {_first_line(exc)}")
-    count, ops = _histogram(graph)
-    return KernelCount(count, ops)
+    count, histogram = _histogram(graph)
+    return KernelCount(count, histogram)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -565,7 +565,10 @@ def test_random_dead_channels_exact(src_kernel, stride, dilation, cout, dead, ze
         y = apply_step(b, y, cout, s)
     z = b.conv(y, cout, 3, kernel=consumer_kernel, stride=consumer_stride, pads=[consumer_pad] * 4)
     m = b.model(z)
-    out, rep = optimize(m)
+    # the property is pruning's: onnxruntime may run these 1-3 channel convs with more layout
+    # reorders once pruned (NCHWc or not), which the engine's kernel count would refuse
+    # (tests/test_kernels.py); the pass itself never adds MACs or weights
+    out, rep = optimize(m, allow_cost_increase=True)
     assert_same(m, out, b.feeds())
     assert rep.cost_after.macs <= rep.cost_before.macs and rep.cost_after.params <= rep.cost_before.params
     # no zero padding read anywhere: every dead channel goes, whatever constant it holds
