@@ -5,8 +5,9 @@
    training and deploy forms (same seed, so the same parameters), optimize the training form with
    ``onnxrep.optimize`` (verify=False), and time all three in onnxruntime on CPU
    (ORT_ENABLE_ALL, ``--threads`` intra-op threads, no thread spinning) with
-   :func:`onnxrep.bench.interleaved_latency`: a warm-up, then interleaved rounds whose order
-   rotates (train, optimized, deploy; optimized, deploy, train; ...), one inference each.
+   :func:`onnxrep.bench.interleaved_latency`: a warm-up, then interleaved rounds in the orders of
+   a Williams design (each model in each position and after each other model equally often), one
+   inference each.
    Reported: median and min per model, and the median ratios train/deploy and optimized/deploy
    (target: optimized/deploy <= 1.02).
 2. Optimize time. A RepVGG-A0-style model whose training form is about ``--big-mb`` MB on disk is
@@ -151,7 +152,7 @@ def print_latency(results: list[dict], args) -> None:
     print()
     print(
         f"Latency: onnxruntime {ort.__version__} CPU, ORT_ENABLE_ALL, {args.threads} intra-op threads, "
-        f"{args.resolution}x{args.resolution} batch 1, {args.warmup} warm-up + {args.rounds} interleaved rounds (rotating order)"
+        f"{args.resolution}x{args.resolution} batch 1, {args.warmup} warm-up + {args.rounds} interleaved rounds (balanced order)"
     )
     head = (
         f"{'family':<14}{'Conv t/o/d':>13}{'train ms':>18}{'optimized ms':>18}{'deploy ms':>18}"

@@ -14,7 +14,7 @@
 
    For every batch size (default 1 and 32) all six run in one
    :func:`onnxrep.bench.interleaved_latency` call (ORT_ENABLE_ALL, ``--threads`` intra-op threads,
-   rotating order), ``dims={"N": batch}``. Reported per variant: median ms, ratio of medians to
+   balanced order), ``dims={"N": batch}``. Reported per variant: median ms, ratio of medians to
    deploy, node count, Conv/Gemm/MatMul count, MACs at that batch (:func:`onnxrep.cost.model_cost`
    at batch 1, times the batch) and the largest output difference to deploy at batch 1 relative to
    max|deploy|. A tool that raises, or whose model onnxruntime refuses, gives a cell
@@ -300,7 +300,7 @@ def latency_rows(r: dict, batch: int) -> list[dict]:
 def latency_header(args, batch: int) -> str:
     return (f"batch {batch}: {args.resolution}x{args.resolution}, width scale {args.width_scale:g}, onnxruntime "
             f"{ort.__version__} {args.provider}, ORT_ENABLE_ALL, {args.threads} intra-op threads, "
-            f"{args.warmup_for(batch)} warm-up + {args.rounds_for(batch)} interleaved rounds (rotating order)")
+            f"{args.warmup_for(batch)} warm-up + {args.rounds_for(batch)} interleaved rounds (balanced order)")
 
 
 def print_latency(results: list[dict], args) -> None:
@@ -601,7 +601,7 @@ def markdown(doc: dict, results: list[dict], cost: list[dict] | None, args) -> s
             "`onnxsim.simplify(m)[0]`, `onnxslim.slim(m)`, `onnxoptimizer.optimize(m)` (default passes), "
             "`onnxrep.optimize(m)[0]`, and `deploy` (the builders' own fused form, same parameters). Latency: "
             f"onnxruntime {args.provider}, ORT_ENABLE_ALL, {args.threads} intra-op threads, all six variants in "
-            "one `onnxrep.bench.interleaved_latency` run per batch size (rotating order). MACs: "
+            "one `onnxrep.bench.interleaved_latency` run per batch size (balanced order). MACs: "
             "`onnxrep.cost.model_cost` at that batch.", ""]
         lines += ["### Latency ratio to deploy (median / median)", "",
                   "| family | batch | " + " | ".join(VARIANTS[:-1]) + " |",

@@ -42,8 +42,8 @@ Method, per (model, exporter, runtime, batch):
   interleaved rounds, each running every graph once, the order changing from round to round: the
   orders of a Williams design (``--order balanced``, the default: for three graphs all six
   orders, so that every graph runs first, second and last, and right after each other graph,
-  equally often), or rotated by one (``--order rotate``: A B C, B C A, C A B, as
-  ``onnxrep.bench.interleaved_latency``; it balances the positions, not the predecessors, and in
+  equally often; as ``onnxrep bench`` does), or rotated by one (``--order rotate``: A B C, B C A,
+  C A B; it balances the positions, not the predecessors, and in
   the first full run of this script onnxrep's output of MobileOne, right after the 3x slower
   training graph in two rounds of three, came out 1.05-1.12x the deploy form in those rounds and
   0.99-1.07x in the others, with identical graphs in onnxruntime); the number of rounds adapts to the time budget (``--budget`` for the whole
@@ -264,48 +264,20 @@ def ov_properties(core, threads: int, precision: str, pinning: bool, path: Path)
 # --------------------------------------------------------------------------------------------
 
 
-def williams(n: int) -> list[list[int]]:
-    """Orders of ``n`` items in which every position and every immediate predecessor comes up
-    equally often: a Williams design (a balanced Latin square; n orders for even n, 2n for odd n;
-    for 3 all six permutations). Rotating by one (0 1 2, 1 2 0, 2 0 1) balances positions but
-    not predecessors: 1 follows 0 in two rounds of three, 2 follows 0 in none."""
-    first, lo, hi = [0], 1, n - 1
-    while len(first) < n:
-        first.append(lo)
-        lo += 1
-        if len(first) < n:
-            first.append(hi)
-            hi -= 1
-    rows = [[(v + i) % n for v in first] for i in range(n)]
-    return rows + [r[::-1] for r in rows] if n % 2 else rows
-
-
 def interleaved(runners: dict[str, Callable[[], object]], warmup: int, min_rounds: int, max_rounds: int,
                 seconds: float, order: str = "balanced") -> dict[str, list[float]]:
-    """Per-round times in ms of each runner: ``warmup`` runs of each, then rounds that run each
-    runner once, in the orders of :func:`williams` in turn (``order="balanced"``) or rotated by
-    one per round (``"rotate"``, as ``onnxrep.bench.interleaved_latency``); as many rounds as fit in
-    ``seconds`` (judged from the first round), within [min_rounds, max_rounds]. (The loop of
-    ``onnxrep.bench.interleaved_latency``, over callables, keeping every round's times so that the
-    spread of per-round ratios can be given.)"""
-    names = list(runners)
-    n = len(names)
-    orders = williams(n) if order == "balanced" else [list(range(k, n)) + list(range(k)) for k in range(n)]
-    for _ in range(warmup):
-        for run in runners.values():
-            run()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    rounds, r, t_start = max_rounds, 0, time.perf_counter()
-    while r < rounds:
-        for name in (names[i] for i in orders[r % len(orders)]):
-            t0 = time.perf_counter()
-            runners[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        r += 1
-        if r == 1:
-            per_round = time.perf_counter() - t_start
-            rounds = int(min(max_rounds, max(min_rounds, seconds / max(per_round, 1e-6))))
-    return times
+    """Per-round times in ms of each runner (:func:`onnxrep.bench.interleaved_times`): as many
+    rounds as fit in ``seconds``, within [min_rounds, max_rounds]."""
+    from onnxrep.bench import interleaved_times
+
+    return interleaved_times(runners, warmup, min_rounds, max_rounds, seconds, order)
+
+
+def williams(n: int) -> list[list[int]]:
+    """The balanced round orders (:func:`onnxrep.bench.williams`)."""
+    from onnxrep.bench import williams as orders
+
+    return orders(n)
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

@@ -1,10 +1,12 @@
 """Latency measurement in onnxruntime: models timed in interleaved rounds, medians and ratios.
 
-Running the models round by round (A B C, B C A, C A B, ...) rather than one after the other makes
-slow drift of the machine (frequency, other load) fall on all of them alike; rotating the order
-each round keeps any one model from always running right after another (cache and thread wake-up
-effects). Worker threads block instead of spinning, so that an idle session does not take the
-cores from the one being timed.
+Running the models round by round rather than one after the other makes slow drift of the
+machine (frequency, other load) fall on all of them alike. The rounds follow a Williams design
+(:func:`williams`): each model runs in each position, and right after each other model, equally
+often. Rotating by one (A B C, B C A, C A B) balances the positions only: B would follow A in two
+rounds of three, and a model timed right after a much slower one measures slower (cache and
+thread wake-up effects). Worker threads (intra- and inter-op) block instead of spinning, so that
+an idle session does not take the cores from the one being timed.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def session(model: onnx.ModelProto, threads: int = 2, provider: str = "CPUExecut
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 4  # a failing run is reported as one line (run_failure), not logged too
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
@@ -152,17 +155,56 @@ def interleaved_latency(
     if feeds is None:
         feeds = feeds_for(models, dims, batch)
     sessions = {name: session(m, threads, provider) for name, m in models.items()}
-    names = list(sessions)
-    for _ in range(warmup):
-        for s in sessions.values():
-            s.run(None, feeds)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            sessions[name].run(None, feeds)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        if progress is not None:
-            progress(r + 1)
+    runners = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
+    times = interleaved_times(runners, warmup, rounds, progress=progress)
     return {n: Timing.of(t) for n, t in times.items()}
+
+
+def williams(n: int) -> list[list[int]]:
+    """Orders of ``n`` items in which every position and every immediate predecessor comes up
+    equally often: a Williams design (a balanced Latin square; n orders for even n, 2n for odd n;
+    for 3 all six permutations)."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(v + i) % n for v in first] for i in range(n)]
+    return rows + [r[::-1] for r in rows] if n % 2 else rows
+
+
+def interleaved_times(
+    runners: dict[str, Callable[[], object]],
+    warmup: int,
+    min_rounds: int,
+    max_rounds: int | None = None,
+    seconds: float | None = None,
+    order: str = "balanced",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, list[float]]:
+    """Every round's time in ms of each runner: ``warmup`` runs of each, then rounds that run each
+    runner once, in the orders of :func:`williams` in turn (``order="balanced"``) or rotated by one
+    per round (``"rotate"``). ``min_rounds`` rounds; with ``seconds`` as many as fit in that time
+    (judged from the first round), up to ``max_rounds``."""
+    names = list(runners)
+    n = len(names)
+    orders = williams(n) if order == "balanced" else [list(range(k, n)) + list(range(k)) for k in range(n)]
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rounds, r, start = min_rounds, 0, time.perf_counter()
+    while r < rounds:
+        for name in (names[i] for i in orders[r % len(orders)]):
+            t0 = time.perf_counter()
+            runners[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        r += 1
+        if progress is not None:
+            progress(r)
+        if r == 1 and seconds is not None:
+            per_round = time.perf_counter() - start
+            rounds = int(min(max_rounds or min_rounds, max(min_rounds, seconds / max(per_round, 1e-6))))
+    return times
