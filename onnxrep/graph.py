@@ -11,7 +11,7 @@ import logging
 import weakref
 from collections import OrderedDict, defaultdict
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -370,8 +370,3 @@ def body_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
     bodies(model.graph.node)
     return dict(counts)
-
-
-def iter_nodes(graph: gs.Graph, op_types: Iterable[str]) -> list[gs.Node]:
-    wanted = set(op_types)
-    return [n for n in graph.nodes if n.op in wanted and _default_domain(n)]

@@ -194,9 +194,6 @@ class Isolation:
     def leave(self) -> None:
         _swap(self.body, self.original)
 
-    def stand_ins(self) -> set[int]:
-        return set(self.original)
-
 
 def _swap(body: gs.Graph, mapping: dict[int, gs.Variable]) -> None:
     if not mapping:

@@ -29,7 +29,8 @@ Cost condition (``--allow-cost-increase`` lifts it):
                            OpenVINO fuse into one kernel (TorchScript's GELU ends in ``Mul(0.5)``
                            before the next Conv): folding it would leave the rest unfused, several
                            kernels instead of one (see :mod:`passes._fusions`).
-Folding never adds multiply-accumulates or weights.
+Folding never adds multiply-accumulates. It adds weights only when a shift reaches a Conv without
+a bias (the Conv gains one; a zero bias is left out); the engine's net cost weighs that.
 """
 
 from __future__ import annotations
@@ -194,6 +195,8 @@ class AffineFold:
             w, b = algebra.fold_input_affine(w, b, aff, conv_groups(c.conv))
             x, target = affine_data_input(c.affine, view), c.conv.outputs[0]
         wc = ctx.constant(f"{c.conv.name}.fold.weight", w.astype(dtype))
-        bc = ctx.constant(f"{c.conv.name}.fold.bias", b.astype(dtype))
-        node = NewNode(ops.CONV, ctx.fresh_name(f"{c.conv.name}/fold"), dict(c.conv.attrs), [x, wc, bc], [target])
+        inputs = [x, wc]
+        if np.any(b.astype(dtype) != 0):  # a zero bias (a scale folded into a bias-free Conv) is left out
+            inputs.append(ctx.constant(f"{c.conv.name}.fold.bias", b.astype(dtype)))
+        node = NewNode(ops.CONV, ctx.fresh_name(f"{c.conv.name}/fold"), dict(c.conv.attrs), inputs, [target])
         return Plan(target, [node], f"{c.affine.op} '{c.affine.name}' folded into Conv '{c.conv.name}' ({c.side})")

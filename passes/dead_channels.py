@@ -58,10 +58,6 @@ def _some_zero_row(raw: np.ndarray) -> bool:
     return bool(raw.size) and not np.all(np.any(raw, axis=1))
 
 
-def _region_reason(c: Candidate, view: GraphView, ctx: Context) -> Decline | None:
-    return c.region if isinstance(c.region, Decline) else None
-
-
 def _removable(c: Candidate, view: GraphView) -> tuple[np.ndarray, dict, str]:
     """The dead channels that can be dropped, the constants at each consumer, and why others stay."""
     region: Region = c.region

@@ -184,3 +184,19 @@ def test_constant_that_raises_the_rank_before_a_conv_is_declined():
     b = Builder(c, input_shape=[c, c])  # 2-D data; the Mul makes it [1, 4, 4]
     t = b.mul_const(b.relu("x"), np.ones((1, c, 1)))
     declined(b.model(b.conv(t, c, c, (1,), pads=[0, 0])), b.feeds(), "per_channel")
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_scale_into_a_bias_free_conv_adds_no_bias(shift):
+    """A scalar Mul after a Conv without bias folds into the weight alone: no zero bias is added
+    (it would only add weights). A shift does give the Conv a bias."""
+    b = Builder(4)
+    y = b.mul_const(b.conv("x", 4, 4, 3, bias=False), np.array(0.5))
+    if shift:
+        y = b.node("Add", [y, b.const(np.linspace(-1, 1, 4).reshape(4, 1, 1))])
+    model = b.model(y)
+    out, report = optimize(model, b.feeds())
+    assert histogram(out) == {"Conv": 1}
+    [conv] = out.graph.node
+    assert len(conv.input) == (3 if shift else 2)
+    assert report.cost_after.params == 4 * 4 * 9 + (4 if shift else 0)
