@@ -30,13 +30,6 @@ MAX_WEIGHT_BYTES = 64 << 20
 #: Nodes (subgraphs included) above which no session is built.
 MAX_NODES = 5000
 
-_ELEM_BYTES = {
-    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
-    onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT16: 2, onnx.TensorProto.INT8: 1,
-    onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1, onnx.TensorProto.UINT16: 2, onnx.TensorProto.UINT32: 4,
-    onnx.TensorProto.UINT64: 8,
-}
-
 
 @dataclass
 class KernelCount:
@@ -50,13 +43,6 @@ class KernelCount:
     @property
     def taken(self) -> bool:
         return self.count is not None
-
-
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    n = 1
-    for d in t.dims:
-        n *= d
-    return n * _ELEM_BYTES.get(t.data_type, 4)
 
 
 def _graphs(graph: onnx.GraphProto):
@@ -73,15 +59,7 @@ def _graphs(graph: onnx.GraphProto):
 def size(model: onnx.ModelProto) -> tuple[int, int]:
     """``(weight bytes, nodes)`` of ``model``, subgraphs included (what :data:`MAX_WEIGHT_BYTES`
     and :data:`MAX_NODES` bound)."""
-    weights = nodes = 0
-    for g in _graphs(model.graph):
-        nodes += len(g.node)
-        weights += sum(_tensor_bytes(t) for t in g.initializer)
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    weights += _tensor_bytes(attr.t)
-    return weights, nodes
+    return io.tensor_bytes(model), sum(len(g.node) for g in _graphs(model.graph))
 
 
 #: Ops whose CPU kernels onnxruntime registers with ``Alias(0, 0)``: the output is the input's
