@@ -191,17 +191,11 @@ def check_exact(paths: dict[str, Path], x: np.ndarray) -> dict:
 
 
 def ort_options(threads: int, optimized_path: Path | None = None):
-    """onnxrep.bench.session's options (ORT_ENABLE_ALL, ``threads`` intra-op threads, sequential,
-    one inter-op thread, no intra-op spinning) and no inter-op spinning either."""
-    import onnxruntime as ort
+    """:func:`onnxrep.bench.session_options` (ORT_ENABLE_ALL, ``threads`` intra-op threads,
+    sequential, one inter-op thread, no spinning), optionally saving the optimized graph."""
+    from onnxrep.bench import session_options
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts = session_options(threads)
     opts.log_severity_level = 3
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)

@@ -58,8 +58,9 @@ def provider_for(ep: str) -> str:
     return provider
 
 
-def session(model: onnx.ModelProto, threads: int = 2, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
-    """A session with onnxruntime's full graph optimizations, as a deployment would use."""
+def session_options(threads: int = 2) -> ort.SessionOptions:
+    """Options for timing: onnxruntime's full graph optimizations, as a deployment would use,
+    ``threads`` intra-op threads, sequential execution, no spinning worker threads."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
@@ -67,6 +68,12 @@ def session(model: onnx.ModelProto, threads: int = 2, provider: str = "CPUExecut
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
+
+
+def session(model: onnx.ModelProto, threads: int = 2, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+    """A session with :func:`session_options`."""
+    opts = session_options(threads)
     opts.log_severity_level = 4  # a failing run is reported as one line (run_failure), not logged too
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
