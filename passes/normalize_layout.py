@@ -219,16 +219,23 @@ def _backward_chain(z: gs.Tensor, perm: tuple[int, ...], view: GraphView, exclud
         inv = _inverse_reader(z, perm, view, exclude)
         if inv is not None:
             return z, chain[::-1], inv
-        node = view.producer(z)
-        if node is None or not is_op(node, *ops.AFFINE_BINARY_OPS) or len(node.outputs) != 1:
+        step = _affine_producer(z, view)
+        if step is None:
             return None
-        data = affine_data_input(node, view)
-        if data is None:
-            return None
-        chain.append(node)
-        z = view.source(data)
+        chain.append(step[0])
+        z = view.source(step[1])
         if len(chain) > 64:
             return None
+
+
+def _affine_producer(z: gs.Tensor, view: GraphView) -> tuple[gs.Node, gs.Tensor] | None:
+    """The affine node by a constant (Add/Sub/Mul/Div) that computes ``z``, with its data input;
+    None when ``z`` is computed otherwise."""
+    node = view.producer(z)
+    if node is None or not is_op(node, *ops.AFFINE_BINARY_OPS) or len(node.outputs) != 1:
+        return None
+    data = affine_data_input(node, view)
+    return None if data is None else (node, data)
 
 
 def _per_channel_reason(node: gs.Node, perm, channels: int, view: GraphView) -> str | None:
@@ -351,13 +358,11 @@ def _chain_to_transpose(z: gs.Tensor, view: GraphView) -> tuple[gs.Node, list[gs
         node = view.producer(z)
         if is_op(node, ops.TRANSPOSE) and len(node.outputs) == 1:
             return (node, chain[::-1]) if chain else None
-        if node is None or not is_op(node, *ops.AFFINE_BINARY_OPS) or len(node.outputs) != 1:
+        step = _affine_producer(z, view)
+        if step is None:
             return None
-        data = affine_data_input(node, view)
-        if data is None:
-            return None
-        chain.append(node)
-        z = view.source(data)
+        chain.append(step[0])
+        z = view.source(step[1])
     return None
 
 
