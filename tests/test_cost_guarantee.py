@@ -237,6 +237,17 @@ def test_constant_plan_region_has_no_inputs():
     assert_equivalent(model, out, b.feeds())
 
 
+def head_model(nodes, inits, c, n):
+    """An opset-17 model of ``nodes`` from input ``x`` [1, c] to output ``y`` [1, n]."""
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def test_only_the_pass_that_adds_up_to_more_is_left_out():
     """Two constant folds gather rows of one table (each adds a row, the last frees the table: no
     net change) and a BatchNormalization before a 10 -> 1000 Gemm would fold into a 1000-element
@@ -260,12 +271,7 @@ def test_only_the_pass_that_adds_up_to_more_is_left_out():
         helper.make_node("BatchNormalization", ["h", "s", "t", "m", "v"], ["bn"], name="bn"),
         helper.make_node("Gemm", ["bn", "w"], ["y"], name="head", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = head_model(nodes, inits, c, n)
     out, report = onnxrep.optimize(model)
     assert "Gather" not in histogram(out) and histogram(out)["BatchNormalization"] == 1
     assert report.runs == 2 and list(report.left_out_for_cost) == ["bn->head"]
@@ -307,12 +313,7 @@ def test_a_fold_that_adds_a_bias_is_judged_by_the_elements_moved(c, n, folds):
         helper.make_node("BatchNormalization", ["x", "s", "t", "m", "v"], ["bn"], name="bn"),
         helper.make_node("Gemm", ["bn", "w"], ["y"], name="head", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = head_model(nodes, inits, c, n)
     out, report = onnxrep.optimize(model, verify=True)
     assert report.verification["ok"]
     x = {"x": rng.standard_normal((1, c)).astype(np.float32)}
